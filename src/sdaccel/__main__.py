@@ -1,0 +1,3 @@
+from sdaccel.cli import main
+
+main()

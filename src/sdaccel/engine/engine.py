@@ -1,0 +1,165 @@
+"""Engine: built once from Settings, then generate(prompts) -> ImageResults, as often as needed."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from sdaccel.engine.compile import compile_callable
+from sdaccel.engine.denoise import denoise
+from sdaccel.engine.models import Components, load_components
+from sdaccel.engine.precision import DTYPES, cast, check_precisions, resolve_device
+from sdaccel.engine.samplers import build_scheduler
+from sdaccel.events import BatchDone, BatchStarted, EventHandler, StepDone, Warning, ignore
+from sdaccel.settings import Settings
+
+
+@dataclass
+class ImageResult:
+    prompt: str
+    negative_prompt: str
+    seed: int  # this image's own seed: generating it alone with this seed gives it again
+    steps: int
+    nfe: int  # UNet evaluations (one batched call per step; guidance doubles its batch)
+    image: object  # PIL.Image.Image
+    latents: torch.Tensor  # final latents (before VAE decode), fp32, on the CPU
+    seconds: float  # wall time of its batch divided by the batch size
+
+
+class Engine:
+    """Holds the loaded, cast and (optionally) compiled model for one Settings."""
+
+    def __init__(self, settings: Settings, on_event: EventHandler = ignore) -> None:
+        self.settings = settings
+        self.on_event = on_event
+        self.device = resolve_device(settings.device)
+        check_precisions(self.device, {
+            "unet_dtype": settings.unet_dtype,
+            "vae_dtype": settings.vae_dtype,
+            "text_encoder_dtype": settings.text_encoder_dtype,
+        })
+        if settings.adaptive.enabled:
+            on_event(Warning(
+                "adaptive step scheduling is not implemented yet; running a fixed "
+                f"sampler.steps={settings.sampler.steps} steps"
+            ))
+        self.components = load_components(settings.model_id, device=str(self.device))
+        self._prepare(self.components)
+
+    # ------------------------------------------------------------------ set-up
+
+    def _prepare(self, parts: Components) -> None:
+        s = self.settings
+        self.unet = cast(parts.unet, s.unet_dtype, self.device).eval()
+        self.vae = cast(parts.vae, s.vae_dtype, self.device).eval()
+        self.text_encoder = cast(parts.text_encoder, s.text_encoder_dtype, self.device).eval()
+        self.tokenizer = parts.tokenizer
+        self.unet_dtype = DTYPES[s.unet_dtype]
+        self.vae_dtype = DTYPES[s.vae_dtype]
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self._check_size(s.generation.height, s.generation.width)
+        self.unet.set_default_attn_processor()  # PyTorch SDPA on torch 2
+        self._unet_forward = self.unet
+        self._vae_decode = self._decode_eager
+        if s.compile.enabled:
+            self._unet_forward = compile_callable(self.unet, s.compile, "UNet", self.on_event)
+            if s.compile.compile_vae:
+                self._vae_decode = compile_callable(
+                    self._decode_eager, s.compile, "VAE decode", self.on_event
+                )
+
+    def _check_size(self, height: int, width: int) -> None:
+        from sdaccel.errors import ConfigError
+
+        # The UNet halves the latent at every down block but the last.
+        multiple = self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+        for key, value in (("generation.height", height), ("generation.width", width)):
+            if value % multiple:
+                raise ConfigError(
+                    f"{key}: {value} is not a multiple of {multiple}, which model "
+                    f"{self.settings.model_id!r} needs (nearest: {max(1, round(value / multiple)) * multiple})"
+                )
+
+    # ------------------------------------------------------------------ generation
+
+    @property
+    def guided(self) -> bool:
+        # As diffusers: guidance <= 1 means no unconditional pass at all.
+        return self.settings.generation.guidance_scale > 1.0
+
+    @torch.inference_mode()
+    def generate(
+        self, prompts: Sequence[str], negative_prompt: str = "", seed: int | None = None
+    ) -> list[ImageResult]:
+        """One batch: every prompt x num_images_per_prompt, ordered prompt-major as diffusers.
+
+        Image k of the batch is drawn from its own generator seeded `seed + k`, so any image can
+        be regenerated alone from the seed in its metadata.
+        """
+        s = self.settings
+        per_prompt = s.generation.num_images_per_prompt
+        batch = len(prompts) * per_prompt
+        base_seed = s.seed if seed is None else seed
+        seeds = [base_seed + k for k in range(batch)]
+        generators = [torch.Generator("cpu").manual_seed(k) for k in seeds]
+        scheduler = build_scheduler(s.sampler.name, self.components.scheduler_config)
+        scheduler.set_timesteps(s.sampler.steps, device=self.device)
+
+        self.on_event(BatchStarted(batch, s.sampler.steps, tuple(prompts)))
+        started = time.perf_counter()
+        embeddings = self._encode(list(prompts), negative_prompt, per_prompt)
+        latents = self._initial_latents(generators, scheduler.init_noise_sigma)
+        latents = denoise(
+            self._unet_forward, self.unet_dtype, scheduler, latents, embeddings,
+            s.generation.guidance_scale, generators,
+            lambda step, total: self.on_event(StepDone(step, total, batch)),
+        )
+        images = self._decode(latents, generators)
+        seconds = time.perf_counter() - started
+        self.on_event(BatchDone(batch, s.sampler.steps, seconds))
+        return [
+            ImageResult(
+                prompt=prompts[k // per_prompt], negative_prompt=negative_prompt, seed=seeds[k],
+                steps=s.sampler.steps, nfe=s.sampler.steps, image=images[k],
+                latents=latents[k].detach().float().cpu(), seconds=seconds / batch,
+            )
+            for k in range(batch)
+        ]
+
+    def _encode(self, prompts: list[str], negative_prompt: str, per_prompt: int) -> torch.Tensor:
+        """Text embeddings in the UNet's dtype, repeated per image; [uncond; cond] if guided."""
+        cond = self._embed(prompts)
+        if self.guided:
+            cond = torch.cat([self._embed([negative_prompt] * len(prompts)), cond])
+        return cond.repeat_interleave(per_prompt, dim=0)  # prompt-major, as diffusers
+
+    def _embed(self, texts: list[str]) -> torch.Tensor:
+        tokens = self.tokenizer(
+            texts, padding="max_length", max_length=self.tokenizer.model_max_length,
+            truncation=True, return_tensors="pt",
+        )
+        hidden = self.text_encoder(tokens.input_ids.to(self.device))[0]
+        return hidden.to(self.unet_dtype)
+
+    def _initial_latents(self, generators: list[torch.Generator], sigma: float) -> torch.Tensor:
+        g = self.settings.generation
+        shape = (self.unet.config.in_channels, g.height // self.vae_scale_factor,
+                 g.width // self.vae_scale_factor)
+        # One draw per image from its own CPU generator: same noise on every device.
+        noise = torch.stack([torch.randn(shape, generator=gen) for gen in generators])
+        return noise.to(self.device) * sigma
+
+    def _decode_eager(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latents, return_dict=False)[0]
+
+    def _decode(self, latents: torch.Tensor, generators: list[torch.Generator]) -> list:
+        from diffusers.image_processor import VaeImageProcessor
+
+        scaled = (latents / self.vae.config.scaling_factor).to(self.vae_dtype)
+        pixels = self._vae_decode(scaled).float()
+        return VaeImageProcessor(vae_scale_factor=self.vae_scale_factor).postprocess(
+            pixels, output_type="pil"
+        )

@@ -1,0 +1,178 @@
+"""Model references -> loaded components.
+
+A reference is one of:
+  random:tiny | random:sd15     the architecture from configs shipped here, random weights (offline)
+  bundled:<name>                a trained model shipped inside the package (src/sdaccel/bundled/)
+  ./path/to/folder              a diffusers folder (model_index.json, unet/, vae/, ...)
+  ./model.safetensors | .ckpt   a single-file checkpoint (original SD layout)
+  org/name[@revision]           a Hugging Face hub id (from the local cache when offline)
+Every kind ends as the same `Components`, so the engine never cares where weights came from.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from sdaccel.errors import ModelNotFoundError
+
+log = logging.getLogger(__name__)
+
+RANDOM_ARCHS = ("tiny", "sd15")
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+(@[\w./-]+)?$")
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+
+
+@dataclass
+class Components:
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    scheduler_config: dict[str, Any]
+    name: str  # what metadata calls the model
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    kind: str  # random | bundled | folder | single_file | hub
+    location: str
+    revision: str | None = None
+
+
+def arch_dir(arch: str) -> Path:
+    return Path(str(resources.files("sdaccel.engine") / "archs" / arch))
+
+
+def bundled_dir(name: str) -> Path:
+    return Path(str(resources.files("sdaccel") / "bundled" / name))
+
+
+def bundled_names() -> list[str]:
+    root = Path(str(resources.files("sdaccel") / "bundled"))
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if (p / "model_index.json").is_file())
+
+
+def parse_model_ref(ref: str) -> ModelRef:
+    """Classify a reference without loading anything; unknown forms are a clear error."""
+    if ref.startswith("random:"):
+        arch = ref.removeprefix("random:")
+        if arch not in RANDOM_ARCHS:
+            raise ModelNotFoundError(
+                f"model {ref!r}: unknown random architecture; valid: "
+                + ", ".join(f"random:{a}" for a in RANDOM_ARCHS)
+            )
+        return ModelRef("random", arch)
+    if ref.startswith("bundled:"):
+        name = ref.removeprefix("bundled:")
+        if name not in bundled_names():
+            valid = ", ".join(f"bundled:{n}" for n in bundled_names()) or "none installed"
+            raise ModelNotFoundError(f"model {ref!r}: no such bundled model; valid: {valid}")
+        return ModelRef("folder", str(bundled_dir(name)))
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise ModelNotFoundError(
+                f"model folder {ref!r} has no model_index.json; expected a diffusers folder "
+                "(saved with pipeline.save_pretrained)"
+            )
+        return ModelRef("folder", str(path))
+    if path.suffix in SINGLE_FILE_SUFFIXES:
+        if not path.is_file():
+            raise ModelNotFoundError(f"model file {ref!r} does not exist")
+        return ModelRef("single_file", str(path))
+    if HUB_ID.match(ref) and not ref.startswith((".", "/", "~")):
+        repo, _, revision = ref.partition("@")
+        return ModelRef("hub", repo, revision or None)
+    raise ModelNotFoundError(
+        f"model {ref!r} is not an existing folder or .safetensors/.ckpt file, a hub id "
+        "(org/name[@revision]), or one of random:tiny, random:sd15, "
+        + ", ".join(f"bundled:{n}" for n in bundled_names())
+    )
+
+
+def load_components(ref: str, device: str = "cpu") -> Components:
+    """Load (or build) the four components of the model `ref` names, in fp32."""
+    model = parse_model_ref(ref)
+    try:
+        if model.kind == "random":
+            return _random_components(model.location, device, name=ref)
+        if model.kind == "single_file":
+            return _single_file_components(model.location, name=ref)
+        return _pretrained_components(model.location, model.revision, name=ref)
+    except ModelNotFoundError:
+        raise
+    except (OSError, ValueError) as exc:  # hub/cache misses and malformed folders surface so
+        raise ModelNotFoundError(_not_found_message(ref, model, exc)) from exc
+
+
+def _not_found_message(ref: str, model: ModelRef, exc: Exception) -> str:
+    if model.kind == "hub":
+        return (
+            f"model {ref!r} is not in the local Hugging Face cache and cannot be downloaded "
+            "here (offline or unreachable); download it once where the hub is reachable "
+            f"(`hf download {model.location}`), or pass a local folder with --model"
+        )
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return f"model {ref!r} could not be loaded: {first_line}"
+
+
+def _pretrained_components(location: str, revision: str | None, name: str) -> Components:
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    common: dict[str, Any] = {"revision": revision} if revision else {}
+    return Components(
+        unet=UNet2DConditionModel.from_pretrained(location, subfolder="unet", **common),
+        vae=AutoencoderKL.from_pretrained(location, subfolder="vae", **common),
+        text_encoder=CLIPTextModel.from_pretrained(location, subfolder="text_encoder", **common),
+        tokenizer=CLIPTokenizer.from_pretrained(location, subfolder="tokenizer", **common),
+        scheduler_config=dict(DDPMScheduler.load_config(location, subfolder="scheduler", **common)),
+        name=name,
+    )
+
+
+def _random_components(arch: str, device: str, name: str) -> Components:
+    """The architecture's shipped configs with deterministic random weights (seed 0)."""
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    folder = arch_dir(arch)
+    # Build on the target device (fast for SD 1.5 on a GPU) without disturbing the caller's RNG.
+    with torch.random.fork_rng(devices=[]), torch.device(device):
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae"))
+        text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder"))
+    return Components(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder.eval(),
+        tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
+        scheduler_config=dict(DDPMScheduler.load_config(folder / "scheduler")),
+        name=name,
+    )
+
+
+def _single_file_components(path: str, name: str) -> Components:
+    """An original-layout SD checkpoint; diffusers converts it, using the hub config from cache."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_single_file(
+        path, safety_checker=None, requires_safety_checker=False
+    )
+    return Components(
+        unet=pipe.unet,
+        vae=pipe.vae,
+        text_encoder=pipe.text_encoder,
+        tokenizer=pipe.tokenizer,
+        scheduler_config=dict(pipe.scheduler.config),
+        name=name,
+    )

@@ -1,0 +1,100 @@
+"""Precision per component: fp32/fp16/bf16 casts, int8 text encoder through bitsandbytes.
+
+Also the run-time checks that settings validation cannot do without torch: is the device there,
+and can it run the requested precisions.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from sdaccel.errors import DeviceError
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' -> cuda when present, else cpu; 'cuda' without CUDA is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise DeviceError(
+                f"device {device!r} requested but CUDA is not available on this machine "
+                f"(torch {torch.__version__}); use --set device=cpu (or device: auto)"
+            )
+        index = torch.device(device).index or 0
+        if index >= torch.cuda.device_count():
+            raise DeviceError(
+                f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) present"
+            )
+    return torch.device(device)
+
+
+def check_precisions(device: torch.device, dtypes: dict[str, str]) -> None:
+    """Raise DeviceError naming the component whose precision this device cannot run."""
+    for key, name in dtypes.items():
+        if device.type == "cuda" and name == "bf16" and not torch.cuda.is_bf16_supported():
+            raise DeviceError(
+                f"{key}: bf16 is not supported by {torch.cuda.get_device_name(device)}; "
+                "use fp16 or fp32"
+            )
+        if name == "int8":
+            _import_bitsandbytes()
+
+
+def _import_bitsandbytes():
+    # Its CPU backend warns at import about an optional 4-bit kernel package we never use.
+    quiet = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        import bitsandbytes
+    except ImportError as exc:
+        raise DeviceError(
+            f"text_encoder_dtype int8 needs bitsandbytes, which failed to import: {exc}"
+        ) from None
+    finally:
+        quiet.setLevel(level)
+    return bitsandbytes
+
+
+def cast(module: torch.nn.Module, precision: str, device: torch.device) -> torch.nn.Module:
+    """fp32/fp16/bf16: a plain cast. int8: Linear layers to bitsandbytes LLM.int8()."""
+    if precision == "int8":
+        return quantize_int8(module, device)
+    return module.to(device=device, dtype=DTYPES[precision])
+
+
+def quantize_int8(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Replace every nn.Linear with bitsandbytes' Linear8bitLt (int8 weights, outlier threshold
+    6.0 as in LLM.int8()); embeddings and norms keep their precision (fp16 on CUDA, fp32 on CPU).
+    """
+    bnb = _import_bitsandbytes()
+    rest_dtype = torch.float16 if device.type == "cuda" else torch.float32
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is torch.nn.Linear:
+                setattr(parent, name, _int8_linear(bnb, child, rest_dtype))
+    return _move_int8(module, device, rest_dtype)
+
+
+def _int8_linear(bnb, linear: torch.nn.Linear, bias_dtype: torch.dtype):
+    q = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features,
+                            bias=linear.bias is not None, has_fp16_weights=False, threshold=6.0)
+    q.weight = bnb.nn.Int8Params(linear.weight.data.clone(), requires_grad=False,
+                                 has_fp16_weights=False)
+    if linear.bias is not None:
+        q.bias = torch.nn.Parameter(linear.bias.data.to(bias_dtype), requires_grad=False)
+    return q
+
+
+def _move_int8(module: torch.nn.Module, device: torch.device, rest_dtype: torch.dtype):
+    """Cast everything but the int8 weights, then move: Int8Params quantise on that move."""
+    for sub in module.modules():
+        for name, param in list(sub.named_parameters(recurse=False)):
+            if not hasattr(param, "SCB"):  # not an Int8Params
+                param.data = param.data.to(rest_dtype)
+    return module.to(device)

@@ -1,0 +1,46 @@
+"""Typed events the engine emits while it works; front ends render them, the engine never prints.
+
+An event handler is any callable taking one event. Events are small frozen dataclasses so that a
+renderer can match on their type and a JSON writer can dump them with dataclasses.asdict().
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class BatchStarted:
+    """A batch of images (one prompt x num_images_per_prompt, or several prompts) begins."""
+
+    batch_size: int
+    steps: int
+    prompts: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class StepDone:
+    step: int  # 1-based
+    total_steps: int
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class BatchDone:
+    batch_size: int
+    steps: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Warning:  # noqa: A001 - the engine's own kind of warning, shown by the front end
+    message: str
+
+
+Event = BatchStarted | StepDone | BatchDone | Warning
+EventHandler = Callable[[Event], None]
+
+
+def ignore(_event: Event) -> None:
+    """The default handler: a library user who does not listen loses nothing."""

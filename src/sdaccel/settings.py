@@ -1,0 +1,375 @@
+"""Settings: the seed's YAML schema as pydantic-settings models, their layering and validation.
+
+Layers, lowest first: packaged preset < --config FILE < SDACCEL_* environment (nested with "__")
+< command-line flags < --set dotted.key=value. Each layer is read into a nested dict, the dicts are
+merged, and the merge remembers which layer set every key, so that a validation error can name
+the file (or variable, or flag) that holds the bad value and `inspect-config` can show where each
+value came from. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
+
+from sdaccel.engine.samplers import SAMPLER_NAMES
+from sdaccel.errors import ConfigError
+
+DEFAULT_PRESET = "tiny"
+ENV_PREFIX = "SDACCEL_"
+# SDACCEL_* variables that configure the tool itself rather than a generation.
+NON_SETTINGS_ENV = {"SDACCEL_CACHE_DIR"}
+# The seed's configs/ file names keep working.
+PRESET_ALIASES = {
+    "base_sd15": "base",
+    "sd15_fp32_ddpm50": "fp32-ddpm50",
+    "sd15_mix_bf16_int8_ddpm50": "mix-bf16-int8",
+    "sd15_mix_bf16_int8_compile_ddpm50": "mix-bf16-int8-compile",
+    "sd15_mix_bf16_int8_dpm10": "mix-bf16-int8-dpm10",
+}
+
+Precision = Literal["fp32", "fp16", "bf16"]
+TextEncoderPrecision = Literal["fp32", "fp16", "bf16", "int8"]
+SamplerName = Literal[SAMPLER_NAMES]  # type: ignore[valid-type]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class CompileSettings(_Section):
+    enabled: bool = False
+    mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = (
+        "reduce-overhead"
+    )
+    fullgraph: bool = False
+    dynamic: bool = False
+    compile_vae: bool = False
+
+
+class SamplerSettings(_Section):
+    name: SamplerName = "dpm_solver++"
+    steps: int = Field(20, ge=1, le=1000)
+
+
+class UncertaintySettings(_Section):
+    method: Literal["pred_var"] = "pred_var"
+    threshold_low: float = Field(0.10, ge=0)
+    threshold_high: float = Field(0.25, ge=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> UncertaintySettings:
+        if self.threshold_low > self.threshold_high:
+            raise ValueError(
+                f"threshold_low ({self.threshold_low}) must not exceed "
+                f"threshold_high ({self.threshold_high})"
+            )
+        return self
+
+
+class AdaptiveSettings(_Section):
+    enabled: bool = False
+    warmup_steps: int = Field(5, ge=1)
+    min_steps: int = Field(5, ge=1)
+    max_steps: int = Field(20, ge=1, le=1000)
+    uncertainty: UncertaintySettings = UncertaintySettings()
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AdaptiveSettings:
+        if self.min_steps > self.max_steps:
+            raise ValueError(
+                f"min_steps ({self.min_steps}) must not exceed max_steps ({self.max_steps})"
+            )
+        if self.warmup_steps > self.min_steps:
+            raise ValueError(
+                f"warmup_steps ({self.warmup_steps}) must not exceed min_steps "
+                f"({self.min_steps}): the warm-up is part of every plan"
+            )
+        return self
+
+
+class GenerationSettings(_Section):
+    height: int = Field(512, ge=8, le=4096)
+    width: int = Field(512, ge=8, le=4096)
+    guidance_scale: float = Field(7.5, ge=0)
+    num_images_per_prompt: int = Field(1, ge=1, le=64)
+
+    @field_validator("height", "width")
+    @classmethod
+    def _multiple_of_8(cls, value: int) -> int:
+        if value % 8:
+            raise ValueError(f"must be a multiple of 8, got {value} (nearest: {round(value / 8) * 8})")
+        return value
+
+
+class IOSettings(_Section):
+    out_dir: Path = Path("outputs")
+    save_latents: bool = False
+    save_grid: bool = False
+
+
+class Settings(BaseSettings):
+    """Everything one generation run needs; the seed's YAML schema, key for key."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", validate_assignment=True
+    )
+
+    model_id: str = "bundled:shapes"
+    device: str = "cpu"
+    unet_dtype: Precision = "fp32"
+    vae_dtype: Precision = "fp32"
+    text_encoder_dtype: TextEncoderPrecision = "fp32"
+    seed: int = Field(42, ge=0, lt=2**63)
+    compile: CompileSettings = CompileSettings()
+    sampler: SamplerSettings = SamplerSettings()
+    adaptive: AdaptiveSettings = AdaptiveSettings()
+    generation: GenerationSettings = GenerationSettings()
+    io: IOSettings = IOSettings()
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if not re.fullmatch(r"cpu|cuda(:\d+)?|auto", value):
+            raise ValueError(f"unknown device {value!r}; valid: cpu, cuda, cuda:N, auto")
+        return value
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, **_other_sources):
+        # Layering is done by resolve_settings(), which needs to know where each value came
+        # from; the model itself only validates what it is given.
+        return (init_settings,)
+
+
+# --------------------------------------------------------------------------- presets
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("sdaccel.presets").iterdir()
+                  if p.name.endswith(".yaml"))
+
+
+def canonical_preset(name: str) -> str:
+    """Accept a preset name, a seed file name (sd15_mix_bf16_int8_ddpm50[.yaml])."""
+    stem = Path(name).name.removesuffix(".yaml").removesuffix(".yml")
+    stem = PRESET_ALIASES.get(stem, stem)
+    if stem not in preset_names():
+        valid = ", ".join(preset_names() + sorted(PRESET_ALIASES))
+        raise ConfigError(f"unknown preset {name!r}; valid presets: {valid}")
+    return stem
+
+
+def preset_description(name: str) -> str:
+    """The preset's first comment line says what it is for."""
+    first = _preset_file(name).read_text().splitlines()[0]
+    return first.lstrip("# ").strip()
+
+
+def _preset_file(name: str):
+    return resources.files("sdaccel.presets") / f"{canonical_preset(name)}.yaml"
+
+
+# --------------------------------------------------------------------------- layers
+
+
+@dataclass
+class Layer:
+    """One source of values: its name as shown to the user, and what it sets."""
+
+    name: str
+    values: dict[str, Any]
+
+
+@dataclass
+class ResolvedSettings:
+    settings: Settings
+    sources: dict[str, str] = field(default_factory=dict)  # dotted key -> layer name
+    preset: str = DEFAULT_PRESET
+
+
+def _read_yaml(text: str, where: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where}: not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: must be a mapping of settings, got {type(data).__name__}")
+    return data
+
+
+def preset_layer(name: str) -> Layer:
+    canonical = canonical_preset(name)
+    return Layer(f"preset {canonical}", _read_yaml(_preset_file(canonical).read_text(),
+                                                   f"preset {canonical}"))
+
+
+def config_layer(path: Path) -> Layer:
+    # pydantic-settings' YAML source skips a missing file silently; a user's typo must not.
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    return Layer(str(path), _read_yaml(path.read_text(), f"config file {str(path)!r}"))
+
+
+def env_layer(environ: dict[str, str] | None = None) -> Layer:
+    environ = dict(os.environ if environ is None else environ)
+    known = _dotted_keys(Settings)
+    for var in sorted(environ):
+        if not var.startswith(ENV_PREFIX) or var in NON_SETTINGS_ENV:
+            continue
+        key = var[len(ENV_PREFIX):].lower().replace("__", ".")
+        if key not in known:
+            raise ConfigError(
+                f"environment variable {var}: no setting {key!r}; "
+                f"valid keys: {', '.join(sorted(known))} (as SDACCEL_SECTION__KEY)"
+            )
+    source = EnvSettingsSource(Settings, case_sensitive=False)
+    source.env_vars = {k.lower(): v for k, v in environ.items()}
+    return Layer("environment", source())
+
+
+def flags_layer(flags: dict[str, Any]) -> Layer:
+    """Command-line shorthand flags, given as {dotted.key: value}; None means not given."""
+    values: dict[str, Any] = {}
+    for key, value in flags.items():
+        if value is not None:
+            _set_dotted(values, key, value)
+    return Layer("command-line flag", values)
+
+
+def set_layer(assignments: list[str]) -> Layer:
+    values: dict[str, Any] = {}
+    for item in assignments:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected dotted.key=value, e.g. sampler.steps=12")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(values, key.strip(), value)
+    return Layer("--set", values)
+
+
+def _set_dotted(target: dict[str, Any], key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = target.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: {part!r} is a value, not a section")
+        target = node
+    target[leaf] = value
+
+
+def _dotted_keys(model: type[BaseModel], prefix: str = "") -> set[str]:
+    keys = set()
+    for name, info in model.model_fields.items():
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            keys |= _dotted_keys(annotation, f"{prefix}{name}.")
+        else:
+            keys.add(prefix + name)
+    return keys
+
+
+def _merge(layers: list[Layer]) -> tuple[dict[str, Any], dict[str, str]]:
+    merged: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+
+    def walk(target: dict[str, Any], values: dict[str, Any], prefix: str, layer: str) -> None:
+        for key, value in values.items():
+            dotted = f"{prefix}{key}"
+            sources[dotted] = layer
+            if isinstance(value, dict) and isinstance(target.get(key, {}), dict):
+                walk(target.setdefault(key, {}), value, dotted + ".", layer)
+            else:
+                target[key] = value
+
+    for layer in layers:
+        walk(merged, layer.values, "", layer.name)
+    return merged, sources
+
+
+# --------------------------------------------------------------------------- resolution
+
+
+def resolve_settings(
+    preset: str | None = None,
+    config: Path | None = None,
+    flags: dict[str, Any] | None = None,
+    overrides: list[str] | None = None,
+    environ: dict[str, str] | None = None,
+) -> ResolvedSettings:
+    """Merge every layer, validate, and remember which layer set each key."""
+    preset = canonical_preset(preset or DEFAULT_PRESET)
+    layers = [preset_layer(preset)]
+    if config is not None:
+        layers.append(config_layer(Path(config)))
+    layers += [env_layer(environ), flags_layer(flags or {}), set_layer(overrides or [])]
+    merged, sources = _merge(layers)
+    try:
+        settings = Settings(**merged)
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc, sources)) from None
+    return ResolvedSettings(settings, _leaf_sources(settings, sources), preset)
+
+
+def _leaf_sources(settings: Settings, sources: dict[str, str]) -> dict[str, str]:
+    """Every leaf key of the schema -> the layer that set it, or 'default'."""
+    return {key: sources.get(key, "default") for key in sorted(_dotted_keys(Settings))}
+
+
+def _explain(exc: ValidationError, sources: dict[str, str]) -> str:
+    lines = []
+    for error in exc.errors():
+        loc = [str(part) for part in error["loc"]]
+        key = ".".join(loc)
+        where = _source_of(loc, sources)
+        if error["type"] == "extra_forbidden":
+            section = _section_model(loc[:-1])
+            valid = ", ".join(section.model_fields) if section else "?"
+            message = f"unknown key; valid keys{' in ' + '.'.join(loc[:-1]) if loc[:-1] else ''}: {valid}"
+        else:
+            message = error["msg"].removeprefix("Value error, ")
+            if "input" in error and error["type"] != "value_error" and not isinstance(
+                error["input"], dict
+            ):
+                message += f" (got {error['input']!r})"
+        lines.append(f"{where}: {key or 'settings'}: {message}" if key else f"{where}: {message}")
+    return "invalid settings:\n  " + "\n  ".join(lines) if len(lines) > 1 else (
+        "invalid settings: " + lines[0]
+    )
+
+
+def _source_of(loc: list[str], sources: dict[str, str]) -> str:
+    """The layer that set this key, or the closest enclosing section that a layer set."""
+    for end in range(len(loc), 0, -1):
+        dotted = ".".join(loc[:end])
+        if dotted in sources:
+            return sources[dotted]
+    return "settings"
+
+
+def _section_model(loc: list[str]) -> type[BaseModel] | None:
+    model: type[BaseModel] = Settings
+    for part in loc:
+        info = model.model_fields.get(part)
+        if info is None or not (isinstance(info.annotation, type)
+                                and issubclass(info.annotation, BaseModel)):
+            return None
+        model = info.annotation
+    return model
+
+
+def settings_as_dict(settings: Settings) -> dict[str, Any]:
+    """Plain, YAML/JSON-ready values (paths as strings)."""
+    return settings.model_dump(mode="json")
