@@ -1,0 +1,380 @@
+"""Train the bundled ``shapes`` model: a small Stable-Diffusion-architecture pipeline, on the CPU.
+
+Usage::
+
+    python -m sdaccel.shapes.train --out src/sdaccel/bundled/shapes          # full run (~45 min, 2 cores)
+    python -m sdaccel.shapes.train --out /tmp/shapes-smoke --smoke           # seconds: train, save, reload, generate
+
+Stages (each logged with its wall time):
+
+1. data: ``--n-train`` procedural images and captions (:mod:`sdaccel.shapes.dataset`), held-out
+   triples excluded;
+2. VAE: a small ``AutoencoderKL`` (64x64 RGB -> 16x16x4 latents), L1+MSE reconstruction loss,
+   tiny KL weight, AdamW with warm-up, cosine decay and gradient clipping;
+3. latents: every training image encoded once (posterior mean and std); the VAE
+   ``scaling_factor`` is set to 1 / RMS of the sampled latents (diffusers' 0.18215 is for SD's VAE);
+4. UNet + text encoder: a small ``UNet2DConditionModel`` and a 3-layer ``CLIPTextModel`` trained
+   together on epsilon prediction with min-SNR(5) loss weighting, 10% of captions replaced by
+   exactly the tokenisation the pipeline uses for the empty negative prompt (so classifier-free
+   guidance has an unconditional branch), an EMA of the weights, until ``--unet-steps`` or
+   ``--unet-minutes`` is reached (learning-rate schedule follows whichever is nearer);
+5. save: a standard diffusers folder (``StableDiffusionPipeline.save_pretrained``, safetensors,
+   fp16 UNet/VAE weights unless ``--fp32``) with a ``DPMSolverMultistepScheduler`` (DPM-Solver++) config on
+   SD 1.x's noise schedule, and ``training.json`` with the run's settings, times and losses; then
+   reloaded with ``from_pretrained`` and used to generate, as a check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from sdaccel.shapes import dataset
+from sdaccel.shapes.tokenizer import MODEL_MAX_LENGTH, save_tokenizer
+
+log = logging.getLogger("sdaccel.shapes.train")
+
+# SD 1.x noise schedule; DDPM/DDIM/DPM-Solver++ are all built from this config.
+SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    prediction_type="epsilon",
+    steps_offset=1,
+    timestep_spacing="leading",
+)
+
+
+@dataclass
+class TrainConfig:
+    out: str
+    seed: int = 0
+    n_train: int = 30000
+    threads: int = 2
+    vae_steps: int = 650
+    vae_minutes: float = 7.0
+    vae_batch: int = 32
+    vae_lr: float = 5e-4
+    unet_steps: int = 6000
+    unet_minutes: float = 33.0
+    unet_batch: int = 32
+    unet_lr: float = 8e-4
+    uncond_prob: float = 0.1
+    ema_decay: float = 0.999
+    fp32: bool = False
+    smoke: bool = False
+    log_every: int = 50
+
+
+def make_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=dataset.IMAGE_SIZE,
+    )
+
+
+def make_unet(latent_size: int):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=latent_size,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(64, 128, 128),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=128,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+
+
+def make_text_encoder(tokenizer):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=512,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=tokenizer.model_max_length,
+        projection_dim=128,
+        hidden_act="quick_gelu",
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return CLIPTextModel(config)
+
+
+def _lr_factor(progress: float, step: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+class _Budget:
+    """Progress in [0, 1] as the larger of steps done / max steps and time spent / time budget."""
+
+    def __init__(self, steps: int, minutes: float):
+        self.steps, self.seconds, self.start = steps, minutes * 60, time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def progress(self, step: int) -> float:
+        return max(step / self.steps, self.elapsed() / self.seconds if self.seconds > 0 else 0.0)
+
+
+def make_data(n: int, seed: int) -> tuple[torch.Tensor, list[str]]:
+    images = np.empty((n, dataset.IMAGE_SIZE, dataset.IMAGE_SIZE, 3), dtype=np.uint8)
+    captions: list[str] = []
+    for i, (img, text, _) in enumerate(dataset.examples(n, seed)):
+        images[i] = np.asarray(img)
+        captions.append(text)
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), captions
+
+
+def _to_float(images: torch.Tensor) -> torch.Tensor:
+    return images.float() / 127.5 - 1.0
+
+
+def train_vae(cfg: TrainConfig, images: torch.Tensor, gen: torch.Generator) -> tuple[object, dict]:
+    vae = make_vae().train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    budget = _Budget(cfg.vae_steps, cfg.vae_minutes)
+    n, step, losses = images.shape[0], 0, []
+    while step < cfg.vae_steps and budget.elapsed() < budget.seconds:
+        for g in opt.param_groups:
+            g["lr"] = cfg.vae_lr * _lr_factor(budget.progress(step), step, warmup=30)
+        x = _to_float(images[torch.randint(0, n, (cfg.vae_batch,), generator=gen)])
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample(generator=gen)).sample
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-6 * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        step += 1
+        if step % cfg.log_every == 0:
+            log.info("vae step %d loss %.4f (%.0f s)", step, float(np.mean(losses[-cfg.log_every:])), budget.elapsed())
+    vae.eval()
+    return vae, {"steps": step, "seconds": round(budget.elapsed(), 1), "final_loss": float(np.mean(losses[-50:]))}
+
+
+@torch.no_grad()
+def encode_all(vae, images: torch.Tensor, batch: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    means, stds = [], []
+    for i in range(0, images.shape[0], batch):
+        post = vae.encode(_to_float(images[i : i + batch])).latent_dist
+        means.append(post.mean)
+        stds.append(post.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+@torch.no_grad()
+def vae_psnr(vae, images: torch.Tensor) -> float:
+    x = _to_float(images)
+    rec = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+    mse = ((rec - x) / 2).pow(2).mean(dim=(1, 2, 3))
+    return float((10 * torch.log10(1.0 / mse)).mean())
+
+
+def train_unet(cfg: TrainConfig, tokenizer, means, stds, captions, scaling: float, gen: torch.Generator):
+    from diffusers import DDPMScheduler
+
+    unet = make_unet(means.shape[-1]).train()
+    text_encoder = make_text_encoder(tokenizer).train()
+    noise_sched = DDPMScheduler(**SCHEDULER_CONFIG)
+    acp = noise_sched.alphas_cumprod
+    snr = acp / (1 - acp)
+    weight = snr.clamp(max=5.0) / snr  # min-SNR(5), epsilon prediction
+
+    tok = lambda texts: tokenizer(  # noqa: E731 - exactly the pipeline's tokenisation
+        texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+    ids_all = tok(captions)
+    empty_ids = tok([""])[0]
+
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    ema = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-2)
+    budget = _Budget(cfg.unet_steps, cfg.unet_minutes)
+    n, step, losses = means.shape[0], 0, []
+    while step < cfg.unet_steps and budget.elapsed() < budget.seconds:
+        for g in opt.param_groups:
+            g["lr"] = cfg.unet_lr * _lr_factor(budget.progress(step), step, warmup=100)
+        idx = torch.randint(0, n, (cfg.unet_batch,), generator=gen)
+        ids = ids_all[idx].clone()
+        drop = torch.rand(cfg.unet_batch, generator=gen) < cfg.uncond_prob
+        ids[drop] = empty_ids
+        z = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=gen)) * scaling
+        noise = torch.randn(z.shape, generator=gen)
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (cfg.unet_batch,), generator=gen)
+        noisy = noise_sched.add_noise(z, noise, t)
+        cond = text_encoder(ids)[0]
+        pred = unet(noisy, t, cond).sample
+        loss = (F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3)) * weight[t]).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        d = min(cfg.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_mul_(ema, d)
+            torch._foreach_add_(ema, [p.detach() for p in params], alpha=1 - d)
+        losses.append(loss.item())
+        step += 1
+        if step % cfg.log_every == 0:
+            log.info(
+                "unet step %d loss %.4f lr %.2e (%.0f s, %.2f s/step)",
+                step, float(np.mean(losses[-cfg.log_every:])), opt.param_groups[0]["lr"],
+                budget.elapsed(), budget.elapsed() / step,
+            )
+    with torch.no_grad():
+        for p, e in zip(params, ema):
+            p.copy_(e)
+    unet.eval()
+    text_encoder.eval()
+    curve = [round(float(np.mean(losses[i : i + 100])), 4) for i in range(0, len(losses), 100)]
+    stats = {"steps": step, "seconds": round(budget.elapsed(), 1), "final_loss": float(np.mean(losses[-100:])),
+             "loss_per_100_steps": curve}
+    return unet, text_encoder, stats
+
+
+def save_pipeline(out: Path, vae, text_encoder, tokenizer, unet, fp32: bool) -> None:
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    scheduler = DPMSolverMultistepScheduler(**SCHEDULER_CONFIG, algorithm_type="dpmsolver++", solver_order=2)
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    # UNet and VAE weights in fp16 (half the size); diffusers loads them as fp32 unless told
+    # otherwise. The text encoder stays fp32: transformers loads a model in its saved dtype, and an
+    # fp16 text encoder beside fp32 UNet breaks a plain ``from_pretrained(path)``.
+    halves = [] if fp32 else [unet, vae]
+    for m in halves:
+        m.to(torch.float16)
+    pipe.save_pretrained(str(out), safe_serialization=True)
+    for m in halves:
+        m.to(torch.float32)
+
+
+def check_reload(out: Path, prompts: list[str], steps: int, guidance: float, seed: int):
+    """Reload the folder exactly as a user would and generate ``prompts`` (fp32, CPU)."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(out), torch_dtype=torch.float32, use_safetensors=True)
+    pipe.set_progress_bar_config(disable=True)
+    gens = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
+    return pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=gens).images
+
+
+def run(cfg: TrainConfig) -> dict:
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    report: dict = {"config": asdict(cfg)}
+
+    t0 = time.perf_counter()
+    images, captions = make_data(cfg.n_train, cfg.seed)
+    held = set(dataset.held_out_captions())
+    assert not held & set(captions), "held-out caption in the training set"
+    report["data"] = {"images": len(captions), "seconds": round(time.perf_counter() - t0, 1)}
+    log.info("data: %d images in %.1f s", len(captions), time.perf_counter() - t0)
+
+    tokenizer = save_tokenizer(out / "_tokenizer_check", MODEL_MAX_LENGTH)
+    for f in (out / "_tokenizer_check").iterdir():
+        f.unlink()
+    (out / "_tokenizer_check").rmdir()
+
+    vae, report["vae"] = train_vae(cfg, images, gen)
+    held_imgs = torch.stack(
+        [torch.from_numpy(np.array(img)).permute(2, 0, 1) for img, _, _ in dataset.examples(64, cfg.seed, held_out=True)]
+    )
+    report["vae"]["held_out_psnr_db"] = round(vae_psnr(vae, held_imgs), 2)
+    log.info("vae: %s", report["vae"])
+
+    t0 = time.perf_counter()
+    means, stds = encode_all(vae, images)
+    sample = means + stds * torch.randn(means.shape, generator=gen)
+    scaling = float(1.0 / sample.pow(2).mean().sqrt())
+    vae.register_to_config(scaling_factor=scaling)
+    report["latents"] = {"shape": list(means.shape[1:]), "scaling_factor": round(scaling, 5),
+                         "mean": round(float(sample.mean()), 4), "seconds": round(time.perf_counter() - t0, 1)}
+    log.info("latents: %s", report["latents"])
+    del images
+
+    unet, text_encoder, report["unet"] = train_unet(cfg, tokenizer, means, stds, captions, scaling, gen)
+    log.info("unet: steps %d, %.0f s, final loss %.4f", report["unet"]["steps"], report["unet"]["seconds"],
+             report["unet"]["final_loss"])
+
+    save_pipeline(out, vae, text_encoder, tokenizer, unet, cfg.fp32)
+    report["params"] = {
+        "unet": sum(p.numel() for p in unet.parameters()),
+        "text_encoder": sum(p.numel() for p in text_encoder.parameters()),
+        "vae": sum(p.numel() for p in vae.parameters()),
+    }
+    report["bytes_on_disk"] = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    report["total_seconds"] = round(time.perf_counter() - t_start, 1)
+    (out / "training.json").write_text(json.dumps(report, indent=2) + "\n")
+
+    images_out = check_reload(out, ["a red circle on a blue background"], steps=2 if cfg.smoke else 20,
+                              guidance=7.5, seed=cfg.seed)
+    report["check_image_size"] = list(images_out[0].size)
+    log.info("done in %.0f s; %d bytes on disk", report["total_seconds"], report["bytes_on_disk"])
+    return report
+
+
+def _parse(argv: list[str] | None) -> TrainConfig:
+    p = argparse.ArgumentParser(prog="python -m sdaccel.shapes.train", description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True, help="output diffusers folder")
+    d = TrainConfig(out="")
+    for name in ("seed", "n_train", "threads", "vae_steps", "vae_batch", "unet_steps", "unet_batch", "log_every"):
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
+    for name in ("vae_minutes", "vae_lr", "unet_minutes", "unet_lr", "uncond_prob", "ema_decay"):
+        p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
+    p.add_argument("--fp32", action="store_true", help="save fp32 weights (default fp16)")
+    p.add_argument("--smoke", action="store_true", help="a few steps of everything: seconds, for tests")
+    args = vars(p.parse_args(argv))
+    cfg = TrainConfig(**args)
+    if cfg.smoke:
+        cfg.n_train, cfg.vae_steps, cfg.vae_batch, cfg.unet_steps, cfg.unet_batch, cfg.log_every = 64, 2, 4, 2, 4, 1
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> dict:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    return run(_parse(argv))
+
+
+if __name__ == "__main__":
+    main()
