@@ -1,0 +1,103 @@
+"""`sdaccel inspect-config`: the settings in force, and the layer that set each value."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+import typer
+import yaml
+from rich.console import Console
+
+from sdaccel.cli import options as opt
+from sdaccel.cli.errors import reported_errors
+
+
+def inspect_config(
+    preset: opt.Preset = None,
+    config: opt.ConfigFile = None,
+    overrides: opt.Overrides = None,
+    model: opt.Model = None,
+    steps: opt.Steps = None,
+    sampler: opt.Sampler = None,
+    seed: opt.Seed = None,
+    height: opt.Height = None,
+    width: opt.Width = None,
+    guidance: opt.Guidance = None,
+    num_images: opt.NumImages = None,
+    out_dir: opt.OutDir = None,
+    as_json: opt.Json = False,
+    list_presets: Annotated[bool, typer.Option("--list-presets", help="List the packaged "
+                                               "presets and exit.")] = False,
+    skip_device_check: Annotated[bool, typer.Option(
+        "--no-device-check", help="Do not check that this machine can run the device and "
+        "precisions (and do not import torch).")] = False,
+) -> None:
+    """Show the resolved settings as YAML (or --json), each value annotated with its source.
+
+    Layers, lowest first: preset < --config < SDACCEL_* environment < flags < --set.
+    """
+    console = Console(stderr=True, soft_wrap=True)
+    with reported_errors(console):
+        if list_presets:
+            _print_presets(as_json)
+            return
+        from sdaccel.settings import resolve_settings, settings_as_dict
+
+        resolved = resolve_settings(
+            preset, config,
+            opt.shorthand(model, steps, sampler, seed, height, width, guidance, num_images,
+                          out_dir),
+            overrides,
+        )
+        if not skip_device_check:
+            _check_device(resolved.settings)
+        values = settings_as_dict(resolved.settings)
+        if as_json:
+            typer.echo(json.dumps({"preset": resolved.preset, "settings": values,
+                                   "sources": resolved.sources}, indent=2))
+        else:
+            typer.echo(f"# preset: {resolved.preset}")
+            typer.echo(annotated_yaml(values, resolved.sources))
+
+
+def _check_device(settings) -> None:
+    from sdaccel.engine.precision import check_precisions, resolve_device
+
+    check_precisions(resolve_device(settings.device), {
+        "unet_dtype": settings.unet_dtype, "vae_dtype": settings.vae_dtype,
+        "text_encoder_dtype": settings.text_encoder_dtype,
+    })
+
+
+def annotated_yaml(values: dict[str, Any], sources: dict[str, str], prefix: str = "",
+                   indent: int = 0) -> str:
+    """YAML that loads back to `values`, with `# <layer>` after every leaf."""
+    lines = []
+    for key, value in values.items():
+        pad = "  " * indent
+        if isinstance(value, dict):
+            lines.append(f"{pad}{key}:")
+            lines.append(annotated_yaml(value, sources, f"{prefix}{key}.", indent + 1))
+        else:
+            rendered = yaml.safe_dump(value, default_flow_style=True).strip()
+            rendered = rendered.removesuffix("\n...").removesuffix("...").strip()
+            lines.append(f"{pad}{key}: {rendered}  # {sources.get(prefix + key, 'default')}")
+    return "\n".join(lines)
+
+
+def _print_presets(as_json: bool) -> None:
+    from sdaccel.settings import PRESET_ALIASES, preset_description, preset_names
+
+    aliases: dict[str, list[str]] = {}
+    for alias, name in PRESET_ALIASES.items():
+        aliases.setdefault(name, []).append(alias)
+    rows = [{"name": n, "description": preset_description(n), "aliases": aliases.get(n, [])}
+            for n in preset_names()]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    width = max(len(r["name"]) for r in rows)
+    for r in rows:
+        alias = f"  (alias: {', '.join(r['aliases'])})" if r["aliases"] else ""
+        typer.echo(f"{r['name']:<{width}}  {r['description']}{alias}")

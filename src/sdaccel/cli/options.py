@@ -1,0 +1,65 @@
+"""Option aliases shared by every command, and the mapping of shorthand flags to settings keys."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+Preset = Annotated[
+    str | None,
+    typer.Option("--preset", "-p", help="Packaged preset (see inspect-config --list-presets); "
+                 "the seed's file names work too.  [default: tiny]", show_default=False),
+]
+ConfigFile = Annotated[
+    Path | None,
+    typer.Option("--config", "--cfg", "-c", help="YAML settings file (the seed's schema), "
+                 "layered over the preset.", show_default=False),
+]
+Overrides = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="dotted.key=value, highest priority; repeatable "
+                 "(e.g. --set sampler.steps=12).", show_default=False),
+]
+Model = Annotated[str | None, typer.Option(
+    "--model", "-m", help="Model: hub id, folder, .safetensors file, random:tiny|sd15, "
+    "bundled:shapes.", show_default=False, rich_help_panel="Shorthand settings")]
+Steps = Annotated[int | None, typer.Option(
+    "--steps", help="sampler.steps", show_default=False, rich_help_panel="Shorthand settings")]
+Sampler = Annotated[str | None, typer.Option(
+    "--sampler", help="sampler.name: ddpm, ddim, dpm_solver++, euler, euler_a",
+    show_default=False, rich_help_panel="Shorthand settings")]
+Seed = Annotated[int | None, typer.Option(
+    "--seed", help="seed (image k of a run uses seed + k)", show_default=False,
+    rich_help_panel="Shorthand settings")]
+Height = Annotated[int | None, typer.Option(
+    "--height", help="generation.height", show_default=False,
+    rich_help_panel="Shorthand settings")]
+Width = Annotated[int | None, typer.Option(
+    "--width", help="generation.width", show_default=False, rich_help_panel="Shorthand settings")]
+Guidance = Annotated[float | None, typer.Option(
+    "--guidance", help="generation.guidance_scale (<= 1: no unconditional pass)",
+    show_default=False, rich_help_panel="Shorthand settings")]
+NumImages = Annotated[int | None, typer.Option(
+    "--num-images", "-n", help="generation.num_images_per_prompt", show_default=False,
+    rich_help_panel="Shorthand settings")]
+OutDir = Annotated[Path | None, typer.Option(
+    "--out-dir", "-o", help="io.out_dir", show_default=False,
+    rich_help_panel="Shorthand settings")]
+Json = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout; "
+                                    "everything else goes to stderr.")]
+
+
+def shorthand(
+    model: str | None = None, steps: int | None = None, sampler: str | None = None,
+    seed: int | None = None, height: int | None = None, width: int | None = None,
+    guidance: float | None = None, num_images: int | None = None, out_dir: Path | None = None,
+) -> dict[str, Any]:
+    """Shorthand flags as {dotted settings key: value}."""
+    return {
+        "model_id": model, "sampler.steps": steps, "sampler.name": sampler, "seed": seed,
+        "generation.height": height, "generation.width": width,
+        "generation.guidance_scale": guidance, "generation.num_images_per_prompt": num_images,
+        "io.out_dir": str(out_dir) if out_dir is not None else None,
+    }

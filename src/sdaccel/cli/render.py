@@ -1,0 +1,63 @@
+"""Engine events -> Rich output on stderr: a live step bar on a terminal, one line per image
+always (so logs and CI output stay readable)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from sdaccel.events import BatchDone, BatchStarted, Event, StepDone, Warning
+
+
+class ProgressRenderer:
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self._progress: Progress | None = None
+        self._task = None
+
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, Warning):
+            self.console.print(f"[yellow]Warning:[/] {escape(event.message)}", highlight=False)
+        elif not self.console.is_terminal:
+            return
+        elif isinstance(event, BatchStarted):
+            self._start(event)
+        elif isinstance(event, StepDone) and self._progress is not None:
+            self._progress.update(self._task, completed=event.step, total=event.total_steps)
+        elif isinstance(event, BatchDone):
+            self.close()
+
+    def _start(self, event: BatchStarted) -> None:
+        self.close()
+        label = event.prompts[0] if len(event.prompts) == 1 else f"{len(event.prompts)} prompts"
+        self._progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("steps"), TimeElapsedColumn(), console=self.console, transient=True,
+        )
+        self._progress.start()
+        self._task = self._progress.add_task(
+            f"{escape(label[:40])} x{event.batch_size}", total=event.steps
+        )
+
+    def image_saved(self, path: Path, seed: int, steps: int, seconds: float, prompt: str) -> None:
+        self.console.print(
+            f"[green]saved[/] {escape(str(path))}  seed {seed}  {steps} steps  "
+            f"{seconds:.2f} s  [dim]{escape(prompt[:60])}[/]",
+            highlight=False,
+        )
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+
+def quiet_library_logs() -> None:
+    """Libraries' notices that a user cannot act on stay out of the output (errors still show):
+    bitsandbytes' note on an optional 4-bit kernel, diffusers' remarks on dtype casts."""
+    for name in ("bitsandbytes", "diffusers", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)

@@ -1,0 +1,169 @@
+"""Files a run leaves behind: images named img_{index:03d}_steps{steps}.png with their metadata,
+an optional grid and optional final latents. Nothing here ever replaces an existing file.
+
+Every file is written under a temporary name in the same folder and then hard-linked to its final
+name, which fails if that name exists (another run got there first): the index moves on, and no
+reader ever sees a half-written PNG.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+IMAGE_NAME = re.compile(r"^img_(\d{3,})_steps\d+\.png$")
+
+
+def next_index(out_dir: Path) -> int:
+    """One past the highest image index already in out_dir (0 for a new folder)."""
+    if not out_dir.is_dir():
+        return 0
+    indices = [int(m.group(1)) for p in out_dir.iterdir() if (m := IMAGE_NAME.match(p.name))]
+    return max(indices, default=-1) + 1
+
+
+def image_name(index: int, steps: int) -> str:
+    return f"img_{index:03d}_steps{steps}.png"
+
+
+def a1111_parameters(
+    prompt: str, negative_prompt: str, steps: int, sampler: str, cfg_scale: float, seed: int,
+    width: int, height: int, model: str,
+) -> str:
+    """The 'parameters' text chunk in the layout AUTOMATIC1111's readers parse."""
+    lines = [prompt]
+    if negative_prompt:
+        lines.append(f"Negative prompt: {negative_prompt}")
+    lines.append(
+        f"Steps: {steps}, Sampler: {sampler}, CFG scale: {cfg_scale:g}, Seed: {seed}, "
+        f"Size: {width}x{height}, Model: {model}"
+    )
+    return "\n".join(lines)
+
+
+def png_metadata(parameters: str, record: dict[str, Any]) -> PngInfo:
+    info = PngInfo()
+    info.add_text("parameters", parameters)
+    info.add_text("sdaccel", json.dumps(record, sort_keys=True))
+    return info
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """The text chunks of a PNG written here (parameters, sdaccel)."""
+    with Image.open(path) as image:
+        return dict(image.text)
+
+
+def _write_new(out_dir: Path, name_for: Callable[[int], str], index: int,
+               write: Callable[[Path], None]) -> tuple[int, Path]:
+    """Write via `write(tmp_path)`, then claim the first free name from `index` on."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=out_dir, prefix=".partial-", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        while True:
+            final = out_dir / name_for(index)
+            try:
+                os.link(tmp, final)
+                return index, final
+            except FileExistsError:
+                index += 1
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _numbered(stem: str, attempt: int, suffix: str) -> str:
+    return f"{stem}{suffix}" if attempt == 0 else f"{stem}_{attempt}{suffix}"
+
+
+def save_image(out_dir: Path, index: int, steps: int, image: Image.Image,
+               metadata: PngInfo) -> tuple[int, Path]:
+    """Save as img_{index}_steps{steps}.png, or the next free index; returns (index, path)."""
+    return _write_new(out_dir, lambda i: image_name(i, steps), index,
+                      lambda tmp: image.save(tmp, format="PNG", pnginfo=metadata))
+
+
+def save_latents(image_path: Path, latents) -> Path:
+    """Final latents beside their image: img_007_steps20.latents.safetensors."""
+    from safetensors.torch import save_file
+
+    stem = image_path.name.removesuffix(".png")
+    _, path = _write_new(image_path.parent, lambda i: _numbered(f"{stem}.latents", i, ".safetensors"), 0,
+                         lambda tmp: save_file({"latents": latents.contiguous()}, str(tmp)))
+    return path
+
+
+def save_grid(out_dir: Path, images: Sequence[Image.Image], first: int, last: int) -> Path:
+    """All images of a run in one near-square grid: grid_{first:03d}-{last:03d}.png."""
+    columns = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / columns)
+    width, height = images[0].size
+    grid = Image.new("RGB", (columns * width, rows * height), "white")
+    for k, image in enumerate(images):
+        grid.paste(image, ((k % columns) * width, (k // columns) * height))
+    base = f"grid_{first:03d}-{last:03d}"
+    _, path = _write_new(out_dir, lambda i: _numbered(base, i, ".png"), 0,
+                         lambda tmp: grid.save(tmp, format="PNG"))
+    return path
+
+
+class RunWriter:
+    """Saves one run's images in order, continuing after the images out_dir already holds."""
+
+    def __init__(self, settings, model_name: str) -> None:
+        self.settings = settings
+        self.model_name = model_name
+        self.out_dir = Path(settings.io.out_dir)
+        self.first_index = next_index(self.out_dir)
+        self._next = self.first_index
+        self.records: list[dict[str, Any]] = []
+        self._grid_images: list[Image.Image] = []
+
+    def save(self, result) -> dict[str, Any]:
+        """Write one ImageResult (with latents if asked); returns its record, as --json prints."""
+        from sdaccel import __version__
+        from sdaccel.engine.samplers import a1111_label
+        from sdaccel.settings import settings_as_dict
+
+        s, g = self.settings, self.settings.generation
+        image_info = {
+            "prompt": result.prompt, "negative_prompt": result.negative_prompt,
+            "seed": result.seed, "steps": result.steps, "nfe": result.nfe,
+            "sampler": s.sampler.name, "guidance_scale": g.guidance_scale,
+            "width": g.width, "height": g.height, "model": self.model_name,
+        }
+        parameters = a1111_parameters(
+            result.prompt, result.negative_prompt, result.steps, a1111_label(s.sampler.name),
+            g.guidance_scale, result.seed, g.width, g.height, self.model_name,
+        )
+        metadata = png_metadata(parameters, {
+            "version": __version__, "image": image_info, "settings": settings_as_dict(s),
+        })
+        index, path = save_image(self.out_dir, self._next, result.steps, result.image, metadata)
+        self._next = index + 1
+        record = {"index": index, "path": str(path), **image_info,
+                  "seconds": round(result.seconds, 4)}
+        if s.io.save_latents:
+            record["latents_path"] = str(save_latents(path, result.latents))
+        if s.io.save_grid:
+            self._grid_images.append(result.image)
+        self.records.append(record)
+        return record
+
+    def finish(self) -> Path | None:
+        """The grid of this run's images, when io.save_grid asks for one and there are two+."""
+        if len(self._grid_images) < 2:
+            return None
+        return save_grid(self.out_dir, self._grid_images,
+                         self.records[0]["index"], self.records[-1]["index"])
