@@ -2,37 +2,42 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 
 from sdaccel.shapes import BUNDLED_DIR, dataset, judge
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def test_dataset_is_deterministic():
     a = [(np.asarray(img), text) for img, text, _ in dataset.examples(20, seed=3)]
     b = [(np.asarray(img), text) for img, text, _ in dataset.examples(20, seed=3)]
     c = [text for _, text, _ in dataset.examples(20, seed=4)]
-    assert all(np.array_equal(x[0], y[0]) and x[1] == y[1] for x, y in zip(a, b))
+    assert all(np.array_equal(x[0], y[0]) and x[1] == y[1] for x, y in zip(a, b, strict=True))
     assert [t for _, t in a] != c
     assert a[0][0].shape == (dataset.IMAGE_SIZE, dataset.IMAGE_SIZE, 3)
 
 
 def test_grammar_covers_the_issue_examples():
-    for text in ("a red circle on a blue background", "a small yellow triangle in the top left",
-                 "two green squares", "a big white star on a red and blue background"):
+    for text in (
+        "a red circle on a blue background",
+        "a small yellow triangle in the top left",
+        "two green squares",
+        "a big white star on a red and blue background",
+    ):
         assert dataset.caption(_scene_of(text)) == text
 
 
 def _scene_of(text: str) -> dataset.Scene:
     p = dataset.parse_caption(text)
     return dataset.Scene(
-        str(p["colour"]), str(p["shape"]), tuple(p.get("background", ("white",))),  # type: ignore[arg-type]
-        count=int(p["count"]), size=str(p.get("size", "medium")), position=p.get("position"),  # type: ignore[arg-type]
-        state_size="size" in p, state_background="background" in p,
+        str(p["colour"]),
+        str(p["shape"]),
+        tuple(p.get("background", ("white",))),  # type: ignore[arg-type]
+        count=int(p["count"]),
+        size=str(p.get("size", "medium")),
+        position=p.get("position"),  # type: ignore[arg-type]
+        state_size="size" in p,
+        state_background="background" in p,
     )
 
 
@@ -45,11 +50,21 @@ def test_held_out_captions_never_in_training():
     assert all(scene.is_held_out() for _, _, scene in dataset.examples(50, held_out=True))
     for text in held:
         parsed = dataset.parse_caption(text)
-        assert (parsed["colour"], parsed["shape"], parsed["background"][0]) in dataset.HELD_OUT_TRIPLES
+        assert (
+            parsed["colour"],
+            parsed["shape"],
+            parsed["background"][0],
+        ) in dataset.HELD_OUT_TRIPLES
 
 
 def test_parse_caption_rejects_other_text():
-    for bad in ("a red", "a pink circle", "three red circles", "a red circle on a blue", "two small red circles"):
+    for bad in (
+        "a red",
+        "a pink circle",
+        "three red circles",
+        "a red circle on a blue",
+        "two small red circles",
+    ):
         with pytest.raises(ValueError):
             dataset.parse_caption(bad)
 
@@ -68,7 +83,9 @@ def test_tokenizer_round_trips_every_caption(tmp_path):
 
 
 def test_judge_reads_real_images_near_perfectly():
-    items = list(dataset.examples(200, seed=11)) + list(dataset.examples(50, seed=11, held_out=True))
+    items = list(dataset.examples(200, seed=11)) + list(
+        dataset.examples(50, seed=11, held_out=True)
+    )
     acc = judge.accuracy([img for img, _, _ in items], [text for _, text, _ in items])
     assert acc["aligned"] >= 0.98, acc
     for attr in ("colour", "shape", "count"):
@@ -76,17 +93,24 @@ def test_judge_reads_real_images_near_perfectly():
 
 
 def test_judge_rejects_mismatched_captions():
-    rejected = 0
     items = list(dataset.examples(60, seed=12))
-    for (img, _, scene), (_, other, other_scene) in zip(items, items[1:] + items[:1]):
-        if (scene.colour, scene.shape, scene.count) != (other_scene.colour, other_scene.shape, other_scene.count):
-            rejected += not judge.score(img, other).aligned
-        else:
-            rejected += 1
-    assert rejected == len(items)
+    checked = 0
+    for (img, _, scene), (_, other, other_scene) in zip(items, items[1:] + items[:1], strict=True):
+        if (scene.colour, scene.shape, scene.count) != (
+            other_scene.colour,
+            other_scene.shape,
+            other_scene.count,
+        ):
+            assert not judge.score(img, other).aligned, (scene, other)
+            checked += 1
+    assert checked > 40
     img, text, scene = dataset.example(0)
-    wrong_colour = next(c for c in dataset.COLOURS if c != scene.colour and c not in scene.background)
+    wrong_colour = next(
+        c for c in dataset.COLOURS if c != scene.colour and c not in scene.background
+    )
     assert not judge.score(img, text.replace(scene.colour, wrong_colour, 1)).aligned
+    blank = np.zeros((dataset.IMAGE_SIZE, dataset.IMAGE_SIZE, 3), dtype=np.uint8)
+    assert judge.read(blank).shape is None and not judge.score(blank, "a red circle").aligned
 
 
 def test_smoke_training_runs_end_to_end(tmp_path):
@@ -98,7 +122,9 @@ def test_smoke_training_runs_end_to_end(tmp_path):
     assert (tmp_path / "m" / "unet" / "diffusion_pytorch_model.safetensors").exists()
 
 
-@pytest.mark.skipif(not (BUNDLED_DIR / "model_index.json").exists(), reason="bundled model not trained")
+@pytest.mark.skipif(
+    not (BUNDLED_DIR / "model_index.json").exists(), reason="bundled model not trained"
+)
 def test_bundled_model_loads_offline_and_generates():
     import torch
     from diffusers import StableDiffusionPipeline
@@ -109,8 +135,11 @@ def test_bundled_model_loads_offline_and_generates():
     pipe = StableDiffusionPipeline.from_pretrained(str(BUNDLED_DIR), use_safetensors=True)
     assert {pipe.unet.dtype, pipe.vae.dtype, pipe.text_encoder.dtype} == {torch.float32}
     pipe.set_progress_bar_config(disable=True)
-    out = pipe("a red circle on a blue background", num_inference_steps=1,
-               generator=torch.Generator().manual_seed(0))
+    out = pipe(
+        "a red circle on a blue background",
+        num_inference_steps=1,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert out.images[0].size == (dataset.IMAGE_SIZE, dataset.IMAGE_SIZE)
     half = StableDiffusionPipeline.from_pretrained(str(BUNDLED_DIR), torch_dtype=torch.float16)
     assert half.unet.dtype == torch.float16

@@ -202,7 +202,9 @@ def _draw_scene(rng: random.Random) -> Scene:
     state_background = rng.random() < 0.75
     if rng.random() < 0.2:
         size = rng.choice(("small", "medium"))
-        return Scene(colour, shape, background, count=2, size=size, state_background=state_background)
+        return Scene(
+            colour, shape, background, count=2, size=size, state_background=state_background
+        )
     size = rng.choices(SIZES, weights=(0.3, 0.4, 0.3))[0]
     position: str | None
     if size == "big":
@@ -220,7 +222,9 @@ def _draw_scene(rng: random.Random) -> Scene:
     )
 
 
-def _jitter(rng: random.Random, rgb: tuple[int, int, int], amount: int = 12) -> tuple[int, int, int]:
+def _jitter(
+    rng: random.Random, rgb: tuple[int, int, int], amount: int = 12
+) -> tuple[int, int, int]:
     r, g, b = (max(0, min(255, c + rng.randint(-amount, amount))) for c in rgb)
     return (r, g, b)
 
@@ -264,28 +268,41 @@ def render(scene: Scene, rng: random.Random) -> Image.Image:
     draw = ImageDraw.Draw(img)
     half = IMAGE_SIZE * s // 2
     if len(scene.background) == 1:
-        draw.rectangle((0, 0, IMAGE_SIZE * s, IMAGE_SIZE * s), fill=_jitter(rng, PALETTE[scene.background[0]]))
+        draw.rectangle(
+            (0, 0, IMAGE_SIZE * s, IMAGE_SIZE * s), fill=_jitter(rng, PALETTE[scene.background[0]])
+        )
     else:
-        draw.rectangle((0, 0, IMAGE_SIZE * s, half), fill=_jitter(rng, PALETTE[scene.background[0]]))
-        draw.rectangle((0, half, IMAGE_SIZE * s, IMAGE_SIZE * s), fill=_jitter(rng, PALETTE[scene.background[1]]))
+        draw.rectangle(
+            (0, 0, IMAGE_SIZE * s, half), fill=_jitter(rng, PALETTE[scene.background[0]])
+        )
+        draw.rectangle(
+            (0, half, IMAGE_SIZE * s, IMAGE_SIZE * s),
+            fill=_jitter(rng, PALETTE[scene.background[1]]),
+        )
     r = rng.uniform(*SIZE_RADIUS[scene.size])
     fill = _jitter(rng, PALETTE[scene.colour])
     for cx, cy in _centres(rng, scene, r):
         if scene.shape == "circle":
             draw.ellipse(((cx - r) * s, (cy - r) * s, (cx + r) * s, (cy + r) * s), fill=fill)
         else:
-            draw.polygon([(x * s, y * s) for x, y in _shape_points(scene.shape, cx, cy, r)], fill=fill)
+            draw.polygon(
+                [(x * s, y * s) for x, y in _shape_points(scene.shape, cx, cy, r)], fill=fill
+            )
     return img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BOX)
 
 
-def example(index: int, seed: int = TRAIN_SEED, *, held_out: bool = False) -> tuple[Image.Image, str, Scene]:
+def example(
+    index: int, seed: int = TRAIN_SEED, *, held_out: bool = False
+) -> tuple[Image.Image, str, Scene]:
     """The ``index``-th (image, caption, scene) of the training (or held-out) stream."""
     rng = random.Random(f"shapes/{seed}/{'heldout' if held_out else 'train'}/{index}")
     scene = sample_scene(rng, held_out=held_out)
     return render(scene, rng), caption(scene), scene
 
 
-def examples(n: int, seed: int = TRAIN_SEED, *, held_out: bool = False, start: int = 0) -> Iterator[tuple[Image.Image, str, Scene]]:
+def examples(
+    n: int, seed: int = TRAIN_SEED, *, held_out: bool = False, start: int = 0
+) -> Iterator[tuple[Image.Image, str, Scene]]:
     for i in range(start, start + n):
         yield example(i, seed, held_out=held_out)
 
@@ -333,6 +350,13 @@ def all_caption_forms() -> Iterator[str]:
                 for size in SIZES:
                     for position in (None, *POSITIONS):
                         yield caption(
-                            Scene(colour, shape, background, size=size, position=position,
-                                  state_size=True, state_background=state_bg)
+                            Scene(
+                                colour,
+                                shape,
+                                background,
+                                size=size,
+                                position=position,
+                                state_size=True,
+                                state_background=state_bg,
+                            )
                         )

@@ -31,7 +31,7 @@ def learn_merges(words: Iterable[str]) -> list[tuple[str, str]]:
     while True:
         pairs: Counter[tuple[str, str]] = Counter()
         for seg in segs.values():
-            for a, b in zip(seg, seg[1:]):
+            for a, b in zip(seg, seg[1:], strict=False):
                 pairs[(a, b)] += 1
         if not pairs:
             return merges
@@ -50,7 +50,9 @@ def learn_merges(words: Iterable[str]) -> list[tuple[str, str]]:
             segs[w] = out
 
 
-def vocab_and_merges(words: Iterable[str] | None = None) -> tuple[dict[str, int], list[tuple[str, str]]]:
+def vocab_and_merges(
+    words: Iterable[str] | None = None,
+) -> tuple[dict[str, int], list[tuple[str, str]]]:
     words = list(words if words is not None else dataset.vocabulary())
     merges = learn_merges(words)
     tokens = [BOS, EOS, *_BASE_CHARS, *(c + EOW for c in _BASE_CHARS)]

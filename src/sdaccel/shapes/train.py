@@ -2,8 +2,8 @@
 
 Usage::
 
-    python -m sdaccel.shapes.train --out src/sdaccel/bundled/shapes          # full run (~45 min, 2 cores)
-    python -m sdaccel.shapes.train --out /tmp/shapes-smoke --smoke           # seconds: train, save, reload, generate
+    python -m sdaccel.shapes.train --out src/sdaccel/bundled/shapes  # full run, ~45 min, 2 cores
+    python -m sdaccel.shapes.train --out /tmp/shapes-smoke --smoke   # seconds: train, save, reload
 
 Stages (each logged with its wall time):
 
@@ -19,9 +19,9 @@ Stages (each logged with its wall time):
    guidance has an unconditional branch), an EMA of the weights, until ``--unet-steps`` or
    ``--unet-minutes`` is reached (learning-rate schedule follows whichever is nearer);
 5. save: a standard diffusers folder (``StableDiffusionPipeline.save_pretrained``, safetensors,
-   fp16 UNet/VAE weights unless ``--fp32``) with a ``DPMSolverMultistepScheduler`` (DPM-Solver++) config on
-   SD 1.x's noise schedule, and ``training.json`` with the run's settings, times and losses; then
-   reloaded with ``from_pretrained`` and used to generate, as a check.
+   fp16 UNet/VAE weights unless ``--fp32``) with a ``DPMSolverMultistepScheduler``
+   (DPM-Solver++) config on SD 1.x's noise schedule, and ``training.json`` with the run's
+   settings, times and losses; then reloaded with ``from_pretrained`` and used to generate.
 """
 
 from __future__ import annotations
@@ -30,17 +30,22 @@ import argparse
 import json
 import logging
 import math
+import os
 import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn.functional as F
+# Idle OpenMP threads sleep instead of spinning: on a 2-core machine shared with another busy
+# process, spinning threads made a training step 20x slower. Only effective before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from sdaccel.shapes import dataset
-from sdaccel.shapes.tokenizer import MODEL_MAX_LENGTH, save_tokenizer
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from sdaccel.shapes import dataset  # noqa: E402
+from sdaccel.shapes.tokenizer import MODEL_MAX_LENGTH, save_tokenizer  # noqa: E402
 
 log = logging.getLogger("sdaccel.shapes.train")
 
@@ -74,7 +79,7 @@ class TrainConfig:
     ema_decay: float = 0.999
     fp32: bool = False
     smoke: bool = False
-    log_every: int = 50
+    log_every: int = 25
 
 
 def make_vae():
@@ -180,9 +185,18 @@ def train_vae(cfg: TrainConfig, images: torch.Tensor, gen: torch.Generator) -> t
         losses.append(loss.item())
         step += 1
         if step % cfg.log_every == 0:
-            log.info("vae step %d loss %.4f (%.0f s)", step, float(np.mean(losses[-cfg.log_every:])), budget.elapsed())
+            log.info(
+                "vae step %d loss %.4f (%.0f s)",
+                step,
+                float(np.mean(losses[-cfg.log_every :])),
+                budget.elapsed(),
+            )
     vae.eval()
-    return vae, {"steps": step, "seconds": round(budget.elapsed(), 1), "final_loss": float(np.mean(losses[-50:]))}
+    return vae, {
+        "steps": step,
+        "seconds": round(budget.elapsed(), 1),
+        "final_loss": float(np.mean(losses[-50:])),
+    }
 
 
 @torch.no_grad()
@@ -203,7 +217,9 @@ def vae_psnr(vae, images: torch.Tensor) -> float:
     return float((10 * torch.log10(1.0 / mse)).mean())
 
 
-def train_unet(cfg: TrainConfig, tokenizer, means, stds, captions, scaling: float, gen: torch.Generator):
+def train_unet(
+    cfg: TrainConfig, tokenizer, means, stds, captions, scaling: float, gen: torch.Generator
+):
     from diffusers import DDPMScheduler
 
     unet = make_unet(means.shape[-1]).train()
@@ -213,9 +229,15 @@ def train_unet(cfg: TrainConfig, tokenizer, means, stds, captions, scaling: floa
     snr = acp / (1 - acp)
     weight = snr.clamp(max=5.0) / snr  # min-SNR(5), epsilon prediction
 
-    tok = lambda texts: tokenizer(  # noqa: E731 - exactly the pipeline's tokenisation
-        texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids
+    def tok(texts: list[str]) -> torch.Tensor:  # exactly the pipeline's tokenisation
+        return tokenizer(
+            texts,
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+
     ids_all = tok(captions)
     empty_ids = tok([""])[0]
 
@@ -233,7 +255,9 @@ def train_unet(cfg: TrainConfig, tokenizer, means, stds, captions, scaling: floa
         ids[drop] = empty_ids
         z = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=gen)) * scaling
         noise = torch.randn(z.shape, generator=gen)
-        t = torch.randint(0, noise_sched.config.num_train_timesteps, (cfg.unet_batch,), generator=gen)
+        t = torch.randint(
+            0, noise_sched.config.num_train_timesteps, (cfg.unet_batch,), generator=gen
+        )
         noisy = noise_sched.add_noise(z, noise, t)
         cond = text_encoder(ids)[0]
         pred = unet(noisy, t, cond).sample
@@ -251,27 +275,42 @@ def train_unet(cfg: TrainConfig, tokenizer, means, stds, captions, scaling: floa
         if step % cfg.log_every == 0:
             log.info(
                 "unet step %d loss %.4f lr %.2e (%.0f s, %.2f s/step)",
-                step, float(np.mean(losses[-cfg.log_every:])), opt.param_groups[0]["lr"],
-                budget.elapsed(), budget.elapsed() / step,
+                step,
+                float(np.mean(losses[-cfg.log_every :])),
+                opt.param_groups[0]["lr"],
+                budget.elapsed(),
+                budget.elapsed() / step,
             )
     with torch.no_grad():
-        for p, e in zip(params, ema):
+        for p, e in zip(params, ema, strict=True):
             p.copy_(e)
     unet.eval()
     text_encoder.eval()
     curve = [round(float(np.mean(losses[i : i + 100])), 4) for i in range(0, len(losses), 100)]
-    stats = {"steps": step, "seconds": round(budget.elapsed(), 1), "final_loss": float(np.mean(losses[-100:])),
-             "loss_per_100_steps": curve}
+    stats = {
+        "steps": step,
+        "seconds": round(budget.elapsed(), 1),
+        "final_loss": float(np.mean(losses[-100:])),
+        "loss_per_100_steps": curve,
+    }
     return unet, text_encoder, stats
 
 
 def save_pipeline(out: Path, vae, text_encoder, tokenizer, unet, fp32: bool) -> None:
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
-    scheduler = DPMSolverMultistepScheduler(**SCHEDULER_CONFIG, algorithm_type="dpmsolver++", solver_order=2)
+    scheduler = DPMSolverMultistepScheduler(
+        **SCHEDULER_CONFIG, algorithm_type="dpmsolver++", solver_order=2
+    )
     pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     # UNet and VAE weights in fp16 (half the size); diffusers loads them as fp32 unless told
     # otherwise. The text encoder stays fp32: transformers loads a model in its saved dtype, and an
@@ -288,7 +327,9 @@ def check_reload(out: Path, prompts: list[str], steps: int, guidance: float, see
     """Reload the folder exactly as a user would and generate ``prompts`` (fp32, CPU)."""
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(str(out), torch_dtype=torch.float32, use_safetensors=True)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        str(out), torch_dtype=torch.float32, use_safetensors=True
+    )
     pipe.set_progress_bar_config(disable=True)
     gens = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
     return pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=gens).images
@@ -318,7 +359,10 @@ def run(cfg: TrainConfig) -> dict:
 
     vae, report["vae"] = train_vae(cfg, images, gen)
     held_imgs = torch.stack(
-        [torch.from_numpy(np.array(img)).permute(2, 0, 1) for img, _, _ in dataset.examples(64, cfg.seed, held_out=True)]
+        [
+            torch.from_numpy(np.array(img)).permute(2, 0, 1)
+            for img, _, _ in dataset.examples(64, cfg.seed, held_out=True)
+        ]
     )
     report["vae"]["held_out_psnr_db"] = round(vae_psnr(vae, held_imgs), 2)
     log.info("vae: %s", report["vae"])
@@ -328,14 +372,24 @@ def run(cfg: TrainConfig) -> dict:
     sample = means + stds * torch.randn(means.shape, generator=gen)
     scaling = float(1.0 / sample.pow(2).mean().sqrt())
     vae.register_to_config(scaling_factor=scaling)
-    report["latents"] = {"shape": list(means.shape[1:]), "scaling_factor": round(scaling, 5),
-                         "mean": round(float(sample.mean()), 4), "seconds": round(time.perf_counter() - t0, 1)}
+    report["latents"] = {
+        "shape": list(means.shape[1:]),
+        "scaling_factor": round(scaling, 5),
+        "mean": round(float(sample.mean()), 4),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
     log.info("latents: %s", report["latents"])
     del images
 
-    unet, text_encoder, report["unet"] = train_unet(cfg, tokenizer, means, stds, captions, scaling, gen)
-    log.info("unet: steps %d, %.0f s, final loss %.4f", report["unet"]["steps"], report["unet"]["seconds"],
-             report["unet"]["final_loss"])
+    unet, text_encoder, report["unet"] = train_unet(
+        cfg, tokenizer, means, stds, captions, scaling, gen
+    )
+    log.info(
+        "unet: steps %d, %.0f s, final loss %.4f",
+        report["unet"]["steps"],
+        report["unet"]["seconds"],
+        report["unet"]["final_loss"],
+    )
 
     save_pipeline(out, vae, text_encoder, tokenizer, unet, cfg.fp32)
     report["params"] = {
@@ -347,27 +401,52 @@ def run(cfg: TrainConfig) -> dict:
     report["total_seconds"] = round(time.perf_counter() - t_start, 1)
     (out / "training.json").write_text(json.dumps(report, indent=2) + "\n")
 
-    images_out = check_reload(out, ["a red circle on a blue background"], steps=2 if cfg.smoke else 20,
-                              guidance=7.5, seed=cfg.seed)
+    images_out = check_reload(
+        out,
+        ["a red circle on a blue background"],
+        steps=2 if cfg.smoke else 20,
+        guidance=7.5,
+        seed=cfg.seed,
+    )
     report["check_image_size"] = list(images_out[0].size)
     log.info("done in %.0f s; %d bytes on disk", report["total_seconds"], report["bytes_on_disk"])
     return report
 
 
 def _parse(argv: list[str] | None) -> TrainConfig:
-    p = argparse.ArgumentParser(prog="python -m sdaccel.shapes.train", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m sdaccel.shapes.train", description=__doc__.split("\n")[0]
+    )
     p.add_argument("--out", required=True, help="output diffusers folder")
     d = TrainConfig(out="")
-    for name in ("seed", "n_train", "threads", "vae_steps", "vae_batch", "unet_steps", "unet_batch", "log_every"):
+    for name in (
+        "seed",
+        "n_train",
+        "threads",
+        "vae_steps",
+        "vae_batch",
+        "unet_steps",
+        "unet_batch",
+        "log_every",
+    ):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
     for name in ("vae_minutes", "vae_lr", "unet_minutes", "unet_lr", "uncond_prob", "ema_decay"):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
     p.add_argument("--fp32", action="store_true", help="save fp32 weights (default fp16)")
-    p.add_argument("--smoke", action="store_true", help="a few steps of everything: seconds, for tests")
+    p.add_argument(
+        "--smoke", action="store_true", help="a few steps of everything: seconds, for tests"
+    )
     args = vars(p.parse_args(argv))
     cfg = TrainConfig(**args)
     if cfg.smoke:
-        cfg.n_train, cfg.vae_steps, cfg.vae_batch, cfg.unet_steps, cfg.unet_batch, cfg.log_every = 64, 2, 4, 2, 4, 1
+        cfg.n_train, cfg.vae_steps, cfg.vae_batch, cfg.unet_steps, cfg.unet_batch, cfg.log_every = (
+            64,
+            2,
+            4,
+            2,
+            4,
+            1,
+        )
     return cfg
 
 
