@@ -124,7 +124,7 @@ def _not_found_message(ref: str, model: ModelRef, exc: Exception) -> str:
 
 
 def _pretrained_components(location: str, revision: str | None, name: str) -> Components:
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     common: dict[str, Any] = {"revision": revision} if revision else {}
@@ -133,7 +133,7 @@ def _pretrained_components(location: str, revision: str | None, name: str) -> Co
         vae=AutoencoderKL.from_pretrained(location, subfolder="vae", **common),
         text_encoder=CLIPTextModel.from_pretrained(location, subfolder="text_encoder", **common),
         tokenizer=CLIPTokenizer.from_pretrained(location, subfolder="tokenizer", **common),
-        scheduler_config=dict(DDPMScheduler.load_config(location, subfolder="scheduler", **common)),
+        scheduler_config=_scheduler_config(location, subfolder="scheduler", **common),
         name=name,
     )
 
@@ -141,7 +141,7 @@ def _pretrained_components(location: str, revision: str | None, name: str) -> Co
 def _random_components(arch: str, device: str, name: str) -> Components:
     """The architecture's shipped configs with deterministic random weights (seed 0)."""
     import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     folder = arch_dir(arch)
@@ -156,9 +156,20 @@ def _random_components(arch: str, device: str, name: str) -> Components:
         vae=vae,
         text_encoder=text_encoder.eval(),
         tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
-        scheduler_config=dict(DDPMScheduler.load_config(folder / "scheduler")),
+        scheduler_config=_scheduler_config(folder / "scheduler"),
         name=name,
     )
+
+
+def _scheduler_config(location, **kwargs) -> dict[str, Any]:
+    """The model's scheduler config with its class's defaults filled in, as
+    `pipe.scheduler.config` has them: samplers built from it then match diffusers' own
+    `SomeScheduler.from_config(pipe.scheduler.config)` (timestep_spacing and all)."""
+    import diffusers
+
+    raw = diffusers.DDPMScheduler.load_config(location, **kwargs)
+    scheduler_class = getattr(diffusers, raw.get("_class_name", ""), diffusers.DDPMScheduler)
+    return dict(scheduler_class.from_config(raw).config)
 
 
 def _single_file_components(path: str, name: str) -> Components:

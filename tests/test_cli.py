@@ -1,0 +1,141 @@
+"""The CLI end to end: Typer's runner in process, and the installed `sdaccel` in a subprocess."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from sdaccel.cli import app
+from sdaccel.outputs import read_metadata
+
+TINY_FLAGS = ["--model", "random:tiny", "--height", "32", "--width", "32", "--steps", "3"]
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, list(args))
+
+
+def test_help_does_not_import_torch():
+    code = ("import sys; from sdaccel.cli import app; from typer.testing import CliRunner; "
+            "r = CliRunner().invoke(app, ['generate', '--help']); "
+            "assert r.exit_code == 0, r.output; "
+            "assert 'torch' not in sys.modules and 'diffusers' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_generate_json_and_files(tmp_path):
+    out = tmp_path / "out"
+    result = invoke("generate", "a red circle", "a blue square", *TINY_FLAGS, "--seed", "7",
+                    "--num-images", "2", "--json", "--out-dir", str(out))
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["index"] for r in records] == [0, 1, 2, 3]
+    assert [r["seed"] for r in records] == [7, 8, 9, 10]
+    assert [r["prompt"] for r in records] == ["a red circle"] * 2 + ["a blue square"] * 2
+    assert sorted(p.name for p in out.iterdir()) == [f"img_00{k}_steps3.png" for k in range(4)]
+    assert "saved" in result.stderr  # progress lines on stderr, never on stdout
+
+    again = invoke("generate", "a red circle", *TINY_FLAGS, "--json", "--out-dir", str(out))
+    assert json.loads(again.stdout)["path"].endswith("img_004_steps3.png")
+
+
+def test_negative_prompt_and_set_reach_the_metadata(tmp_path):
+    result = invoke("generate", "a red circle", *TINY_FLAGS, "--negative-prompt", "blurry",
+                    "--set", "sampler.name=ddim", "--set", f"io.out_dir={tmp_path}")
+    assert result.exit_code == 0, result.output
+    meta = read_metadata(tmp_path / "img_000_steps3.png")
+    assert "Negative prompt: blurry" in meta["parameters"]
+    assert "Sampler: DDIM" in meta["parameters"]
+    assert json.loads(meta["sdaccel"])["settings"]["sampler"]["name"] == "ddim"
+
+
+@pytest.mark.parametrize(("args", "code", "message"), [
+    (["--set", "sampler.name=plms"], 2, "--set: sampler.name"),
+    (["--config", "missing.yaml"], 2, "config file 'missing.yaml' does not exist"),
+    (["--preset", "fast"], 2, "unknown preset 'fast'"),
+    (["--height", "36"], 2, "generation.height: must be a multiple of 8, got 36"),
+    (["--model", "no-such-org/no-such-model"], 3, "not in the local Hugging Face cache"),
+    (["--model", "./missing-folder"], 3, "is not an existing folder"),
+    (["--set", "device=cuda"], 4, "CUDA is not available"),
+])
+def test_user_errors_are_one_clear_line(tmp_path, args, code, message):
+    if "device=cuda" in args:
+        pytest.importorskip("torch")
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("this machine has CUDA")
+    result = invoke("generate", "x", *TINY_FLAGS, "--out-dir", str(tmp_path / "o"), *args)
+    assert result.exit_code == code, result.output
+    assert message in result.stderr
+    assert "Traceback" not in result.output
+    assert result.stdout == ""
+    assert not (tmp_path / "o").exists()  # nothing written
+
+
+def test_inspect_config_shows_sources():
+    result = invoke("inspect-config", "--preset", "mix-bf16-int8", "--set", "sampler.steps=12",
+                    "--no-device-check")
+    assert result.exit_code == 0, result.output
+    assert "steps: 12  # --set" in result.stdout
+    assert "unet_dtype: bf16  # preset mix-bf16-int8" in result.stdout
+    as_json = json.loads(invoke("inspect-config", "--json", "--steps", "3").stdout)
+    assert as_json["settings"]["sampler"]["steps"] == 3
+    assert as_json["sources"]["sampler.steps"] == "command-line flag"
+
+
+def test_inspect_config_yaml_loads_back_as_a_config(tmp_path):
+    shown = invoke("inspect-config", "--preset", "mix-bf16-int8-dpm10", "--no-device-check")
+    path = tmp_path / "round.yaml"
+    path.write_text(shown.stdout)
+    again = invoke("inspect-config", "--config", str(path), "--json", "--no-device-check")
+    first = invoke("inspect-config", "--preset", "mix-bf16-int8-dpm10", "--json",
+                   "--no-device-check")
+    assert json.loads(again.stdout)["settings"] == json.loads(first.stdout)["settings"]
+
+
+def test_inspect_config_bad_config_exits_nonzero(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("sampler:\n  name: plms\n")
+    result = invoke("inspect-config", "--config", str(bad))
+    assert result.exit_code == 2
+    assert f"{bad}: sampler.name" in result.stderr
+
+
+def test_inspect_config_checks_the_device():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    result = invoke("inspect-config", "--preset", "mix-bf16-int8")
+    assert result.exit_code == 4 and "CUDA is not available" in result.stderr
+
+
+def test_list_presets():
+    result = invoke("inspect-config", "--list-presets")
+    assert result.exit_code == 0
+    names = [line.split()[0] for line in result.stdout.splitlines()]
+    assert names == ["base", "fp32-ddpm50", "mix-bf16-int8", "mix-bf16-int8-compile",
+                     "mix-bf16-int8-dpm10", "tiny"]
+    assert "sd15_mix_bf16_int8_ddpm50" in result.stdout
+
+
+def test_installed_console_script(tmp_path):
+    """The real `sdaccel` executable, as a user runs it."""
+    exe = shutil.which("sdaccel", path=os.path.dirname(sys.executable))
+    assert exe, "the console script is not installed next to this Python"
+    proc = subprocess.run(
+        [exe, "generate", "a red circle", *TINY_FLAGS, "--json", "--out-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads(proc.stdout)
+    assert os.path.isfile(record["path"]) and record["steps"] == 3
+    module = subprocess.run([sys.executable, "-m", "sdaccel", "--help"], capture_output=True,
+                            text=True)
+    assert module.returncode == 0 and "generate" in module.stdout

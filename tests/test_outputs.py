@@ -1,0 +1,68 @@
+"""File naming, no overwriting, metadata that A1111 readers and sdaccel can read back."""
+
+import json
+import re
+
+from conftest import tiny_settings
+from PIL import Image
+
+from sdaccel.engine.engine import ImageResult
+from sdaccel.outputs import RunWriter, next_index, read_metadata, save_image, png_metadata
+
+
+def fake_result(seed=5, steps=4, prompt="a red circle", negative=""):
+    import torch
+
+    return ImageResult(prompt=prompt, negative_prompt=negative, seed=seed, steps=steps, nfe=steps,
+                       image=Image.new("RGB", (32, 32), "red"), latents=torch.zeros(4, 16, 16),
+                       seconds=0.5)
+
+
+def test_index_continues_after_existing_files(tmp_path):
+    (tmp_path / "img_000_steps10.png").write_bytes(b"")
+    (tmp_path / "img_041_steps7.png").write_bytes(b"")
+    (tmp_path / "img_5_steps7.png").write_bytes(b"")  # not our pattern: ignored
+    (tmp_path / "notes.txt").write_text("x")
+    assert next_index(tmp_path) == 42
+    assert next_index(tmp_path / "missing") == 0
+
+
+def test_never_overwrites_an_existing_name(tmp_path):
+    existing = tmp_path / "img_003_steps4.png"
+    existing.write_bytes(b"precious")
+    index, path = save_image(tmp_path, 3, 4, Image.new("RGB", (8, 8)), png_metadata("p", {}))
+    assert (index, path.name) == (4, "img_004_steps4.png")
+    assert existing.read_bytes() == b"precious"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".partial")]
+
+
+def test_metadata_round_trip(tmp_path):
+    s = tiny_settings(f"io.out_dir={tmp_path}", "io.save_latents=true")
+    writer = RunWriter(s, model_name="random:tiny")
+    record = writer.save(fake_result(seed=9, negative="blurry"))
+    assert record["path"].endswith("img_000_steps4.png")
+    meta = read_metadata(record["path"])
+    lines = meta["parameters"].splitlines()
+    assert lines[0] == "a red circle"
+    assert lines[1] == "Negative prompt: blurry"
+    # The key: value layout A1111-compatible readers parse.
+    fields = dict(re.findall(r"([A-Za-z ]+): ([^,]+)(?:, |$)", lines[2]))
+    assert fields == {"Steps": "4", "Sampler": "DPM++ 2M", "CFG scale": "7.5", "Seed": "9",
+                      "Size": "32x32", "Model": "random:tiny"}
+    ours = json.loads(meta["sdaccel"])
+    assert ours["settings"]["model_id"] == "random:tiny"
+    assert ours["settings"]["sampler"]["steps"] == 4
+    assert ours["image"]["seed"] == 9 and ours["image"]["negative_prompt"] == "blurry"
+    from safetensors.torch import load_file
+
+    assert load_file(record["latents_path"])["latents"].shape == (4, 16, 16)
+
+
+def test_grid_holds_the_run(tmp_path):
+    s = tiny_settings(f"io.out_dir={tmp_path}", "io.save_grid=true")
+    writer = RunWriter(s, model_name="random:tiny")
+    for seed in range(3):
+        writer.save(fake_result(seed=seed))
+    grid = writer.finish()
+    assert grid.name == "grid_000-002.png"
+    assert Image.open(grid).size == (64, 64)  # 2 x 2 cells of 32 px
