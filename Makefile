@@ -1,0 +1,33 @@
+# Two entry points, each doing all of its own set-up in .venv:
+#   make demo   generate an image with the bundled model (offline, CPU, seconds)
+#   make test   run the test suite (offline)
+# TORCH picks the PyTorch build: the default installs 2.13.0 (CPU-only where that wheel is local);
+# use `make demo TORCH=torch` for the newest release with CUDA.
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: demo test lint clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/sdaccel generate "a red circle on a blue background" --preset tiny
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests examples
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache
