@@ -139,3 +139,22 @@ def test_installed_console_script(tmp_path):
     module = subprocess.run([sys.executable, "-m", "sdaccel", "--help"], capture_output=True,
                             text=True)
     assert module.returncode == 0 and "generate" in module.stdout
+
+
+def test_interrupt_keeps_finished_images(tmp_path, monkeypatch):
+    from sdaccel.engine.engine import Engine
+
+    real_generate = Engine.generate
+    calls = []
+
+    def interrupted_on_second_prompt(self, prompts, *args, **kwargs):
+        calls.append(prompts)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_generate(self, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "generate", interrupted_on_second_prompt)
+    result = invoke("generate", "one", "two", "three", *TINY_FLAGS, "--out-dir", str(tmp_path))
+    assert result.exit_code == 130
+    assert "Interrupted" in result.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["img_000_steps3.png"]

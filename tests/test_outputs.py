@@ -7,7 +7,7 @@ from conftest import tiny_settings
 from PIL import Image
 
 from sdaccel.engine.engine import ImageResult
-from sdaccel.outputs import RunWriter, next_index, read_metadata, save_image, png_metadata
+from sdaccel.outputs import RunWriter, next_index, png_metadata, read_metadata, save_image
 
 
 def fake_result(seed=5, steps=4, prompt="a red circle", negative=""):

@@ -20,7 +20,8 @@ def write(tmp_path: Path, text: str) -> Path:
 
 
 def test_layers_in_order_and_sources_recorded(tmp_path):
-    cfg = write(tmp_path, "sampler:\n  steps: 30\n  name: ddim\nseed: 1\ngeneration:\n  width: 128\n")
+    cfg = write(tmp_path, "sampler:\n  steps: 30\n  name: ddim\nseed: 1\n"
+                          "generation:\n  width: 128\n")
     r = resolve(
         preset="mix-bf16-int8", config=cfg,
         environ={"SDACCEL_SAMPLER__STEPS": "40", "SDACCEL_SEED": "2"},

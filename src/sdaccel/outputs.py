@@ -99,7 +99,8 @@ def save_latents(image_path: Path, latents) -> Path:
     from safetensors.torch import save_file
 
     stem = image_path.name.removesuffix(".png")
-    _, path = _write_new(image_path.parent, lambda i: _numbered(f"{stem}.latents", i, ".safetensors"), 0,
+    _, path = _write_new(image_path.parent,
+                         lambda i: _numbered(f"{stem}.latents", i, ".safetensors"), 0,
                          lambda tmp: save_file({"latents": latents.contiguous()}, str(tmp)))
     return path
 

@@ -106,7 +106,8 @@ class GenerationSettings(_Section):
     @classmethod
     def _multiple_of_8(cls, value: int) -> int:
         if value % 8:
-            raise ValueError(f"must be a multiple of 8, got {value} (nearest: {round(value / 8) * 8})")
+            nearest = max(1, round(value / 8)) * 8
+            raise ValueError(f"must be a multiple of 8, got {value} (nearest: {nearest})")
         return value
 
 
@@ -337,7 +338,8 @@ def _explain(exc: ValidationError, sources: dict[str, str]) -> str:
         if error["type"] == "extra_forbidden":
             section = _section_model(loc[:-1])
             valid = ", ".join(section.model_fields) if section else "?"
-            message = f"unknown key; valid keys{' in ' + '.'.join(loc[:-1]) if loc[:-1] else ''}: {valid}"
+            where_in = f" in {'.'.join(loc[:-1])}" if loc[:-1] else ""
+            message = f"unknown key; valid keys{where_in}: {valid}"
         else:
             message = error["msg"].removeprefix("Value error, ")
             if "input" in error and error["type"] != "value_error" and not isinstance(

@@ -58,6 +58,11 @@ class ProgressRenderer:
 
 def quiet_library_logs() -> None:
     """Libraries' notices that a user cannot act on stay out of the output (errors still show):
-    bitsandbytes' note on an optional 4-bit kernel, diffusers' remarks on dtype casts."""
-    for name in ("bitsandbytes", "diffusers", "transformers"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    bitsandbytes' note on an optional 4-bit kernel, diffusers' remarks on dtype casts. The
+    libraries set their own loggers' levels when first imported, hence their own API here."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()

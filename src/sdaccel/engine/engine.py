@@ -78,9 +78,10 @@ class Engine:
         multiple = self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
         for key, value in (("generation.height", height), ("generation.width", width)):
             if value % multiple:
+                nearest = max(1, round(value / multiple)) * multiple
                 raise ConfigError(
                     f"{key}: {value} is not a multiple of {multiple}, which model "
-                    f"{self.settings.model_id!r} needs (nearest: {max(1, round(value / multiple)) * multiple})"
+                    f"{self.settings.model_id!r} needs (nearest: {nearest})"
                 )
 
     # ------------------------------------------------------------------ generation

@@ -94,7 +94,7 @@ def _int8_linear(bnb, linear: torch.nn.Linear, bias_dtype: torch.dtype):
 def _move_int8(module: torch.nn.Module, device: torch.device, rest_dtype: torch.dtype):
     """Cast everything but the int8 weights, then move: Int8Params quantise on that move."""
     for sub in module.modules():
-        for name, param in list(sub.named_parameters(recurse=False)):
+        for param in sub.parameters(recurse=False):
             if not hasattr(param, "SCB"):  # not an Int8Params
                 param.data = param.data.to(rest_dtype)
     return module.to(device)
