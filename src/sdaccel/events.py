@@ -21,9 +21,24 @@ class BatchStarted:
 
 @dataclass(frozen=True)
 class StepDone:
+    """A solver step finished for `batch_size` images (a group, once adaptive plans split it)."""
+
     step: int  # 1-based
     total_steps: int
     batch_size: int
+
+
+@dataclass(frozen=True)
+class PlanDecided:
+    """Adaptive steps: after the warm-up, one image's uncertainty score and its chosen total."""
+
+    prompt: str
+    seed: int
+    method: str
+    score: float
+    warmup_steps: int
+    total_steps: int  # warm-up included
+    max_steps: int
 
 
 @dataclass(frozen=True)
@@ -38,7 +53,7 @@ class Warning:  # noqa: A001 - the engine's own kind of warning, shown by the fr
     message: str
 
 
-Event = BatchStarted | StepDone | BatchDone | Warning
+Event = BatchStarted | StepDone | PlanDecided | BatchDone | Warning
 EventHandler = Callable[[Event], None]
 
 

@@ -1,18 +1,68 @@
-"""The denoising loop: classifier-free guidance over a scheduler's plan, one event per step.
+"""The denoising loop: classifier-free guidance over a scheduler's plan, one callback per step.
 
-It mirrors StableDiffusionPipeline.__call__ step for step (that is the correctness contract),
-with one deliberate difference that only shows at reduced precision: latents and the scheduler's
-arithmetic stay in fp32 while the UNet runs in its own dtype, so a bf16 UNet does not also round
-every solver update to bf16.
+With a fixed plan it mirrors StableDiffusionPipeline.__call__ step for step (the correctness
+contract), with one deliberate difference that only shows at reduced precision: latents and the
+scheduler's arithmetic stay in fp32 while the UNet runs in its own dtype, so a bf16 UNet does not
+also round every solver update to bf16.
+
+With a Planner (adaptive steps), the batch runs the warm-up together, each image is scored and
+given its own total, and the images continue in groups of equal totals, each group on its own
+re-planned copy of the scheduler (see adaptive.py).
 """
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from sdaccel.engine.adaptive import Planner, predicted_x0, replan, split_scheduler, tail_timesteps
+
+StepCallback = Callable[[int, int, int], None]  # (step, total_steps, images in the group)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the planner chose for one image of the batch."""
+
+    position: int
+    score: float
+    total_steps: int
+
+
+@dataclass
+class DenoiseOutput:
+    latents: torch.Tensor
+    steps: list[int]  # per image: solver steps taken (= UNet calls for that image)
+    decisions: list[Decision]
+
+
+@dataclass
+class _Group:
+    """Images that share one plan: their latents, prompt embeddings, generators, scheduler."""
+
+    positions: torch.Tensor
+    latents: torch.Tensor
+    embeddings: torch.Tensor
+    generators: list[torch.Generator]
+    scheduler: Any
+
+    @property
+    def guided(self) -> bool:
+        return self.embeddings.shape[0] == 2 * self.latents.shape[0]
+
+    def select(self, rows: torch.Tensor, scheduler: Any) -> _Group:
+        embeddings = self.embeddings
+        if self.guided:  # [uncond; cond] -> the same rows of each half
+            half = self.latents.shape[0]
+            embeddings = torch.cat([embeddings[:half][rows], embeddings[half:][rows]])
+        else:
+            embeddings = embeddings[rows]
+        return _Group(self.positions[rows], self.latents[rows], embeddings,
+                      [self.generators[int(r)] for r in rows], scheduler)
 
 
 def step_kwargs(scheduler: Any, generators: Sequence[torch.Generator]) -> dict[str, Any]:
@@ -26,6 +76,33 @@ def step_kwargs(scheduler: Any, generators: Sequence[torch.Generator]) -> dict[s
     return kwargs
 
 
+def _evaluate(unet, unet_dtype, group: _Group, t, guidance_scale: float) -> torch.Tensor:
+    """One UNet call for the group: the guided noise prediction at timestep t (fp32)."""
+    latents = group.latents
+    model_input = torch.cat([latents] * 2) if group.guided else latents
+    model_input = group.scheduler.scale_model_input(model_input, t).to(unet_dtype)
+    noise = unet(model_input, t, encoder_hidden_states=group.embeddings, return_dict=False)[0]
+    noise = noise.float()
+    if group.guided:
+        uncond, cond = noise.chunk(2)
+        noise = uncond + guidance_scale * (cond - uncond)
+    return noise
+
+
+def _update(group: _Group, noise: torch.Tensor, t) -> None:
+    extra = step_kwargs(group.scheduler, group.generators)
+    group.latents = group.scheduler.step(noise, t, group.latents, **extra, return_dict=False)[0]
+
+
+def _run(unet, unet_dtype, group: _Group, start: int, guidance_scale: float,
+         on_step: StepCallback) -> None:
+    timesteps = group.scheduler.timesteps
+    for index in range(start, len(timesteps)):
+        t = timesteps[index]
+        _update(group, _evaluate(unet, unet_dtype, group, t, guidance_scale), t)
+        on_step(index + 1, len(timesteps), len(group.positions))
+
+
 def denoise(
     unet: Callable[..., Any],
     unet_dtype: torch.dtype,
@@ -34,23 +111,52 @@ def denoise(
     embeddings: torch.Tensor,
     guidance_scale: float,
     generators: Sequence[torch.Generator],
-    on_step: Callable[[int, int], None],
-) -> torch.Tensor:
-    """Run every timestep of `scheduler` from `latents` (fp32, already scaled by the scheduler's
-    init_noise_sigma). `embeddings` holds [unconditional; conditional] when guidance is on, else
-    the conditional embeddings alone; that choice was made by whoever encoded the prompts.
+    on_step: StepCallback,
+    planner: Planner | None = None,
+) -> DenoiseOutput:
+    """Run `scheduler`'s plan from `latents` (fp32, already scaled by init_noise_sigma).
+
+    `embeddings` holds [unconditional; conditional] when guidance is on, else the conditional
+    embeddings alone; that choice was made by whoever encoded the prompts. With a planner the
+    scheduler must hold the plan for planner.max_steps and accept custom timesteps.
     """
-    guided = embeddings.shape[0] == 2 * latents.shape[0]
-    extra = step_kwargs(scheduler, generators)
+    batch = latents.shape[0]
+    group = _Group(torch.arange(batch), latents, embeddings, list(generators), scheduler)
+    total = len(scheduler.timesteps)
+    if planner is None or planner.warmup_steps >= total:
+        _run(unet, unet_dtype, group, 0, guidance_scale, on_step)
+        return DenoiseOutput(group.latents, [total] * batch, [])
+
     timesteps = scheduler.timesteps
-    for index, t in enumerate(timesteps):
-        model_input = torch.cat([latents] * 2) if guided else latents
-        model_input = scheduler.scale_model_input(model_input, t).to(unet_dtype)
-        noise = unet(model_input, t, encoder_hidden_states=embeddings, return_dict=False)[0]
-        noise = noise.float()
-        if guided:
-            uncond, cond = noise.chunk(2)
-            noise = uncond + guidance_scale * (cond - uncond)
-        latents = scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
-        on_step(index + 1, len(timesteps))
-    return latents
+    history = []
+    warmup = planner.warmup_steps
+    for index in range(warmup):
+        t = timesteps[index]
+        noise = _evaluate(unet, unet_dtype, group, t, guidance_scale)
+        history.append(predicted_x0(scheduler, group.latents, noise, t))
+        if index < warmup - 1:  # the last warm-up update waits for the new plan
+            _update(group, noise, t)
+            on_step(index + 1, total, batch)
+
+    visited = [t.item() for t in timesteps[:warmup]]
+    scores = planner.scores(history, scheduler, visited, timesteps[warmup].item())
+    totals = planner.totals(scores)
+    out = torch.empty_like(latents)
+    steps = [0] * batch
+    for chosen in sorted(set(totals)):
+        rows = torch.tensor([k for k in range(batch) if totals[k] == chosen])
+        part = group.select(rows, split_scheduler(scheduler, rows))
+        # Keeping the full plan is a re-plan too (with the old tail): it must change nothing.
+        if chosen == total:
+            tail = [t.item() for t in timesteps[warmup:]]
+        else:
+            tail = tail_timesteps(visited[-1], timesteps[-1].item(), chosen - warmup)
+        replan(part.scheduler, visited + tail)
+        _update(part, noise[rows], timesteps[warmup - 1])
+        on_step(warmup, len(part.scheduler.timesteps), len(rows))
+        _run(unet, unet_dtype, part, warmup, guidance_scale, on_step)
+        out[rows] = part.latents
+        for row in rows.tolist():
+            steps[row] = len(part.scheduler.timesteps)
+    decisions = [Decision(k, float(scores[k]), steps[k]) for k in range(batch)]
+    return DenoiseOutput(out, steps, decisions)

@@ -8,12 +8,21 @@ from dataclasses import dataclass
 
 import torch
 
-from sdaccel.engine.compile import compile_callable
+from sdaccel.engine.compile import compile_callable, load_matching
+from sdaccel.engine.adaptive import Planner
 from sdaccel.engine.denoise import denoise
 from sdaccel.engine.models import Components, load_components
+from sdaccel.engine.optimize import apply_passes, with_attention
 from sdaccel.engine.precision import DTYPES, cast, check_precisions, resolve_device
 from sdaccel.engine.samplers import build_scheduler
-from sdaccel.events import BatchDone, BatchStarted, EventHandler, StepDone, Warning, ignore
+from sdaccel.events import (
+    BatchDone,
+    BatchStarted,
+    EventHandler,
+    PlanDecided,
+    StepDone,
+    ignore,
+)
 from sdaccel.settings import Settings
 
 
@@ -22,11 +31,12 @@ class ImageResult:
     prompt: str
     negative_prompt: str
     seed: int  # this image's own seed: generating it alone with this seed gives it again
-    steps: int
-    nfe: int  # UNet evaluations (one batched call per step; guidance doubles its batch)
+    steps: int  # solver steps this image took (its own total under adaptive steps)
+    nfe: int  # UNet evaluations spent on it: steps, twice that with guidance (cond + uncond)
     image: object  # PIL.Image.Image
     latents: torch.Tensor  # final latents (before VAE decode), fp32, on the CPU
     seconds: float  # wall time of its batch divided by the batch size
+    plan: PlanDecided | None = None  # the adaptive decision, when adaptive steps are on
 
 
 class Engine:
@@ -41,11 +51,7 @@ class Engine:
             "vae_dtype": settings.vae_dtype,
             "text_encoder_dtype": settings.text_encoder_dtype,
         })
-        if settings.adaptive.enabled:
-            on_event(Warning(
-                "adaptive step scheduling is not implemented yet; running a fixed "
-                f"sampler.steps={settings.sampler.steps} steps"
-            ))
+        self.planner = Planner.from_settings(settings.adaptive) if settings.adaptive.enabled else None
         self.components = load_components(settings.model_id, device=str(self.device))
         self._prepare(self.components)
 
@@ -62,14 +68,22 @@ class Engine:
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self._check_size(s.generation.height, s.generation.width)
         self.unet.set_default_attn_processor()  # PyTorch SDPA on torch 2
+        self.passes = apply_passes(self.unet, self.vae, s, self.device, self.on_event)
         self._unet_forward = self.unet
         self._vae_decode = self._decode_eager
+        self.compile_cache: list = []  # compile-cache entries loaded for this engine
         if s.compile.enabled:
-            self._unet_forward = compile_callable(self.unet, s.compile, "UNet", self.on_event)
+            if s.compile.cache:
+                self.compile_cache = load_matching(s, self.on_event)
+            flags = s.optimize.inductor_flags
+            self._unet_forward = compile_callable(self.unet, s.compile, "UNet", self.on_event,
+                                                  flags)
             if s.compile.compile_vae:
                 self._vae_decode = compile_callable(
-                    self._decode_eager, s.compile, "VAE decode", self.on_event
+                    self._decode_eager, s.compile, "VAE decode", self.on_event, flags
                 )
+        self._unet_forward = with_attention(self._unet_forward, s.optimize.attention)
+        self._vae_decode = with_attention(self._vae_decode, s.optimize.attention)
 
     def _check_size(self, height: int, width: int) -> None:
         from sdaccel.errors import ConfigError
@@ -106,26 +120,38 @@ class Engine:
         base_seed = s.seed if seed is None else seed
         seeds = [base_seed + k for k in range(batch)]
         generators = [torch.Generator("cpu").manual_seed(k) for k in seeds]
+        # Adaptive runs start on the max_steps plan and re-plan after the warm-up.
+        planned = s.adaptive.max_steps if self.planner else s.sampler.steps
         scheduler = build_scheduler(s.sampler.name, self.components.scheduler_config)
-        scheduler.set_timesteps(s.sampler.steps, device=self.device)
+        scheduler.set_timesteps(planned, device=self.device)
+        image_prompts = [prompts[k // per_prompt] for k in range(batch)]
 
-        self.on_event(BatchStarted(batch, s.sampler.steps, tuple(prompts)))
+        self.on_event(BatchStarted(batch, planned, tuple(prompts)))
         started = time.perf_counter()
         embeddings = self._encode(list(prompts), negative_prompt, per_prompt)
         latents = self._initial_latents(generators, scheduler.init_noise_sigma)
-        latents = denoise(
+        out = denoise(
             self._unet_forward, self.unet_dtype, scheduler, latents, embeddings,
             s.generation.guidance_scale, generators,
-            lambda step, total: self.on_event(StepDone(step, total, batch)),
+            lambda step, total, size: self.on_event(StepDone(step, total, size)),
+            self.planner,
         )
-        images = self._decode(latents, generators)
+        plans = [None] * batch
+        for d in out.decisions:
+            plans[d.position] = PlanDecided(
+                image_prompts[d.position], seeds[d.position], self.planner.method, d.score,
+                self.planner.warmup_steps, d.total_steps, self.planner.max_steps)
+            self.on_event(plans[d.position])
+        images = self._decode(out.latents, generators)
         seconds = time.perf_counter() - started
-        self.on_event(BatchDone(batch, s.sampler.steps, seconds))
+        self.on_event(BatchDone(batch, max(out.steps), seconds))
+        evaluations = 2 if self.guided else 1
         return [
             ImageResult(
-                prompt=prompts[k // per_prompt], negative_prompt=negative_prompt, seed=seeds[k],
-                steps=s.sampler.steps, nfe=s.sampler.steps, image=images[k],
-                latents=latents[k].detach().float().cpu(), seconds=seconds / batch,
+                prompt=image_prompts[k], negative_prompt=negative_prompt, seed=seeds[k],
+                steps=out.steps[k], nfe=out.steps[k] * evaluations, image=images[k],
+                latents=out.latents[k].detach().float().cpu(), seconds=seconds / batch,
+                plan=plans[k],
             )
             for k in range(batch)
         ]

@@ -51,6 +51,9 @@ SAMPLERS: dict[str, tuple[Callable[[dict[str, Any]], Any], str]] = {
     "euler_a": (_euler_a, "Euler a"),
 }
 SAMPLER_NAMES = tuple(SAMPLERS)
+# Samplers whose diffusers scheduler takes a custom timestep list, which adaptive re-planning
+# needs (DDIM and Euler-ancestral derive each step's size from the step count instead).
+REPLANNABLE = ("ddpm", "dpm_solver++", "euler")
 
 
 def build_scheduler(name: str, model_scheduler_config: dict[str, Any]):

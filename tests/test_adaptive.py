@@ -1,0 +1,113 @@
+"""Adaptive steps: sound re-planning, the seed's decision rule, batches, honest NFE."""
+
+import pytest
+import torch
+from conftest import tiny_settings
+
+from sdaccel.engine.adaptive import decide_total, pred_var, tail_timesteps
+from sdaccel.engine.engine import Engine
+from sdaccel.engine.samplers import REPLANNABLE
+from sdaccel.errors import ConfigError
+from sdaccel.events import PlanDecided
+
+
+def adaptive(*extra, low=0.1, high=0.25, warmup=3, lo=4, hi=9, sampler="dpm_solver++"):
+    return tiny_settings(
+        f"sampler.name={sampler}", "adaptive.enabled=true", f"adaptive.warmup_steps={warmup}",
+        f"adaptive.min_steps={lo}", f"adaptive.max_steps={hi}",
+        f"adaptive.uncertainty.threshold_low={low}",
+        f"adaptive.uncertainty.threshold_high={high}", *extra)
+
+
+@pytest.mark.parametrize("sampler", REPLANNABLE)
+@pytest.mark.parametrize(("height", "width", "seed"), [(32, 32, 0), (48, 32, 1234)])
+def test_replan_with_the_old_tail_is_bit_identical(sampler, height, width, seed):
+    """Every score >= threshold_high keeps max_steps: the re-plan keeps the old tail, and the
+    result must equal the uninterrupted fixed-step run exactly."""
+    size = [f"generation.height={height}", f"generation.width={width}",
+            "generation.num_images_per_prompt=2"]
+    kept = Engine(adaptive(*size, low=0, high=1e-9, sampler=sampler)).generate(["a"], seed=seed)
+    fixed = Engine(tiny_settings(f"sampler.name={sampler}", "sampler.steps=9", *size))
+    reference = fixed.generate(["a"], seed=seed)
+    assert [r.steps for r in kept] == [9, 9]
+    for a, b in zip(kept, reference):
+        assert torch.equal(a.latents, b.latents)
+
+
+def test_min_steps_when_certain():
+    results = Engine(adaptive(low=10, high=20)).generate(["a"])
+    assert results[0].steps == 4 and results[0].plan.total_steps == 4
+
+
+def test_warmup_equal_to_min_steps_finishes_in_warmup():
+    """The seed's defaults (warm-up 5 = min 5): deciding min_steps means no step after it."""
+    results = Engine(adaptive(warmup=4, lo=4, hi=9, low=10, high=20)).generate(["a"])
+    assert results[0].steps == 4
+    assert torch.isfinite(results[0].latents).all()
+
+
+@pytest.mark.parametrize(("score", "total"), [
+    (0.05, 5), (0.10, 5), (0.18, 13), (0.25, 20), (0.9, 20), (0.13, 8),
+])
+def test_decision_rule(score, total):
+    assert decide_total(score, 5, 20, 0.10, 0.25) == total
+
+
+def test_tail_is_strictly_below_and_ends_at_final():
+    tail = tail_timesteps(801, 1, 4)
+    assert tail == sorted(tail, reverse=True) and tail[0] < 801 and tail[-1] == 1
+    assert len(tail) == 4
+    assert tail_timesteps(801, 1, 0) == []
+    assert len(tail_timesteps(5, 1, 10)) == 4  # only 4 distinct timesteps below 5
+
+
+def test_pred_var_is_zero_when_the_prediction_stops_moving():
+    x = torch.randn(2, 4, 8, 8)
+    assert torch.allclose(pred_var([x, x, x]), torch.zeros(2))
+    moving = pred_var([x, x + 1.0, x + 2.0])
+    assert (moving > 0).all()
+
+
+def test_batch_images_get_their_own_plans_and_honest_nfe(monkeypatch):
+    """Two images deciding different totals: each keeps its own steps and file-name steps,
+    and the UNet work adds up to exactly the reported NFE."""
+    import sdaccel.engine.adaptive as adaptive_module
+
+    monkeypatch.setattr(adaptive_module, "pred_var",
+                        lambda history: torch.tensor([0.0, 1.0][: history[0].shape[0]]))
+    events = []
+    engine = Engine(adaptive("generation.num_images_per_prompt=2"), on_event=events.append)
+    images_per_call = []
+    real_unet = engine._unet_forward
+
+    def counting_unet(sample, *args, **kwargs):
+        images_per_call.append(sample.shape[0])
+        return real_unet(sample, *args, **kwargs)
+
+    engine._unet_forward = counting_unet
+    results = engine.generate(["a red circle"], seed=3)
+    assert [r.steps for r in results] == [4, 9]
+    assert [r.nfe for r in results] == [8, 18]  # guided: two evaluations per step
+    assert sum(images_per_call) == sum(r.nfe for r in results)
+    plans = [e for e in events if isinstance(e, PlanDecided)]
+    assert [(p.seed, p.total_steps, p.warmup_steps) for p in plans] == [(3, 4, 3), (4, 9, 3)]
+
+    # Each image equals the same decision made for it alone (batch size changes arithmetic only).
+    monkeypatch.setattr(adaptive_module, "pred_var", lambda history: torch.tensor([1.0]))
+    engine.settings.generation.num_images_per_prompt = 1
+    engine._unet_forward = real_unet
+    alone = engine.generate(["a red circle"], seed=4)[0]
+    assert alone.steps == 9
+    assert torch.allclose(alone.latents, results[1].latents, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "euler_a"])
+def test_samplers_that_cannot_replan_are_refused(sampler):
+    with pytest.raises(ConfigError, match=f"sampler.name '{sampler}' cannot"):
+        adaptive(sampler=sampler)
+
+
+def test_solver_error_estimator_runs():
+    results = Engine(adaptive("adaptive.uncertainty.method=solver_error", low=0,
+                              high=1e9)).generate(["a"])
+    assert results[0].plan.method == "solver_error" and results[0].plan.score > 0
