@@ -20,7 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 
-from sdaccel.engine.samplers import SAMPLER_NAMES
+from sdaccel.engine.samplers import REPLANNABLE, SAMPLER_NAMES
 from sdaccel.errors import ConfigError
 
 DEFAULT_PRESET = "tiny"
@@ -53,6 +53,35 @@ class CompileSettings(_Section):
     fullgraph: bool = False
     dynamic: bool = False
     compile_vae: bool = False
+    # Not in the seed: load matching `sdaccel compile-cache` entries before compiling.
+    cache: bool = True
+
+
+class OptimizeSettings(_Section):
+    """Speed passes beyond the seed, one flag each (see sdaccel.engine.optimize). The defaults
+    change nothing. Quality risk of each, measured by `sdaccel bench` against the fp32 baseline:
+
+    - channels_last: NHWC memory layout for the UNet and VAE convolutions. Risk: none beyond
+      float reassociation (fp32 latents within ~1e-5).
+    - fuse_qkv: one matmul for the query/key/value projections of self-attention (diffusers'
+      fuse_qkv_projections). Risk: none beyond float reassociation.
+    - attention: scaled-dot-product attention kernel: "sdpa" lets PyTorch pick (the default),
+      "flash", "efficient" (memory-efficient) or "math" force one. Risk: flash/efficient
+      reorder the softmax sums (tiny differences); a kernel the device lacks is an error.
+    - vae_tiling: decode the VAE in overlapping tiles (diffusers' enable_tiling). Saves memory at
+      large sizes; risk: faint seams where tiles blend, only for images larger than one tile
+      (512 px for SD 1.5); smaller images decode unchanged.
+    - inductor_flags: the torch inductor options of diffusers' fast-inference guide
+      (conv_1x1_as_mm, coordinate_descent_tuning, epilogue_fusion off, coordinate descent in all
+      directions); only with compile.enabled. Risk: none beyond float reassociation; longer
+      compiles.
+    """
+
+    channels_last: bool = False
+    fuse_qkv: bool = False
+    attention: Literal["sdpa", "flash", "efficient", "math"] = "sdpa"
+    vae_tiling: bool = False
+    inductor_flags: bool = False
 
 
 class SamplerSettings(_Section):
@@ -61,7 +90,9 @@ class SamplerSettings(_Section):
 
 
 class UncertaintySettings(_Section):
-    method: Literal["pred_var"] = "pred_var"
+    # pred_var: spread of the predicted clean image over the warm-up; solver_error: the
+    # multistep solver's local error estimate (see engine/adaptive.py).
+    method: Literal["pred_var", "solver_error"] = "pred_var"
     threshold_low: float = Field(0.10, ge=0)
     threshold_high: float = Field(0.25, ge=0)
 
@@ -131,6 +162,7 @@ class Settings(BaseSettings):
     text_encoder_dtype: TextEncoderPrecision = "fp32"
     seed: int = Field(42, ge=0, lt=2**63)
     compile: CompileSettings = CompileSettings()
+    optimize: OptimizeSettings = OptimizeSettings()
     sampler: SamplerSettings = SamplerSettings()
     adaptive: AdaptiveSettings = AdaptiveSettings()
     generation: GenerationSettings = GenerationSettings()
@@ -142,6 +174,15 @@ class Settings(BaseSettings):
         if not re.fullmatch(r"cpu|cuda(:\d+)?|auto", value):
             raise ValueError(f"unknown device {value!r}; valid: cpu, cuda, cuda:N, auto")
         return value
+
+    @model_validator(mode="after")
+    def _adaptive_sampler_can_replan(self) -> Settings:
+        if self.adaptive.enabled and self.sampler.name not in REPLANNABLE:
+            raise ValueError(
+                f"adaptive.enabled needs a sampler that can re-plan mid-trajectory; "
+                f"sampler.name {self.sampler.name!r} cannot (valid: {', '.join(REPLANNABLE)})"
+            )
+        return self
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, **_other_sources):
