@@ -158,3 +158,22 @@ def test_interrupt_keeps_finished_images(tmp_path, monkeypatch):
     assert result.exit_code == 130
     assert "Interrupted" in result.stderr
     assert [p.name for p in tmp_path.iterdir()] == ["img_000_steps3.png"]
+
+
+def test_adaptive_decisions_reach_json_files_and_metadata(tmp_path):
+    result = invoke("generate", "a red circle", *TINY_FLAGS, "--num-images", "2", "--json",
+                    "--out-dir", str(tmp_path), "--set", "adaptive.enabled=true",
+                    "--set", "adaptive.warmup_steps=2", "--set", "adaptive.min_steps=3",
+                    "--set", "adaptive.max_steps=6")
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    for record in records:
+        plan = record["plan"]
+        assert 3 <= record["steps"] == plan["total_steps"] <= 6
+        assert record["path"].endswith(f"_steps{record['steps']}.png")
+        assert record["nfe"] == 2 * record["steps"]
+        parameters = read_metadata(record["path"])["parameters"]
+        assert f"Steps: {record['steps']}," in parameters
+        assert f"Adaptive steps: pred_var {plan['score']:.3f} -> {record['steps']} of 6" in parameters
+    assert "plan seed 42: pred_var" in result.stderr
+    assert "adaptive: steps per image" in result.stderr

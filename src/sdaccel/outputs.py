@@ -8,6 +8,7 @@ reader ever sees a half-written PNG.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -37,17 +38,25 @@ def image_name(index: int, steps: int) -> str:
 
 def a1111_parameters(
     prompt: str, negative_prompt: str, steps: int, sampler: str, cfg_scale: float, seed: int,
-    width: int, height: int, model: str,
+    width: int, height: int, model: str, adaptive: str | None = None,
 ) -> str:
-    """The 'parameters' text chunk in the layout AUTOMATIC1111's readers parse."""
+    """The 'parameters' text chunk in the layout AUTOMATIC1111's readers parse (extra
+    `Key: value` pairs, like the adaptive decision, are part of that layout)."""
     lines = [prompt]
     if negative_prompt:
         lines.append(f"Negative prompt: {negative_prompt}")
-    lines.append(
-        f"Steps: {steps}, Sampler: {sampler}, CFG scale: {cfg_scale:g}, Seed: {seed}, "
-        f"Size: {width}x{height}, Model: {model}"
-    )
+    settings_line = (f"Steps: {steps}, Sampler: {sampler}, CFG scale: {cfg_scale:g}, "
+                     f"Seed: {seed}, Size: {width}x{height}, Model: {model}")
+    if adaptive:
+        settings_line += f", Adaptive steps: {adaptive}"
+    lines.append(settings_line)
     return "\n".join(lines)
+
+
+def describe_plan(plan) -> str:
+    """One adaptive decision in words: 'pred_var 0.143 -> 12 of 20 steps (warm-up 5)'."""
+    return (f"{plan.method} {plan.score:.3f} -> {plan.total_steps} of {plan.max_steps} steps "
+            f"(warm-up {plan.warmup_steps})")
 
 
 def png_metadata(parameters: str, record: dict[str, Any]) -> PngInfo:
@@ -143,10 +152,12 @@ class RunWriter:
             "seed": result.seed, "steps": result.steps, "nfe": result.nfe,
             "sampler": s.sampler.name, "guidance_scale": g.guidance_scale,
             "width": g.width, "height": g.height, "model": self.model_name,
+            "plan": dataclasses.asdict(result.plan) if result.plan else None,
         }
         parameters = a1111_parameters(
             result.prompt, result.negative_prompt, result.steps, a1111_label(s.sampler.name),
             g.guidance_scale, result.seed, g.width, g.height, self.model_name,
+            describe_plan(result.plan) if result.plan else None,
         )
         metadata = png_metadata(parameters, {
             "version": __version__, "image": image_info, "settings": settings_as_dict(s),

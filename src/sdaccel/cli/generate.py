@@ -57,9 +57,11 @@ def _run(resolved, prompts: list[str], negative_prompt: str, as_json: bool,
 
     settings = resolved.settings
     renderer = ProgressRenderer(console)
+    a = settings.adaptive
+    steps = (f"adaptive {a.min_steps}-{a.max_steps} steps (warm-up {a.warmup_steps}, "
+             f"{a.uncertainty.method})" if a.enabled else f"{settings.sampler.steps} steps")
     console.print(f"[dim]preset {resolved.preset}, model {settings.model_id}, "
-                  f"{settings.sampler.name} {settings.sampler.steps} steps, "
-                  f"{settings.device}[/]", highlight=False)
+                  f"{settings.sampler.name} {steps}, {settings.device}[/]", highlight=False)
     engine = Engine(settings, on_event=renderer)
     writer = RunWriter(settings, model_name=engine.components.name)
     per_prompt = settings.generation.num_images_per_prompt
@@ -78,6 +80,7 @@ def _run(resolved, prompts: list[str], negative_prompt: str, as_json: bool,
         grid = writer.finish()
         if grid is not None:
             console.print(f"[green]grid[/] {grid}", highlight=False)
+        renderer.summary(writer.records)
         if writer.records:
             console.print(f"{len(writer.records)} image(s) in {settings.io.out_dir}",
                           highlight=False)

@@ -10,7 +10,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from sdaccel.events import BatchDone, BatchStarted, Event, StepDone, Warning
+from sdaccel.events import BatchDone, BatchStarted, Event, PlanDecided, StepDone, Warning
+from sdaccel.outputs import describe_plan
 
 
 class ProgressRenderer:
@@ -22,6 +23,9 @@ class ProgressRenderer:
     def __call__(self, event: Event) -> None:
         if isinstance(event, Warning):
             self.console.print(f"[yellow]Warning:[/] {escape(event.message)}", highlight=False)
+        elif isinstance(event, PlanDecided):
+            self.console.print(f"[cyan]plan[/] seed {event.seed}: {describe_plan(event)}  "
+                               f"[dim]{escape(event.prompt[:60])}[/]", highlight=False)
         elif not self.console.is_terminal:
             return
         elif isinstance(event, BatchStarted):
@@ -49,6 +53,19 @@ class ProgressRenderer:
             f"{seconds:.2f} s  [dim]{escape(prompt[:60])}[/]",
             highlight=False,
         )
+
+    def summary(self, records: list[dict]) -> None:
+        """After an adaptive run: steps per image, mean NFE, and what it saved vs max_steps."""
+        plans = [r["plan"] for r in records if r.get("plan")]
+        if not plans:
+            return
+        steps = [r["steps"] for r in records]
+        mean_nfe = sum(r["nfe"] for r in records) / len(records)
+        budget = sum(p["max_steps"] for p in plans)
+        saved = 1 - sum(steps) / budget
+        self.console.print(
+            f"adaptive: steps per image {steps}; mean NFE {mean_nfe:.1f}; "
+            f"{sum(steps)} of {budget} max_steps steps ({saved:.0%} saved)", highlight=False)
 
     def close(self) -> None:
         if self._progress is not None:
