@@ -30,7 +30,7 @@ def test_replan_with_the_old_tail_is_bit_identical(sampler, height, width, seed)
     fixed = Engine(tiny_settings(f"sampler.name={sampler}", "sampler.steps=9", *size))
     reference = fixed.generate(["a"], seed=seed)
     assert [r.steps for r in kept] == [9, 9]
-    for a, b in zip(kept, reference):
+    for a, b in zip(kept, reference, strict=True):
         assert torch.equal(a.latents, b.latents)
 
 

@@ -174,6 +174,7 @@ def test_adaptive_decisions_reach_json_files_and_metadata(tmp_path):
         assert record["nfe"] == 2 * record["steps"]
         parameters = read_metadata(record["path"])["parameters"]
         assert f"Steps: {record['steps']}," in parameters
-        assert f"Adaptive steps: pred_var {plan['score']:.3f} -> {record['steps']} of 6" in parameters
+        decision = f"pred_var {plan['score']:.3f} -> {record['steps']} of 6 steps"
+        assert f"Adaptive steps: {decision}" in parameters
     assert "plan seed 42: pred_var" in result.stderr
     assert "adaptive: steps per image" in result.stderr

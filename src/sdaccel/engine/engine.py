@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
-from sdaccel.engine.compile import compile_callable, load_matching
 from sdaccel.engine.adaptive import Planner
+from sdaccel.engine.compile import compile_callable, load_matching
 from sdaccel.engine.denoise import denoise
 from sdaccel.engine.models import Components, load_components
 from sdaccel.engine.optimize import apply_passes, with_attention
@@ -51,7 +51,8 @@ class Engine:
             "vae_dtype": settings.vae_dtype,
             "text_encoder_dtype": settings.text_encoder_dtype,
         })
-        self.planner = Planner.from_settings(settings.adaptive) if settings.adaptive.enabled else None
+        adaptive = settings.adaptive
+        self.planner = Planner.from_settings(adaptive) if adaptive.enabled else None
         self.components = load_components(settings.model_id, device=str(self.device))
         self._prepare(self.components)
 
