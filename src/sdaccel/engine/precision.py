@@ -65,7 +65,10 @@ def cast(module: torch.nn.Module, precision: str, device: torch.device) -> torch
     """fp32/fp16/bf16: a plain cast. int8: Linear layers to bitsandbytes LLM.int8()."""
     if precision == "int8":
         return quantize_int8(module, device)
-    return module.to(device=device, dtype=DTYPES[precision])
+    module = module.to(device)
+    dtype = DTYPES[precision]
+    # Only cast when needed: diffusers warns on every dtype .to(), even a no-op one.
+    return module if module.dtype == dtype else module.to(dtype=dtype)
 
 
 def quantize_int8(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
