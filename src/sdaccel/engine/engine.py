@@ -15,6 +15,7 @@ from sdaccel.engine.models import Components, load_components
 from sdaccel.engine.optimize import apply_passes, with_attention
 from sdaccel.engine.precision import DTYPES, cast, check_precisions, resolve_device
 from sdaccel.engine.samplers import build_scheduler
+from sdaccel.errors import ConfigError
 from sdaccel.events import (
     BatchDone,
     BatchStarted,
@@ -68,7 +69,7 @@ class Engine:
         self.vae_dtype = DTYPES[s.vae_dtype]
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self._check_size(s.generation.height, s.generation.width)
-        self.unet.set_default_attn_processor()  # PyTorch SDPA on torch 2
+        # PyTorch SDPA attention, then the speed passes the settings switch on.
         self.passes = apply_passes(self.unet, self.vae, s, self.device, self.on_event)
         self._unet_forward = self.unet
         self._vae_decode = self._decode_eager
@@ -87,8 +88,6 @@ class Engine:
         self._vae_decode = with_attention(self._vae_decode, s.optimize.attention)
 
     def _check_size(self, height: int, width: int) -> None:
-        from sdaccel.errors import ConfigError
-
         # The UNet halves the latent at every down block but the last.
         multiple = self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
         for key, value in (("generation.height", height), ("generation.width", width)):
