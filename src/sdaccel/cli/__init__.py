@@ -6,6 +6,8 @@ from __future__ import annotations
 import typer
 
 from sdaccel import __version__
+from sdaccel.cli.bench import bench
+from sdaccel.cli.compile_cache import app as compile_cache_app
 from sdaccel.cli.generate import generate
 from sdaccel.cli.inspect_config import inspect_config
 
@@ -18,6 +20,8 @@ app = typer.Typer(
 )
 app.command("generate")(generate)
 app.command("inspect-config")(inspect_config)
+app.command("bench")(bench)
+app.add_typer(compile_cache_app, name="compile-cache")
 
 
 def _version(value: bool) -> None:

@@ -1,0 +1,178 @@
+"""`sdaccel bench`: presets side by side with a plain diffusers baseline run in the same process."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from sdaccel.cli import options as opt
+from sdaccel.cli.errors import reported_errors
+
+Presets = Annotated[
+    list[str] | None,
+    typer.Option("--preset", "-p", help="Preset to measure; repeat to compare several (the "
+                 "seed's file names work too).  [default: tiny]", show_default=False),
+]
+Configs = Annotated[
+    list[Path] | None,
+    typer.Option("--config", "--cfg", "-c", help="YAML settings file to measure (layered over "
+                 "the default preset); repeatable.", show_default=False),
+]
+
+
+def bench(
+    presets: Presets = None,
+    configs: Configs = None,
+    overrides: opt.Overrides = None,
+    iters: Annotated[int, typer.Option("--iters", help="Timed calls per configuration.")] = 20,
+    warmup: Annotated[int, typer.Option("--warmup", help="Uncounted calls before timing "
+                                        "(compilation happens here).")] = 3,
+    prompts_file: Annotated[Path | None, typer.Option(
+        "--prompts", help="File of prompts, one per line (# comments and blank lines skipped). "
+        "[default: the seed's three prompts]", show_default=False)] = None,
+    baseline_dtype: Annotated[str, typer.Option(
+        "--baseline-dtype", help="Precision of the diffusers baseline: fp32, or fp16/bf16 "
+        "(GPU).")] = "fp32",
+    min_psnr: Annotated[float, typer.Option(
+        "--min-psnr", help="Flag a configuration whose worst image is below this PSNR (dB) "
+        "against the baseline.")] = 30.0,
+    min_ssim: Annotated[float, typer.Option(
+        "--min-ssim", help="Flag a configuration whose worst image is below this SSIM.")] = 0.95,
+    csv_file: Annotated[Path | None, typer.Option("--csv", help="Also write the rows as CSV.",
+                                                  show_default=False)] = None,
+    plot_file: Annotated[Path | None, typer.Option(
+        "--plot", help="Also plot speed-up against fidelity (PNG; needs matplotlib).",
+        show_default=False)] = None,
+    model: opt.Model = None,
+    steps: opt.Steps = None,
+    sampler: opt.Sampler = None,
+    seed: opt.Seed = None,
+    height: opt.Height = None,
+    width: opt.Width = None,
+    guidance: opt.Guidance = None,
+    num_images: opt.NumImages = None,
+    as_json: opt.Json = False,
+) -> None:
+    """Measure presets: speed, memory and fidelity to a diffusers baseline run beside them.
+
+    Every configuration is compared with a plain StableDiffusionPipeline (fp32 unless
+    --baseline-dtype) of the same model, sampler, steps, size and seeds, run in this process.
+    Shorthand flags and --set apply to every configuration.
+    """
+    console = Console(stderr=True, soft_wrap=True)
+    with reported_errors(console):
+        from sdaccel.errors import ConfigError
+
+        specs: list = list(presets or []) + list(configs or [])
+        if not specs:
+            specs = ["tiny"]
+        prompts = _read_prompts(prompts_file) if prompts_file else None
+        flags = opt.shorthand(model, steps, sampler, seed, height, width, guidance, num_images)
+        if csv_file is not None and csv_file.suffix.lower() != ".csv":
+            raise ConfigError(f"--csv {str(csv_file)!r}: expected a .csv file name")
+        if plot_file is not None and plot_file.suffix.lower() != ".png":
+            raise ConfigError(f"--plot {str(plot_file)!r}: expected a .png file name")
+        report = _run(specs, prompts, iters, warmup, overrides or [], flags, baseline_dtype,
+                      min_psnr, min_ssim, console)
+        if as_json:
+            typer.echo(report.to_json())
+        else:
+            out = Console()
+            if not out.is_terminal:  # files and pipes get every column unwrapped
+                out = Console(width=240)
+            out.print(report_table(report))
+        if csv_file is not None:
+            console.print(f"[green]csv[/] {report.write_csv(csv_file)}", highlight=False)
+        if plot_file is not None:
+            console.print(f"[green]plot[/] {report.plot(plot_file)}", highlight=False)
+
+
+def _read_prompts(path: Path) -> list[str]:
+    from sdaccel.errors import ConfigError
+
+    if not path.is_file():
+        raise ConfigError(f"--prompts {str(path)!r}: no such file")
+    prompts = [line.strip() for line in path.read_text().splitlines()
+               if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise ConfigError(f"--prompts {str(path)!r}: no prompts in it (one per line)")
+    return prompts
+
+
+def _run(specs, prompts, iters, warmup, overrides, flags, baseline_dtype, min_psnr, min_ssim,
+         console: Console):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from sdaccel.cli.render import quiet_library_logs
+
+    quiet_library_logs()
+    from sdaccel.bench import benchmark
+
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        console=console, transient=True, disable=not console.is_terminal)
+    tasks: dict[tuple[str, str], int] = {}
+
+    def on_progress(p) -> None:
+        key = (p.label, p.phase)
+        if key not in tasks:
+            if not console.is_terminal and p.phase != "warm-up":
+                console.print(f"[dim]{escape(p.label)}: {p.phase}[/]", highlight=False)
+            tasks[key] = progress.add_task(f"{escape(p.label)} {p.phase}", total=p.total)
+        progress.update(tasks[key], completed=p.done, total=p.total)
+
+    with progress:
+        return benchmark(specs, prompts, iters, warmup, overrides=overrides, flags=flags,
+                         baseline_dtype=baseline_dtype, min_psnr=min_psnr, min_ssim=min_ssim,
+                         on_progress=on_progress)
+
+
+def _num(value, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.{digits}f}"
+
+
+def report_table(report) -> Table:
+    """The report as one Rich table: baselines dimmed, drifting rows flagged."""
+    from sdaccel.bench import PSNR_CAP_DB
+
+    runs = {f"{r.model} / {r.sampler} {r.steps} steps / {r.height}x{r.width} / guidance "
+            f"{r.guidance:g} / batch {r.batch}" for r in report.rows}
+    shared = next(iter(runs)) if len(runs) == 1 else None
+    table = Table(title=f"sdaccel bench on {escape(report.device_name)}: {report.iters} timed "
+                  f"calls after {report.warmup} warm-up, {len(report.prompts)} prompt(s)"
+                  + (f"\n{escape(shared)}" if shared else ""),
+                  caption=f"memory: {report.memory_note}; PSNR/SSIM: against the baseline's "
+                  "image of the same prompt and seed; DRIFT: worst image below "
+                  f"{report.min_psnr:g} dB or SSIM {report.min_ssim:g}",
+                  title_justify="left", caption_justify="left")
+    columns = [("configuration", "left")] + ([] if shared else [("run", "left")]) + [
+        ("precision u/v/t", "left"), ("compile, passes", "left"), ("first call s", "right"),
+        ("UNet steps/s", "right"), ("s/img p50", "right"), ("p90", "right"),
+        ("img/s", "right"), ("peak MiB", "right"), ("NFE", "right"), ("speed-up", "right"),
+        ("PSNR dB", "right"), ("SSIM", "right"), ("", "left")]
+    for name, justify in columns:
+        table.add_column(name, justify=justify)
+    for r in report.rows:
+        psnr = "∞" if r.psnr_db is not None and r.psnr_db >= PSNR_CAP_DB else _num(r.psnr_db, 1)
+        flag = "[bold red]DRIFT[/]" if r.drift else ("baseline" if r.kind == "baseline" else "")
+        if r.compile_cache_entries:
+            flag += " cache"
+        run = [] if shared else [escape(f"{r.model} / {r.sampler} {r.steps} / "
+                                        f"{r.height}x{r.width}")]
+        table.add_row(
+            escape(r.label), *run, r.precision,
+            escape(r.compile + (f", {r.passes}" if r.passes else "")),
+            _num(r.first_call_seconds), _num(r.unet_steps_per_s, 1),
+            _num(r.seconds_per_image_median, 3), _num(r.seconds_per_image_p90, 3),
+            _num(r.images_per_s), f"{r.peak_memory_bytes / 2**20:.0f}", _num(r.nfe, 0),
+            f"{r.speedup:.2f}x" if r.speedup else "-", psnr, _num(r.ssim, 4), flag.strip(),
+            style="dim" if r.kind == "baseline" else None,
+        )
+    return table

@@ -1,0 +1,166 @@
+"""Speed passes: one small function per optimisation, composed from `Settings.optimize`.
+
+In the manner of stable-fast's compilers: each pass does one thing to the already cast model, its
+docstring states its quality risk, and `apply_passes` runs the ones the settings switch on, in a
+fixed order. Every pass is measured by `sdaccel bench` against the plain diffusers baseline, so
+its cost in fidelity is a number, not a guess. Nothing here touches global state: the attention
+kernel choice is a context around each call, the inductor flags travel with the compile call.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from sdaccel.errors import DeviceError
+from sdaccel.events import EventHandler, Warning, ignore
+from sdaccel.settings import CompileSettings, Settings
+
+log = logging.getLogger(__name__)
+
+# The inductor options of diffusers' "accelerate inference of text-to-image diffusion models"
+# guide (torch._inductor.config.<name> = value there; passed per compile call here).
+INDUCTOR_FLAGS: dict[str, Any] = {
+    "conv_1x1_as_mm": True,
+    "coordinate_descent_tuning": True,
+    "epilogue_fusion": False,
+    "coordinate_descent_check_all_directions": True,
+}
+
+
+def sdpa_attention(module: torch.nn.Module) -> torch.nn.Module:
+    """Every attention through `torch.nn.functional.scaled_dot_product_attention` (diffusers'
+    AttnProcessor2_0, what a freshly built StableDiffusionPipeline uses), not diffusers'
+    explicit baddbmm + softmax processor. Always applied; `optimize.attention` then picks the
+    kernel.
+
+    Quality risk: none beyond float reassociation."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    module.set_attn_processor(AttnProcessor2_0())
+    return module
+
+
+def channels_last(module: torch.nn.Module) -> torch.nn.Module:
+    """NHWC memory layout for the convolutions (faster cuDNN/inductor kernels on tensor cores).
+
+    Quality risk: none beyond float reassociation (fp32 latents agree within ~1e-5)."""
+    return module.to(memory_format=torch.channels_last)
+
+
+def fuse_qkv(module: torch.nn.Module) -> torch.nn.Module:
+    """One matmul for query, key and value of every self-attention (key and value of every
+    cross-attention): diffusers' `fuse_qkv_projections`, with its fused SDPA processor.
+
+    Quality risk: none beyond float reassociation (same weights, concatenated)."""
+    module.fuse_qkv_projections()
+    return module
+
+
+def vae_tiling(vae: torch.nn.Module) -> torch.nn.Module:
+    """Decode in overlapping tiles (diffusers' `enable_tiling`): bounded memory at large sizes.
+
+    Quality risk: faint seams where tiles are blended, only for latents larger than one tile
+    (512 px images for SD 1.5); smaller images decode exactly as without it."""
+    vae.enable_tiling()
+    return vae
+
+
+def attention_backends(name: str) -> list | None:
+    """The SDPA kernels `optimize.attention` allows; None lets PyTorch choose ("sdpa")."""
+    from torch.nn.attention import SDPBackend
+
+    return {
+        "sdpa": None,
+        "flash": [SDPBackend.FLASH_ATTENTION],
+        "efficient": [SDPBackend.EFFICIENT_ATTENTION],
+        "math": [SDPBackend.MATH],
+    }[name]
+
+
+def with_attention(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
+    """`fn` run with only the named SDPA kernel allowed ("flash", "efficient", "math").
+
+    Quality risk: flash and memory-efficient kernels sum the softmax in another order (fp32
+    differences ~1e-6; in fp16 within its rounding). "math" is the reference, and slowest."""
+    backends = attention_backends(name)
+    if backends is None:
+        return fn
+    from torch.nn.attention import sdpa_kernel
+
+    def call(*args, **kwargs):
+        with sdpa_kernel(backends):
+            return fn(*args, **kwargs)
+
+    call.__wrapped__ = fn  # type: ignore[attr-defined]
+    return call
+
+
+def check_attention(name: str, device: torch.device, dtype: torch.dtype) -> None:
+    """Raise DeviceError if the forced attention kernel cannot run on this device and dtype."""
+    backends = attention_backends(name)
+    if backends is None:
+        return
+    from torch.nn.attention import sdpa_kernel
+
+    q = torch.zeros(1, 1, 8, 64, device=device, dtype=dtype)
+    try:
+        with sdpa_kernel(backends), torch.inference_mode():
+            torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    except RuntimeError as exc:
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise DeviceError(
+            f"optimize.attention: {name!r} has no kernel on {device.type} for "
+            f"{str(dtype).removeprefix('torch.')} ({reason}); valid: sdpa (PyTorch picks), "
+            "flash, efficient, math"
+        ) from None
+
+
+def compile_options(options: CompileSettings, inductor_flags: bool) -> dict[str, Any]:
+    """Keyword arguments for torch.compile: the seed's mode, plus diffusers' inductor flags when
+    asked (torch.compile takes `mode` or `options`, not both: the mode becomes its options)."""
+    kwargs: dict[str, Any] = {"fullgraph": options.fullgraph, "dynamic": options.dynamic}
+    if not inductor_flags:
+        return {**kwargs, "mode": options.mode}
+    from torch._inductor import list_mode_options
+
+    mode_options = list_mode_options(options.mode, options.dynamic)
+    return {**kwargs, "options": {**mode_options, **INDUCTOR_FLAGS}}
+
+
+def apply_passes(unet: torch.nn.Module, vae: torch.nn.Module, settings: Settings,
+                 device: torch.device, on_event: EventHandler = ignore) -> list[str]:
+    """Run the module passes `settings.optimize` switches on (in place); return their names.
+
+    Call after casting. SDPA attention is always set first (fuse_qkv then swaps in the fused
+    SDPA processors). The attention kernel choice is applied around calls (`with_attention`),
+    the inductor flags with the compile call (`compile_options`)."""
+    options = settings.optimize
+    applied = []
+    check_attention(options.attention, device, unet.dtype)
+    sdpa_attention(unet)
+    sdpa_attention(vae)
+    if options.fuse_qkv:
+        fuse_qkv(unet)
+        fuse_qkv(vae)
+        applied.append("fuse_qkv")
+    if options.channels_last:
+        channels_last(unet)
+        channels_last(vae)
+        applied.append("channels_last")
+    if options.vae_tiling:
+        vae_tiling(vae)
+        applied.append("vae_tiling")
+    if options.attention != "sdpa":
+        applied.append(f"attention={options.attention}")
+    if options.inductor_flags:
+        if settings.compile.enabled:
+            applied.append("inductor_flags")
+        else:
+            on_event(Warning("optimize.inductor_flags has no effect without "
+                             "compile.enabled=true: nothing is compiled"))
+    log.debug("speed passes applied: %s", ", ".join(applied) or "none")
+    return applied
