@@ -98,8 +98,14 @@ def test_reduced_precision_drifts_measurably_and_is_flagged():
     assert b.precision == "bf16/bf16/fp32" and b.baseline == "diffusers fp32"
     assert b.psnr_db < a.psnr_db and b.ssim <= a.ssim
     assert b.drift == (b.psnr_min_db < bench.MIN_PSNR_DB or b.ssim_min < bench.MIN_SSIM)
-    strict = bench.benchmark([("bf16", bf16)], PROMPTS[:1], iters=1, warmup=0, min_psnr=200.0)
+    strict = bench.benchmark([("bf16", bf16)], PROMPTS[:1], iters=1, warmup=0, min_psnr=200.0,
+                             also_baselines=["bf16"])
     assert strict.row("bf16").drift
+    # diffusers itself in bf16, against the fp32 baseline: a row of its own, also below 200 dB.
+    other = strict.row("diffusers bf16")
+    assert (other.kind, other.baseline, other.precision) == ("baseline", "diffusers fp32",
+                                                             "bf16 (all)")
+    assert other.psnr_db < bench.PSNR_CAP_DB and other.drift
 
 
 def test_each_sampler_and_step_count_gets_its_own_baseline():

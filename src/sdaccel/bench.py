@@ -96,6 +96,7 @@ class Row:
     psnr_min_db: float | None = None
     ssim_min: float | None = None
     drift: bool = False
+    notes: str = ""  # the engine's warnings during the run (e.g. a compile fallback)
 
 
 @dataclass
@@ -150,7 +151,7 @@ class BenchReport:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        configs = [r for r in self.rows if r.kind == "config"]
+        configs = [r for r in self.rows if r.label != r.baseline]
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for r in configs:
             colour = "tab:red" if r.drift else "tab:blue"
@@ -259,6 +260,7 @@ class _Run:
     peak: Any
     cache_entries: int = 0
     passes: str = ""
+    notes: str = ""
 
 
 def _plan(settings: Settings, prompts: Sequence[str], calls: int) -> list[tuple[str, int]]:
@@ -321,16 +323,19 @@ def _timed_calls(call, plan, warmup: int, label: str, on_progress, device: str):
 
 def _run_engine(config: BenchConfig, prompts, iters, warmup, on_progress) -> _Run:
     from sdaccel.engine.engine import Engine
-    from sdaccel.events import StepDone
+    from sdaccel.events import StepDone, Warning
 
     settings = config.settings
     on_progress(BenchProgress(config.label, "load", 0, 1))
     device = _device(settings)
     marks, mark = _step_clock(device)
+    notes: list[str] = []
 
     def on_event(event) -> None:
         if isinstance(event, StepDone):
             mark()
+        elif isinstance(event, Warning) and event.message not in notes:
+            notes.append(event.message)
 
     started = time.perf_counter()
     engine = Engine(settings, on_event=on_event)
@@ -348,7 +353,8 @@ def _run_engine(config: BenchConfig, prompts, iters, warmup, on_progress) -> _Ru
                                                        on_progress, device)
     run = _Run(load, first, seconds, rates, images, statistics.fmean(nfe),
                settings.generation.num_images_per_prompt, peak,
-               len(getattr(engine, "compile_cache", [])), ", ".join(engine.passes))
+               len(getattr(engine, "compile_cache", [])), ", ".join(engine.passes),
+               "; ".join(notes))
     return run
 
 
@@ -433,7 +439,7 @@ def _row(label: str, kind: str, baseline: str, settings: Settings, run: _Run, it
         seconds_per_image_p90=_percentile(per_image, 90),
         images_per_s=len(per_image) / sum(per_image),
         peak_memory_bytes=run.peak.peak_bytes, memory_kind=run.peak.kind, nfe=run.nfe,
-        compile_cache_entries=run.cache_entries,
+        compile_cache_entries=run.cache_entries, notes=run.notes,
     )
 
 
@@ -453,6 +459,13 @@ def _fidelity(images: list, reference: list) -> tuple[float, float, float, float
     psnrs = [min(psnr(a, b), PSNR_CAP_DB) for a, b in zip(images, reference, strict=True)]
     ssims = [ssim(a, b) for a, b in zip(images, reference, strict=True)]
     return statistics.fmean(psnrs), statistics.fmean(ssims), min(psnrs), min(ssims)
+
+
+def _compare(row: Row, reference: Row, images: list, reference_images: list, min_psnr: float,
+             min_ssim: float) -> None:
+    row.speedup = reference.seconds_per_image_median / row.seconds_per_image_median
+    row.psnr_db, row.ssim, row.psnr_min_db, row.ssim_min = _fidelity(images, reference_images)
+    row.drift = row.psnr_min_db < min_psnr or row.ssim_min < min_ssim
 
 
 def _precision(settings: Settings) -> str:
@@ -475,6 +488,7 @@ def benchmark(
     overrides: Sequence[str] = (),
     flags: dict[str, Any] | None = None,
     baseline_dtype: str = "fp32",
+    also_baselines: Sequence[str] = (),
     min_psnr: float = MIN_PSNR_DB,
     min_ssim: float = MIN_SSIM,
     on_progress: Callable[[BenchProgress], None] | None = None,
@@ -483,7 +497,9 @@ def benchmark(
 
     `config`: a preset name, a YAML path (the seed's `configs/<name>.yaml` names work), a
     Settings, a (label, spec) pair, or a list of these. `prompts`: the seed's three prompts by
-    default. `iters` timed calls follow `warmup` uncounted ones; call i uses prompt
+    default. `also_baselines` adds diffusers runs in other precisions (e.g. "fp16"), measured
+    against the main baseline like any configuration. `iters` timed calls follow `warmup`
+    uncounted ones; call i uses prompt
     i mod len(prompts) and seed settings.seed + i x batch. Returns a BenchReport (rows for the
     baselines and the configurations; `.to_json()`, `.write_csv()`, `.plot()`)."""
     from sdaccel import gpu_stats
@@ -493,14 +509,15 @@ def benchmark(
         raise ConfigError(f"iters must be at least 1, got {iters}")
     if warmup < 0:
         raise ConfigError(f"warmup must not be negative, got {warmup}")
-    if baseline_dtype not in ("fp32", "fp16", "bf16"):
-        raise ConfigError(f"baseline dtype {baseline_dtype!r} is not valid; valid: fp32, fp16, "
-                          "bf16")
+    for dtype in (baseline_dtype, *also_baselines):
+        if dtype not in ("fp32", "fp16", "bf16"):
+            raise ConfigError(f"baseline dtype {dtype!r} is not valid; valid: fp32, fp16, bf16")
     prompts = list(prompts) if prompts else list(DEFAULT_PROMPTS)
     progress = on_progress or (lambda _p: None)
     configs = resolve_configs(config, overrides, flags)
     for c in configs:
-        check_precisions(resolve_device(c.settings.device), {"baseline": baseline_dtype})
+        for dtype in (baseline_dtype, *also_baselines):
+            check_precisions(resolve_device(c.settings.device), {"baseline": dtype})
 
     rows: list[Row] = []
     images: dict[str, list] = {}
@@ -519,20 +536,26 @@ def benchmark(
             rows.append(base)
             images[label] = run.images
             baselines[key] = label
+            for dtype in also_baselines:
+                other = label.replace(f"diffusers {baseline_dtype}", f"diffusers {dtype}", 1)
+                run = _run_baseline(c.settings, dtype, other, prompts, iters, warmup, progress)
+                _free(_device(c.settings))
+                row = _row(other, "baseline", label, c.settings, run, iters, warmup,
+                           f"{dtype} (all)", "eager")
+                _compare(row, base, run.images, images[label], min_psnr, min_ssim)
+                rows.append(row)
+                images[other] = run.images
         reference_label = baselines[key]
         run = _run_engine(c, prompts, iters, warmup, progress)
         _free(_device(c.settings))
         row = _row(c.label, "config", reference_label, c.settings, run, iters, warmup,
                    _precision(c.settings), _compile_label(c.settings))
         reference = next(r for r in rows if r.label == reference_label)
-        row.speedup = reference.seconds_per_image_median / row.seconds_per_image_median
-        row.psnr_db, row.ssim, row.psnr_min_db, row.ssim_min = _fidelity(
-            run.images, images[reference_label])
-        row.drift = row.psnr_min_db < min_psnr or row.ssim_min < min_ssim
+        _compare(row, reference, run.images, images[reference_label], min_psnr, min_ssim)
         rows.append(row)
         images[c.label] = run.images
-    for r in rows:  # a baseline is its own reference
-        if r.kind == "baseline":
+    for r in rows:  # a main baseline is its own reference
+        if r.label == r.baseline:
             r.psnr_db, r.ssim, r.psnr_min_db, r.ssim_min = PSNR_CAP_DB, 1.0, PSNR_CAP_DB, 1.0
     import diffusers
     import torch

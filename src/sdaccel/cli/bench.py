@@ -39,6 +39,9 @@ def bench(
     baseline_dtype: Annotated[str, typer.Option(
         "--baseline-dtype", help="Precision of the diffusers baseline: fp32, or fp16/bf16 "
         "(GPU).")] = "fp32",
+    also_baselines: Annotated[list[str] | None, typer.Option(
+        "--also-baseline", help="Also run diffusers in this precision (e.g. fp16), measured "
+        "against the main baseline; repeatable.", show_default=False)] = None,
     min_psnr: Annotated[float, typer.Option(
         "--min-psnr", help="Flag a configuration whose worst image is below this PSNR (dB) "
         "against the baseline.")] = 30.0,
@@ -79,7 +82,7 @@ def bench(
         if plot_file is not None and plot_file.suffix.lower() != ".png":
             raise ConfigError(f"--plot {str(plot_file)!r}: expected a .png file name")
         report = _run(specs, prompts, iters, warmup, overrides or [], flags, baseline_dtype,
-                      min_psnr, min_ssim, console)
+                      also_baselines or [], min_psnr, min_ssim, console)
         if as_json:
             typer.echo(report.to_json())
         else:
@@ -91,6 +94,10 @@ def bench(
             console.print(f"[green]csv[/] {report.write_csv(csv_file)}", highlight=False)
         if plot_file is not None:
             console.print(f"[green]plot[/] {report.plot(plot_file)}", highlight=False)
+        for row in report.rows:
+            if row.notes:
+                console.print(f"[yellow]Note:[/] {escape(row.label)}: {escape(row.notes)}",
+                              highlight=False)
 
 
 def _read_prompts(path: Path) -> list[str]:
@@ -105,8 +112,8 @@ def _read_prompts(path: Path) -> list[str]:
     return prompts
 
 
-def _run(specs, prompts, iters, warmup, overrides, flags, baseline_dtype, min_psnr, min_ssim,
-         console: Console):
+def _run(specs, prompts, iters, warmup, overrides, flags, baseline_dtype, also_baselines,
+         min_psnr, min_ssim, console: Console):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from sdaccel.cli.render import quiet_library_logs
@@ -128,8 +135,8 @@ def _run(specs, prompts, iters, warmup, overrides, flags, baseline_dtype, min_ps
 
     with progress:
         return benchmark(specs, prompts, iters, warmup, overrides=overrides, flags=flags,
-                         baseline_dtype=baseline_dtype, min_psnr=min_psnr, min_ssim=min_ssim,
-                         on_progress=on_progress)
+                         baseline_dtype=baseline_dtype, also_baselines=also_baselines,
+                         min_psnr=min_psnr, min_ssim=min_ssim, on_progress=on_progress)
 
 
 def _num(value, digits: int = 2) -> str:
