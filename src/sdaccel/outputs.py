@@ -21,6 +21,8 @@ from typing import Any
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from sdaccel.errors import SdaccelError
+
 IMAGE_NAME = re.compile(r"^img_(\d{3,})_steps\d+\.png$")
 
 
@@ -73,8 +75,9 @@ def read_metadata(path: Path) -> dict[str, str]:
 
 
 def _write_new(out_dir: Path, name_for: Callable[[int], str], index: int,
-               write: Callable[[Path], None]) -> tuple[int, Path]:
-    """Write via `write(tmp_path)`, then claim the first free name from `index` on."""
+               write: Callable[[Path], None], exact: bool = False) -> tuple[int, Path]:
+    """Write via `write(tmp_path)`, then claim the first free name from `index` on (only
+    `index` itself where `exact`: a taken name is then an error)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=out_dir, prefix=".partial-", suffix=".tmp")
     os.close(fd)
@@ -87,6 +90,9 @@ def _write_new(out_dir: Path, name_for: Callable[[int], str], index: int,
                 os.link(tmp, final)
                 return index, final
             except FileExistsError:
+                if exact:
+                    raise SdaccelError(f"{final} already exists; refusing to overwrite it "
+                                       f"(another run writes to {out_dir}?)") from None
                 index += 1
     finally:
         tmp.unlink(missing_ok=True)
@@ -97,10 +103,11 @@ def _numbered(stem: str, attempt: int, suffix: str) -> str:
 
 
 def save_image(out_dir: Path, index: int, steps: int, image: Image.Image,
-               metadata: PngInfo) -> tuple[int, Path]:
-    """Save as img_{index}_steps{steps}.png, or the next free index; returns (index, path)."""
+               metadata: PngInfo, exact: bool = False) -> tuple[int, Path]:
+    """Save as img_{index}_steps{steps}.png, or the next free index (never another one where
+    `exact`); returns (index, path)."""
     return _write_new(out_dir, lambda i: image_name(i, steps), index,
-                      lambda tmp: image.save(tmp, format="PNG", pnginfo=metadata))
+                      lambda tmp: image.save(tmp, format="PNG", pnginfo=metadata), exact)
 
 
 def save_latents(image_path: Path, latents) -> Path:
@@ -140,8 +147,11 @@ class RunWriter:
         self.records: list[dict[str, Any]] = []
         self._grid_images: list[Image.Image] = []
 
-    def save(self, result) -> dict[str, Any]:
-        """Write one ImageResult (with latents if asked); returns its record, as --json prints."""
+    def save(self, result, index: int | None = None) -> dict[str, Any]:
+        """Write one ImageResult (with latents if asked); returns its record, as --json prints.
+
+        With `index` the image gets exactly that index (a prompts-file run's global index), and
+        an existing file of that name is an error."""
         from sdaccel import __version__
         from sdaccel.engine.samplers import a1111_label
         from sdaccel.settings import settings_as_dict
@@ -162,7 +172,8 @@ class RunWriter:
         metadata = png_metadata(parameters, {
             "version": __version__, "image": image_info, "settings": settings_as_dict(s),
         })
-        index, path = save_image(self.out_dir, self._next, result.steps, result.image, metadata)
+        index, path = save_image(self.out_dir, self._next if index is None else index,
+                                 result.steps, result.image, metadata, exact=index is not None)
         self._next = index + 1
         record = {"index": index, "path": str(path), **image_info,
                   "seconds": round(result.seconds, 4)}

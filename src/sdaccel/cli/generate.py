@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import threading
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -13,9 +15,16 @@ from sdaccel.cli.errors import reported_errors
 
 
 def generate(
-    prompts: Annotated[list[str], typer.Argument(help="One or more prompts.", show_default=False)],
+    prompts: Annotated[list[str] | None, typer.Argument(
+        help="One or more prompts (or --prompts-file).", show_default=False)] = None,
+    prompts_file: Annotated[Path | None, typer.Option(
+        "--prompts-file", "-f", help="Batch mode: one prompt per line, or JSON objects with "
+        "per-line prompt, negative_prompt, seed, height, width, guidance_scale. Resumable; "
+        "splits the jobs across processes under accelerate launch / torchrun.",
+        show_default=False)] = None,
     negative_prompt: Annotated[str, typer.Option("--negative-prompt", help="Negative prompt "
-                                                 "for every image.")] = "",
+                                                 "for every image (--prompts-file: for every "
+                                                 "line without its own).")] = "",
     preset: opt.Preset = None,
     config: opt.ConfigFile = None,
     overrides: opt.Overrides = None,
@@ -33,10 +42,19 @@ def generate(
     """Generate images: files img_{index:03d}_steps{steps}.png in io.out_dir, never overwriting.
 
     Each prompt is one batch of num_images_per_prompt images; image k of the run uses seed + k.
+    With --prompts-file, job i's images are i*n .. i*n+n-1 (n = num_images_per_prompt) whatever
+    the number of processes, each listed in io.out_dir/manifest.jsonl; re-running the same
+    command makes only what is missing.
     """
     console = Console(stderr=True, soft_wrap=True)
     with reported_errors(console):
+        from sdaccel.errors import ConfigError
         from sdaccel.settings import resolve_settings
+
+        if (prompts_file is None) == (not prompts):
+            raise ConfigError("give prompts as arguments or --prompts-file FILE, not both"
+                              if prompts else "no prompts: give them as arguments or "
+                              "--prompts-file FILE")
 
         resolved = resolve_settings(
             preset, config,
@@ -44,7 +62,19 @@ def generate(
                           out_dir),
             overrides,
         )
-        _run(resolved, prompts, negative_prompt, as_json, console)
+        if prompts_file is not None:
+            _run_jobs(resolved, prompts_file, negative_prompt, as_json, console)
+        else:
+            _run(resolved, prompts, negative_prompt, as_json, console)
+
+
+def _describe(resolved) -> str:
+    settings = resolved.settings
+    a = settings.adaptive
+    steps = (f"adaptive {a.min_steps}-{a.max_steps} steps (warm-up {a.warmup_steps}, "
+             f"{a.uncertainty.method})" if a.enabled else f"{settings.sampler.steps} steps")
+    return (f"[dim]preset {resolved.preset}, model {settings.model_id}, "
+            f"{settings.sampler.name} {steps}, {settings.device}[/]")
 
 
 def _run(resolved, prompts: list[str], negative_prompt: str, as_json: bool,
@@ -57,11 +87,7 @@ def _run(resolved, prompts: list[str], negative_prompt: str, as_json: bool,
 
     settings = resolved.settings
     renderer = ProgressRenderer(console)
-    a = settings.adaptive
-    steps = (f"adaptive {a.min_steps}-{a.max_steps} steps (warm-up {a.warmup_steps}, "
-             f"{a.uncertainty.method})" if a.enabled else f"{settings.sampler.steps} steps")
-    console.print(f"[dim]preset {resolved.preset}, model {settings.model_id}, "
-                  f"{settings.sampler.name} {steps}, {settings.device}[/]", highlight=False)
+    console.print(_describe(resolved), highlight=False)
     engine = Engine(settings, on_event=renderer)
     writer = RunWriter(settings, model_name=engine.components.name)
     per_prompt = settings.generation.num_images_per_prompt
@@ -84,3 +110,79 @@ def _run(resolved, prompts: list[str], negative_prompt: str, as_json: bool,
         if writer.records:
             console.print(f"{len(writer.records)} image(s) in {settings.io.out_dir}",
                           highlight=False)
+
+
+def _run_jobs(resolved, prompts_file: Path, negative_prompt: str, as_json: bool,
+              console: Console) -> None:
+    """--prompts-file: this process's share of the jobs; the main process draws the progress
+    of all of them (read from the per-process manifests) and merges the manifests."""
+    from sdaccel.cli.render import JobsProgress, ProgressRenderer, quiet_library_logs
+
+    quiet_library_logs()
+    from sdaccel import jobs
+    from sdaccel.engine.engine import Engine
+    from sdaccel.engine.precision import resolve_device
+    from sdaccel.events import ignore
+    from sdaccel.outputs import RunWriter
+
+    settings = resolved.settings
+    job_list = jobs.read_jobs(prompts_file, settings, negative_prompt)
+    state = jobs.process_state(cpu=resolve_device(settings.device).type == "cpu")
+    main = state.is_main_process
+    if state.num_processes > 1 and state.device.type == "cuda":
+        settings.device = str(state.device)  # cuda:{local rank}, whatever device said
+    if main:
+        console.print(_describe(resolved) + f"[dim], {len(job_list)} jobs from {prompts_file}, "
+                      f"{state.num_processes} process(es)[/]", highlight=False)
+        if settings.io.save_grid:
+            console.print("[yellow]Warning:[/] io.save_grid: no grid with --prompts-file",
+                          highlight=False)
+    # Notices go through a plain renderer until the progress display exists.
+    notices = ProgressRenderer(console) if main else ignore
+    engine = Engine(settings, on_event=lambda event: notices(event))
+    jobs.check_sizes(job_list, engine._check_size, prompts_file)
+    writer = RunWriter(settings, model_name=engine.components.name)
+    out_dir = writer.out_dir
+    follower = jobs.ManifestFollower(out_dir)
+    stop = threading.Event()
+    progress: JobsProgress | None = None
+
+    def show_new() -> None:
+        for record in follower.poll():
+            progress.image_saved(record, out_dir)
+            if as_json:
+                typer.echo(json.dumps(record))
+
+    def follow() -> None:
+        while not stop.wait(0.5):
+            show_new()
+
+    thread = threading.Thread(target=follow, name="sdaccel-progress", daemon=True)
+
+    def on_ready(plan) -> None:
+        nonlocal progress, notices
+        done = len(plan.done)
+        if done:
+            console.print(f"{done} of {plan.total_images} image(s) already in {out_dir}; "
+                          f"making the other {plan.pending_images}", highlight=False)
+        progress = notices = JobsProgress(console, plan.total_images, done, state.num_processes)
+        thread.start()
+
+    def on_finished() -> None:
+        stop.set()
+        thread.join()
+        show_new()
+
+    try:
+        report = jobs.run_jobs(engine, writer, job_list, state, prompts_file,
+                               on_ready=on_ready, on_finished=on_finished)
+    finally:
+        stop.set()
+        if progress is not None:
+            progress.close()
+    if main:
+        progress.close()
+        ProgressRenderer(console).summary(progress.records)
+        made = sum(1 for record in report.records if record["index"] < report.total_images)
+        console.print(f"{made} of {report.total_images} image(s) in {out_dir}, "
+                      f"listed in {out_dir / jobs.MANIFEST}", highlight=False)

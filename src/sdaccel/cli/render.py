@@ -21,12 +21,7 @@ class ProgressRenderer:
         self._task = None
 
     def __call__(self, event: Event) -> None:
-        if isinstance(event, Warning):
-            self.console.print(f"[yellow]Warning:[/] {escape(event.message)}", highlight=False)
-        elif isinstance(event, PlanDecided):
-            self.console.print(f"[cyan]plan[/] seed {event.seed}: {describe_plan(event)}  "
-                               f"[dim]{escape(event.prompt[:60])}[/]", highlight=False)
-        elif not self.console.is_terminal:
+        if print_notice(self.console, event) or not self.console.is_terminal:
             return
         elif isinstance(event, BatchStarted):
             self._start(event)
@@ -66,6 +61,55 @@ class ProgressRenderer:
         self.console.print(
             f"adaptive: steps per image {steps}; mean NFE {mean_nfe:.1f}; "
             f"{sum(steps)} of {budget} max_steps steps ({saved:.0%} saved)", highlight=False)
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+
+def print_notice(console: Console, event: Event) -> bool:
+    """Warnings and adaptive decisions get a line of their own; True if `event` was one."""
+    if isinstance(event, Warning):
+        console.print(f"[yellow]Warning:[/] {escape(event.message)}", highlight=False)
+    elif isinstance(event, PlanDecided):
+        console.print(f"[cyan]plan[/] seed {event.seed}: {describe_plan(event)}  "
+                      f"[dim]{escape(event.prompt[:60])}[/]", highlight=False)
+    else:
+        return False
+    return True
+
+
+class JobsProgress:
+    """A prompts-file run, drawn by the main process only: one bar for the images of every
+    process (fed from their manifests), a line per saved image, the engine's notices."""
+
+    def __init__(self, console: Console, total: int, done: int, processes: int) -> None:
+        self.console = console
+        self.records: list[dict] = []
+        self._progress: Progress | None = None
+        if console.is_terminal:
+            self._progress = Progress(
+                TextColumn(f"images ({processes} process{'es' if processes > 1 else ''})"),
+                BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console,
+                transient=True,
+            )
+            self._progress.start()
+            self._task = self._progress.add_task("", total=total, completed=done)
+
+    def __call__(self, event: Event) -> None:
+        print_notice(self.console, event)
+
+    def image_saved(self, record: dict, out_dir: Path) -> None:
+        self.records.append(record)
+        seconds = "" if record.get("seconds") is None else f"{record['seconds']:.2f} s  "
+        self.console.print(
+            f"[green]saved[/] {escape(str(out_dir / record['file']))}  seed {record['seed']}  "
+            f"{record['steps']} steps  {seconds}[dim]{escape(record['prompt'][:60])}[/]",
+            highlight=False,
+        )
+        if self._progress is not None:
+            self._progress.advance(self._task)
 
     def close(self) -> None:
         if self._progress is not None:

@@ -1,0 +1,440 @@
+"""Batch jobs from a prompts file: parsing, global indices and seeds, the manifest, resume, and
+the split of the work across processes (Hugging Face Accelerate's `PartialState`).
+
+A prompts file holds one job per non-blank line: a plain prompt, or a JSON object (a line that
+starts with `{`) with a "prompt" and optional per-job overrides (JOB_KEYS). Job i (0-based, blank
+lines not counted) makes num_images_per_prompt images with global indices i*n .. i*n+n-1, seeds
+`seed + j` from the job's own "seed", else settings.seed + i*n + j, and files
+img_{index:03d}_steps{steps}.png. Nothing depends on the rank or the number of processes, so the
+same job list gives the same files on 1, 2 or 8 processes.
+
+Each process appends one line per saved image to its own manifest.rank{R}.jsonl in io.out_dir;
+the main process merges them into manifest.jsonl (ordered by index) before the work starts (what
+an earlier, interrupted run left) and after it ends. A run skips every image that the manifest
+records and whose file exists; a complete image file that no record names (the run died between
+the two writes) is adopted if its PNG metadata matches the job, else the run stops with an error
+naming it. Nothing is overwritten. Nothing here imports torch or prints.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from sdaccel.errors import ConfigError, SdaccelError
+from sdaccel.outputs import IMAGE_NAME, read_metadata
+from sdaccel.settings import GenerationSettings, Settings
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.jsonl"
+PART_GLOB = "manifest.rank*.jsonl"
+PARTIAL_GLOB = ".partial-*"  # temporary files of outputs._write_new and of the manifest merge
+JOB_KEYS = ("prompt", "negative_prompt", "seed", "height", "width", "guidance_scale")
+GENERATION_KEYS = ("height", "width", "guidance_scale")
+# The end-of-run barrier waits for the slowest process; the default (10-30 min) is too short for
+# a long, unevenly split job list. A failed process still ends the run: the launcher stops all.
+BARRIER_TIMEOUT = timedelta(hours=24)
+
+
+@dataclass(frozen=True)
+class Job:
+    index: int  # global job index: position among the prompts file's non-blank lines
+    line: int  # 1-based line number in the prompts file
+    prompt: str
+    negative_prompt: str
+    seed: int  # seed of the job's first image; image j uses seed + j
+    generation: GenerationSettings  # the run's generation settings with this job's overrides
+
+    def image_indices(self, per_prompt: int) -> range:
+        return range(self.index * per_prompt, (self.index + 1) * per_prompt)
+
+
+# --------------------------------------------------------------------------- the prompts file
+
+
+def read_jobs(path: Path, settings: Settings, negative_prompt: str = "") -> list[Job]:
+    """Every job of a prompts file, validated up front (errors name the file, line and key)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"prompts file {str(path)!r} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    per_prompt = settings.generation.num_images_per_prompt
+    jobs: list[Job] = []
+    for number, raw in enumerate(text.split("\n"), start=1):
+        line = raw.strip()
+        if not line:
+            continue
+        where = f"{path}:{number}"
+        fields = _parse_line(line, where)
+        index = len(jobs)
+        seed = fields.get("seed", settings.seed + index * per_prompt)
+        jobs.append(Job(
+            index=index, line=number, prompt=fields["prompt"],
+            negative_prompt=fields.get("negative_prompt", negative_prompt), seed=seed,
+            generation=_generation(settings, fields, where),
+        ))
+    if not jobs:
+        raise ConfigError(f"{path}: no prompts (one per line, or one JSON object per line "
+                          f"with a \"prompt\")")
+    return jobs
+
+
+def _parse_line(line: str, where: str) -> dict[str, Any]:
+    if not line.startswith("{"):
+        return {"prompt": line}
+    try:
+        fields = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{where}: not valid JSON: {exc.msg} (column {exc.colno})") from None
+    if not isinstance(fields, dict):
+        raise ConfigError(f"{where}: expected one JSON object per line")
+    valid = ", ".join(JOB_KEYS)
+    for key in fields:
+        if key not in JOB_KEYS:
+            raise ConfigError(f"{where}: unknown key {key!r}; valid keys: {valid}")
+    if "prompt" not in fields:
+        raise ConfigError(f"{where}: missing key 'prompt' (valid keys: {valid})")
+    for key in ("prompt", "negative_prompt"):
+        if key in fields and not isinstance(fields[key], str):
+            raise ConfigError(f"{where}: {key}: must be a string (got {fields[key]!r})")
+    if not fields["prompt"].strip():
+        raise ConfigError(f"{where}: prompt: must not be empty")
+    if "seed" in fields:
+        seed = fields["seed"]
+        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
+            raise ConfigError(f"{where}: seed: must be an integer from 0 to 2**63-1 "
+                              f"(got {seed!r})")
+    return fields
+
+
+def _generation(settings: Settings, fields: dict[str, Any], where: str) -> GenerationSettings:
+    """The run's generation settings with this line's size/guidance, by the settings' rules."""
+    updates = {key: fields[key] for key in GENERATION_KEYS if key in fields}
+    if not updates:
+        return settings.generation
+    try:
+        return GenerationSettings.model_validate(
+            {**settings.generation.model_dump(), **updates}, strict=True)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        key = ".".join(str(part) for part in error["loc"])
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] != "value_error":
+            message += f" (got {error['input']!r})"
+        raise ConfigError(f"{where}: {key}: {message}") from None
+
+
+def check_sizes(jobs: list[Job], check: Callable[[int, int], None], source: Path) -> None:
+    """Run the model's own size check (e.g. Engine._check_size) on every job's size."""
+    seen: set[tuple[int, int]] = set()
+    for job in jobs:
+        size = (job.generation.height, job.generation.width)
+        if size in seen:
+            continue
+        try:
+            check(*size)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}:{job.line}: {exc}") from None
+        seen.add(size)
+
+
+@contextmanager
+def job_settings(settings: Settings, job: Job) -> Iterator[None]:
+    """The engine reads size and guidance from settings.generation: the job's, for a while."""
+    saved = settings.generation
+    settings.generation = job.generation
+    try:
+        yield
+    finally:
+        settings.generation = saved
+
+
+# --------------------------------------------------------------------------- records
+
+
+def expected_fields(job: Job, j: int, settings: Settings) -> dict[str, Any]:
+    """What a record (or PNG) of image j of `job` must say for this run to count it as done."""
+    g = job.generation
+    fields = {
+        "prompt": job.prompt, "negative_prompt": job.negative_prompt, "seed": job.seed + j,
+        "width": g.width, "height": g.height, "guidance_scale": g.guidance_scale,
+        "sampler": settings.sampler.name, "model": settings.model_id,
+    }
+    if not settings.adaptive.enabled:
+        fields["steps"] = settings.sampler.steps
+    return fields
+
+
+def manifest_record(saved: dict[str, Any], job: Job) -> dict[str, Any]:
+    """A RunWriter record as a manifest line: file names relative to out_dir, the job index."""
+    record = {"index": saved["index"], "job": job.index, "file": Path(saved["path"]).name}
+    record.update({k: v for k, v in saved.items()
+                   if k not in ("index", "path", "latents_path")})
+    if "latents_path" in saved:
+        record["latents_file"] = Path(saved["latents_path"]).name
+    return record
+
+
+def part_path(out_dir: Path, rank: int) -> Path:
+    return Path(out_dir) / f"manifest.rank{rank}.jsonl"
+
+
+class ManifestWriter:
+    """One process's manifest: a line per saved image, appended whole and flushed to disk."""
+
+    def __init__(self, out_dir: Path, rank: int) -> None:
+        self.path = part_path(out_dir, rank)
+
+    def append(self, record: dict[str, Any]) -> None:
+        data = (json.dumps(record, sort_keys=True) + "\n").encode()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+class ManifestFollower:
+    """New records of the per-rank manifests as they grow (progress across every process)."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = Path(out_dir)
+        self._offsets: dict[str, int] = {}
+
+    def poll(self) -> list[dict[str, Any]]:
+        records = []
+        for path in sorted(self.out_dir.glob(PART_GLOB)):
+            offset = self._offsets.get(path.name, 0)
+            try:
+                with path.open("rb") as f:
+                    f.seek(offset)
+                    data = f.read()
+            except FileNotFoundError:
+                continue
+            end = data.rfind(b"\n") + 1  # complete lines only
+            for line in data[:end].splitlines():
+                try:
+                    records.append(json.loads(line))
+                except ValueError:
+                    continue
+            self._offsets[path.name] = offset + end
+        return records
+
+
+def _read_lines(path: Path, torn_tail_ok: bool) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, record) of a manifest; a last line without its newline (a write cut short
+    by a crash) is skipped where `torn_tail_ok`."""
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    if torn_tail_ok and lines and lines[-1]:
+        log.info("%s: ignoring an incomplete last line (interrupted write)", path)
+        lines[-1] = b""
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as exc:
+            raise ConfigError(f"{path}:{number}: not a valid manifest line ({exc})") from None
+        if not (isinstance(record, dict) and isinstance(record.get("index"), int)
+                and isinstance(record.get("file"), str)):
+            raise ConfigError(f"{path}:{number}: not a manifest record (needs an integer "
+                              f"'index' and a 'file')")
+        yield number, record
+
+
+# --------------------------------------------------------------------------- resume
+
+
+@dataclass
+class Plan:
+    """Where a job list stands in out_dir: what is done, what is left."""
+
+    total_images: int  # images in the job list
+    done: set[int]  # image indices recorded in the manifest (of this job list)
+    pending: list[Job]  # jobs with at least one image missing
+
+    @property
+    def pending_images(self) -> int:
+        return self.total_images - len(self.done)
+
+    @classmethod
+    def of(cls, jobs: list[Job], per_prompt: int, recorded: set[int]) -> Plan:
+        total = len(jobs) * per_prompt
+        return cls(total, {i for i in recorded if i < total},
+                   [job for job in jobs
+                    if any(i not in recorded for i in job.image_indices(per_prompt))])
+
+
+def consolidate(jobs: list[Job], settings: Settings, source: Path) -> Plan:
+    """Merge every manifest in out_dir into manifest.jsonl, check it against the job list,
+    adopt complete but unrecorded images, drop temporary files. Main process only, while no
+    other process writes."""
+    out_dir = Path(settings.io.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    per_prompt = settings.generation.num_images_per_prompt
+    expected = {job.index * per_prompt + j: (job, expected_fields(job, j, settings))
+                for job in jobs for j in range(per_prompt)}
+    manifest = out_dir / MANIFEST
+    parts = sorted(out_dir.glob(PART_GLOB))
+    records: dict[int, dict[str, Any]] = {}
+    sources: list[tuple[Path, bool]] = [(manifest, False)] if manifest.is_file() else []
+    for path, torn_tail_ok in [*sources, *((p, True) for p in parts)]:
+        for number, record in _read_lines(path, torn_tail_ok):
+            index = record["index"]
+            if index in expected:
+                job, wanted = expected[index]
+                _check(record, wanted, f"{path}:{number}: image {index}", source, job)
+                if not (out_dir / record["file"]).is_file():
+                    log.warning("%s:%d: %s is missing; image %d will be made again",
+                                path, number, record["file"], index)
+                    records.pop(index, None)
+                    continue
+            records[index] = record
+    for index, name in sorted(_image_files(out_dir)):
+        recorded = records.get(index)
+        if (recorded is not None and recorded["file"] == name) or index not in expected:
+            continue
+        job, wanted = expected[index]
+        if recorded is not None:
+            raise SdaccelError(
+                f"{out_dir / name}: {manifest} records {recorded['file']} as image {index}; "
+                f"this file is not that image. Move it away, or use another --out-dir")
+        records[index] = _adopt(out_dir / name, index, job, wanted, source)
+    for partial in out_dir.glob(PARTIAL_GLOB):
+        partial.unlink(missing_ok=True)
+    _write_manifest(manifest, records)
+    for part in parts:
+        part.unlink(missing_ok=True)
+    return Plan.of(jobs, per_prompt, set(records))
+
+
+def _check(record: dict[str, Any], wanted: dict[str, Any], what: str, source: Path,
+           job: Job) -> None:
+    for key, value in wanted.items():
+        if record.get(key) != value:
+            raise ConfigError(
+                f"{what} was made with {key} {record.get(key)!r}, but {source} line {job.line} "
+                f"with these settings asks for {value!r}. Resume with the same prompts file "
+                f"and settings, or use another --out-dir")
+
+
+def _image_files(out_dir: Path) -> Iterator[tuple[int, str]]:
+    for path in out_dir.iterdir():
+        if match := IMAGE_NAME.match(path.name):
+            yield int(match.group(1)), path.name
+
+
+def _adopt(path: Path, index: int, job: Job, wanted: dict[str, Any],
+           source: Path) -> dict[str, Any]:
+    """A complete image no manifest names (written just before a crash): its record, rebuilt
+    from its PNG metadata, when it is exactly this job's image."""
+    try:
+        image = json.loads(read_metadata(path)["sdaccel"])["image"]
+    except (OSError, KeyError, ValueError, TypeError):
+        raise SdaccelError(
+            f"{path}: not recorded in {path.parent / MANIFEST} and not an sdaccel image; "
+            f"image {index} of {source} line {job.line} would need its name. Move it away, "
+            f"or use another --out-dir") from None
+    _check(image, wanted, f"{path} (not in {MANIFEST})", source, job)
+    log.info("%s: complete but not recorded; adopted as image %d", path, index)
+    return {"index": index, "job": job.index, "file": path.name, **image, "seconds": None}
+
+
+def _write_manifest(path: Path, records: dict[int, dict[str, Any]]) -> None:
+    """All records ordered by index, replacing manifest.jsonl in one rename."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".partial-manifest-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            for index in sorted(records):
+                f.write(json.dumps(records[index], sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def read_manifest(out_dir: Path) -> list[dict[str, Any]]:
+    """The merged manifest's records, ordered by index."""
+    path = Path(out_dir) / MANIFEST
+    return [record for _, record in _read_lines(path, False)] if path.is_file() else []
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def process_state(cpu: bool):
+    """Accelerate's PartialState: this process's rank, device and the world it belongs to
+    (launched by `accelerate launch` or `torchrun`; a single process otherwise)."""
+    from accelerate import PartialState
+
+    state = PartialState(cpu=cpu, timeout=BARRIER_TIMEOUT)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != state.num_processes:
+        raise SdaccelError(f"launched as {launched} processes but Accelerate set up "
+                           f"{state.num_processes}; check the launcher's settings")
+    return state
+
+
+@dataclass
+class RunReport:
+    total_images: int  # images in the job list
+    done_before: int  # images already made when this run started
+    made_here: int  # images this process made
+    records: list[dict[str, Any]]  # the merged manifest at the end (main process only)
+
+
+def run_jobs(engine, writer, jobs: list[Job], state, source: Path,
+             on_ready: Callable[[Plan], None] | None = None,
+             on_finished: Callable[[], None] | None = None) -> RunReport:
+    """Make every missing image of `jobs`, this process's share of them.
+
+    `engine` generates (sdaccel.engine.Engine), `writer` saves (sdaccel.outputs.RunWriter, on
+    the same Settings object), `state` is Accelerate's PartialState. `on_ready(plan)` runs on the
+    main process once the work is known; `on_finished()` once every process is done, before the
+    manifests are merged.
+    """
+    settings = engine.settings
+    per_prompt = settings.generation.num_images_per_prompt
+    if state.is_main_process:
+        consolidate(jobs, settings, source)
+    state.wait_for_everyone()
+    out_dir = Path(settings.io.out_dir)
+    plan = Plan.of(jobs, per_prompt, {record["index"] for record in read_manifest(out_dir)})
+    if state.is_main_process and on_ready is not None:
+        on_ready(plan)
+    manifest = ManifestWriter(out_dir, state.process_index)
+    made = 0
+    with state.split_between_processes(plan.pending) as mine:
+        for job in mine:
+            with job_settings(settings, job):
+                results = engine.generate([job.prompt], job.negative_prompt, seed=job.seed)
+                for index, result in zip(job.image_indices(per_prompt), results, strict=True):
+                    if index in plan.done:
+                        continue
+                    manifest.append(manifest_record(writer.save(result, index=index), job))
+                    made += 1
+    state.wait_for_everyone()
+    records: list[dict[str, Any]] = []
+    if state.is_main_process:
+        if on_finished is not None:
+            on_finished()
+        consolidate(jobs, settings, source)
+        records = read_manifest(out_dir)
+    return RunReport(plan.total_images, len(plan.done), made, records)
