@@ -163,8 +163,10 @@ def _run_jobs(resolved, prompts_file: Path, negative_prompt: str, as_json: bool,
         nonlocal progress, notices
         done = len(plan.done)
         if done:
+            left = plan.pending_images
             console.print(f"{done} of {plan.total_images} image(s) already in {out_dir}; "
-                          f"making the other {plan.pending_images}", highlight=False)
+                          + (f"making the other {left}" if left else "nothing to make"),
+                          highlight=False)
         progress = notices = JobsProgress(console, plan.total_images, done, state.num_processes)
         thread.start()
 
