@@ -165,3 +165,20 @@ def test_warm_then_a_new_process_starts_from_the_artifacts(cache, tmp_path):
     assert not [e for e in second["events"] if "Warning" in e], second["events"]
     # For the record (no timing asserts): cold vs warm start of the same settings.
     print(f"cold start {record['cold_seconds']:.1f} s, warm start {second['first_seconds']:.1f} s")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune"])
+def test_cuda_graph_modes_compile_once_for_any_prompt_and_seed(mode):
+    from torch._dynamo.utils import counters
+
+    events = []
+    engine = Engine(tiny_settings("device=cuda", "compile.enabled=true", f"compile.mode={mode}",
+                                  "compile.cache=false"), on_event=events.append)
+    engine.generate(["a red circle"], seed=1)
+    graphs = counters["stats"]["unique_graphs"]
+    engine.generate(["two blue squares in the top left corner"], seed=9)
+    engine.generate([""], seed=12345)
+    assert graphs >= 1 and counters["stats"]["unique_graphs"] == graphs
+    assert not [e for e in events if isinstance(e, Warning)]  # no eager fallback either

@@ -56,24 +56,32 @@ def compile_callable(
     from sdaccel.engine.optimize import compile_options
 
     compiled = torch.compile(fn, **compile_options(options, inductor_flags))
-    return _EagerFallback(compiled, fn, what, on_event)
+    cudagraphs = options.mode in ("reduce-overhead", "max-autotune")
+    return _EagerFallback(compiled, fn, what, on_event, cudagraphs)
 
 
 class _EagerFallback:
     """Calls the compiled function; compilation happens lazily on a call, so that is where a
-    failure shows. One failure switches to eager for good and tells the user why."""
+    failure shows. One failure switches to eager for good and tells the user why.
 
-    def __init__(self, compiled, eager, what: str, on_event: EventHandler) -> None:
+    With CUDA graphs (reduce-overhead, max-autotune) every call starts a new graph step: the
+    denoising loop never keeps a previous call's raw output, so its memory may be reused."""
+
+    def __init__(self, compiled, eager, what: str, on_event: EventHandler,
+                 cudagraphs: bool = False) -> None:
         self._active = compiled
         self._eager = eager
         self._what = what
         self._on_event = on_event
+        self._cudagraphs = cudagraphs
         self.fell_back = False
 
     def __call__(self, *args, **kwargs):
         if self.fell_back:
             return self._eager(*args, **kwargs)
         try:
+            if self._cudagraphs:
+                torch.compiler.cudagraph_mark_step_begin()
             return self._active(*args, **kwargs)
         except Exception as exc:  # any compiler failure: keep generating, eagerly
             if isinstance(exc, torch.OutOfMemoryError):
