@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 
 from sdaccel.cli import options as opt
-from sdaccel.cli.errors import reported_errors
+from sdaccel.cli.errors import EXIT_INTERRUPTED, reported_errors
 
 
 def generate(
@@ -178,6 +178,10 @@ def _run_jobs(resolved, prompts_file: Path, negative_prompt: str, as_json: bool,
     try:
         report = jobs.run_jobs(engine, writer, job_list, state, prompts_file,
                                on_ready=on_ready, on_finished=on_finished)
+    except KeyboardInterrupt:
+        if not main:  # the main process says it, once
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+        raise
     finally:
         stop.set()
         if progress is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 from rich.console import Console
 from rich.markup import escape
@@ -98,14 +99,17 @@ class JobsProgress:
             self._task = self._progress.add_task("", total=total, completed=done)
 
     def __call__(self, event: Event) -> None:
-        print_notice(self.console, event)
+        if isinstance(event, Warning):  # plans: in the saved lines, for every process's images
+            print_notice(self.console, event)
 
     def image_saved(self, record: dict, out_dir: Path) -> None:
         self.records.append(record)
         seconds = "" if record.get("seconds") is None else f"{record['seconds']:.2f} s  "
+        plan = record.get("plan")
+        plan = f"({describe_plan(SimpleNamespace(**plan))})  " if plan else ""
         self.console.print(
             f"[green]saved[/] {escape(str(out_dir / record['file']))}  seed {record['seed']}  "
-            f"{record['steps']} steps  {seconds}[dim]{escape(record['prompt'][:60])}[/]",
+            f"{record['steps']} steps  {plan}{seconds}[dim]{escape(record['prompt'][:60])}[/]",
             highlight=False,
         )
         if self._progress is not None:
