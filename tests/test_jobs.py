@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from sdaccel.cli import app
 from sdaccel.errors import ConfigError
-from sdaccel.jobs import MANIFEST, read_jobs, read_manifest
+from sdaccel.jobs import MANIFEST, check_sizes, read_jobs, read_manifest
 from sdaccel.outputs import read_metadata
 
 TINY_FLAGS = ["--model", "random:tiny", "--height", "32", "--width", "32", "--steps", "2"]
@@ -64,6 +64,20 @@ def test_bad_lines_are_errors_naming_file_line_and_key(tmp_path, line, message):
     with pytest.raises(ConfigError) as info:
         read_jobs(path, tiny_settings())
     assert f"{path}{message}" in str(info.value)
+
+
+def test_bom_and_the_model_size_check(tmp_path):
+    path = tmp_path / "jobs.jsonl"
+    path.write_text('\ufeff{"prompt": "x", "width": 40}\nplain\n', encoding="utf-8")
+    jobs = read_jobs(path, tiny_settings())
+    assert [(j.prompt, j.generation.width) for j in jobs] == [("x", 40), ("plain", 32)]
+
+    def needs_multiples_of_16(height, width):
+        if width % 16:
+            raise ConfigError(f"generation.width: {width} is not a multiple of 16")
+
+    with pytest.raises(ConfigError, match=rf"^{path}:1: generation.width: 40 is not a multiple"):
+        check_sizes(jobs, needs_multiples_of_16, path)
 
 
 def test_missing_and_empty_prompts_files(tmp_path):

@@ -69,7 +69,7 @@ def read_jobs(path: Path, settings: Settings, negative_prompt: str = "") -> list
     if not path.is_file():
         raise ConfigError(f"prompts file {str(path)!r} does not exist")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a BOM is not part of line 1
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     per_prompt = settings.generation.num_images_per_prompt
