@@ -139,7 +139,7 @@ def _generation(settings: Settings, fields: dict[str, Any], where: str) -> Gener
 
 
 def check_sizes(jobs: list[Job], check: Callable[[int, int], None], source: Path) -> None:
-    """Run the model's own size check (e.g. Engine._check_size) on every job's size."""
+    """Run the model's own size check (e.g. Engine.check_size) on every job's size."""
     seen: set[tuple[int, int]] = set()
     for job in jobs:
         size = (job.generation.height, job.generation.width)

@@ -140,7 +140,7 @@ def _run_jobs(resolved, prompts_file: Path, negative_prompt: str, as_json: bool,
     # Notices go through a plain renderer until the progress display exists.
     notices = ProgressRenderer(console) if main else ignore
     engine = Engine(settings, on_event=lambda event: notices(event))
-    jobs.check_sizes(job_list, engine._check_size, prompts_file)
+    jobs.check_sizes(job_list, engine.check_size, prompts_file)
     writer = RunWriter(settings, model_name=engine.components.name)
     out_dir = writer.out_dir
     follower = jobs.ManifestFollower(out_dir)

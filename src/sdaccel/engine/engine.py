@@ -68,7 +68,7 @@ class Engine:
         self.unet_dtype = DTYPES[s.unet_dtype]
         self.vae_dtype = DTYPES[s.vae_dtype]
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        self._check_size(s.generation.height, s.generation.width)
+        self.check_size(s.generation.height, s.generation.width)
         # PyTorch SDPA attention, then the speed passes the settings switch on.
         self.passes = apply_passes(self.unet, self.vae, s, self.device, self.on_event)
         self._unet_forward = self.unet
@@ -87,7 +87,8 @@ class Engine:
         self._unet_forward = with_attention(self._unet_forward, s.optimize.attention)
         self._vae_decode = with_attention(self._vae_decode, s.optimize.attention)
 
-    def _check_size(self, height: int, width: int) -> None:
+    def check_size(self, height: int, width: int) -> None:
+        """ConfigError unless this model can generate height x width."""
         # The UNet halves the latent at every down block but the last.
         multiple = self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
         for key, value in (("generation.height", height), ("generation.width", width)):
