@@ -27,16 +27,20 @@ Sizes = Annotated[list[str] | None, typer.Option(
     "--size", help="HEIGHTxWIDTH to compile for; repeatable.  [default: the settings' size]",
     show_default=False)]
 Batch = Annotated[int | None, typer.Option(
-    "--batch", help="Images per call (generation.num_images_per_prompt).  [default: the "
-    "settings' value]", show_default=False)]
+    "--batch", "--num-images", "-n", help="Images per call (generation.num_images_per_prompt)."
+    "  [default: the settings' value]", show_default=False,
+    rich_help_panel="Shorthand settings")]
 Prompt = Annotated[str, typer.Option("--prompt", help="Prompt of the compiling call (any prompt "
                                      "gives the same graph).")]
 
 
-def _settings(preset, config, overrides, model, sampler, guidance, batch):
+def _settings(preset, config, overrides, model, steps, sampler, seed, height, width, guidance,
+              batch):
+    """The same layers and shorthand flags as `generate`, so the same command line finds the
+    same entry (steps and seed do not change the graph, but are accepted)."""
     from sdaccel.settings import resolve_settings
 
-    flags = opt.shorthand(model=model, sampler=sampler, guidance=guidance, num_images=batch)
+    flags = opt.shorthand(model, steps, sampler, seed, height, width, guidance, batch)
     return resolve_settings(preset, config, flags, overrides)
 
 
@@ -67,14 +71,19 @@ def warm(
     batch: Batch = None,
     prompt: Prompt = "a red circle on a blue background",
     model: opt.Model = None,
+    steps: opt.Steps = None,
     sampler: opt.Sampler = None,
+    seed: opt.Seed = None,
+    height: opt.Height = None,
+    width: opt.Width = None,
     guidance: opt.Guidance = None,
     as_json: opt.Json = False,
 ) -> None:
     """Compile the settings cold for each size and batch, and store the artifacts."""
     console = Console(stderr=True, soft_wrap=True)
     with reported_errors(console):
-        resolved = _settings(preset, config, overrides, model, sampler, guidance, batch)
+        resolved = _settings(preset, config, overrides, model, steps, sampler, seed, height,
+                             width, guidance, batch)
         shapes = _sizes(sizes, resolved.settings)
         from sdaccel.cli.render import ProgressRenderer, quiet_library_logs
 
@@ -131,7 +140,10 @@ def list_(as_json: opt.Json = False) -> None:
                           str(r.get("triton")), str(r.get("diffusers")),
                           escape(str(r.get("device_name"))), str(r["cold_seconds"]),
                           f"{r['size_bytes'] / 2**20:.1f}", status)
-        Console(soft_wrap=True).print(table)
+        out = Console()
+        if not out.is_terminal:  # files and pipes get every column unwrapped
+            out = Console(width=240)
+        out.print(table)
 
 
 @app.command("load")
@@ -142,7 +154,11 @@ def load(
     batch: Batch = None,
     prompt: Prompt = "a red circle on a blue background",
     model: opt.Model = None,
+    steps: opt.Steps = None,
     sampler: opt.Sampler = None,
+    seed: opt.Seed = None,
+    height: opt.Height = None,
+    width: opt.Width = None,
     guidance: opt.Guidance = None,
     as_json: opt.Json = False,
 ) -> None:
@@ -151,7 +167,8 @@ def load(
     with reported_errors(console):
         from sdaccel.errors import ConfigError
 
-        resolved = _settings(preset, config, overrides, model, sampler, guidance, batch)
+        resolved = _settings(preset, config, overrides, model, steps, sampler, seed, height,
+                             width, guidance, batch)
         settings = resolved.settings
         if not settings.compile.enabled or not settings.compile.cache:
             raise ConfigError(f"compile-cache load: preset {resolved.preset!r} has "
