@@ -129,5 +129,6 @@ def quiet_library_logs() -> None:
     from transformers.utils import logging as transformers_logging
 
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    diffusers_logging.set_verbosity_error()
-    transformers_logging.set_verbosity_error()
+    for library in (diffusers_logging, transformers_logging):
+        library.set_verbosity_error()
+        library.disable_progress_bar()  # "Loading weights" bars: our own progress is enough
