@@ -166,6 +166,15 @@ def test_warm_then_a_new_process_starts_from_the_artifacts(cache, tmp_path):
     # For the record (no timing asserts): cold vs warm start of the same settings.
     print(f"cold start {record['cold_seconds']:.1f} s, warm start {second['first_seconds']:.1f} s")
 
+    # `load` finds the same entry from the same command line and reports cold beside warm.
+    loaded = runner.invoke(app, ["compile-cache", "load", "--json", "--steps", "9", "--seed", "3",
+                                 *sum((["--set", s] for s in [*TINY, *COMPILED]), [])])
+    assert loaded.exit_code == 0, loaded.output
+    report = json.loads(loaded.stdout.strip().splitlines()[-1])
+    assert report["key"] == record["key"] and report["loaded"] == [record["key"]]
+    assert report["cold_seconds"] == round(record["cold_seconds"], 3)
+    assert report["warm_seconds"] > 0 and "warm vs" in loaded.stderr
+
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")

@@ -396,7 +396,8 @@ def warm(settings: Settings, preset: str, sizes: Sequence[tuple[int, int]], batc
             engine = Engine(variant, on_event=on_event)
             engine.generate([prompt])
             cold = time.perf_counter() - started
-            if getattr(engine._unet_forward, "fell_back", False):
+            unet = getattr(engine._unet_forward, "__wrapped__", engine._unet_forward)
+            if getattr(unet, "fell_back", False):
                 raise SdaccelError("compile-cache warm: torch.compile failed (see the warning "
                                    "above); nothing stored")
             variant.compile.cache = settings.compile.cache
