@@ -78,6 +78,8 @@ class TrainConfig:
     uncond_prob: float = 0.1
     ema_decay: float = 0.999
     fp32: bool = False
+    resume_from: str | None = None
+    unet_warmup: int = 100
     smoke: bool = False
     log_every: int = 25
 
@@ -218,12 +220,20 @@ def vae_psnr(vae, images: torch.Tensor) -> float:
 
 
 def train_unet(
-    cfg: TrainConfig, tokenizer, means, stds, captions, scaling: float, gen: torch.Generator
+    cfg: TrainConfig,
+    tokenizer,
+    means,
+    stds,
+    captions,
+    scaling: float,
+    gen: torch.Generator,
+    unet=None,
+    text_encoder=None,
 ):
     from diffusers import DDPMScheduler
 
-    unet = make_unet(means.shape[-1]).train()
-    text_encoder = make_text_encoder(tokenizer).train()
+    unet = (unet or make_unet(means.shape[-1])).train()
+    text_encoder = (text_encoder or make_text_encoder(tokenizer)).train()
     noise_sched = DDPMScheduler(**SCHEDULER_CONFIG)
     acp = noise_sched.alphas_cumprod
     snr = acp / (1 - acp)
@@ -248,7 +258,7 @@ def train_unet(
     n, step, losses = means.shape[0], 0, []
     while step < cfg.unet_steps and budget.elapsed() < budget.seconds:
         for g in opt.param_groups:
-            g["lr"] = cfg.unet_lr * _lr_factor(budget.progress(step), step, warmup=100)
+            g["lr"] = cfg.unet_lr * _lr_factor(budget.progress(step), step, warmup=cfg.unet_warmup)
         idx = torch.randint(0, n, (cfg.unet_batch,), generator=gen)
         ids = ids_all[idx].clone()
         drop = torch.rand(cfg.unet_batch, generator=gen) < cfg.uncond_prob
@@ -352,12 +362,25 @@ def run(cfg: TrainConfig) -> dict:
     report["data"] = {"images": len(captions), "seconds": round(time.perf_counter() - t0, 1)}
     log.info("data: %d images in %.1f s", len(captions), time.perf_counter() - t0)
 
-    tokenizer = save_tokenizer(out / "_tokenizer_check", MODEL_MAX_LENGTH)
-    for f in (out / "_tokenizer_check").iterdir():
-        f.unlink()
-    (out / "_tokenizer_check").rmdir()
+    unet = text_encoder = None
+    if cfg.resume_from:  # continue training a saved model: its tokenizer, VAE, UNet, text encoder
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
 
-    vae, report["vae"] = train_vae(cfg, images, gen)
+        src = Path(cfg.resume_from)
+        previous = src / "training.json"
+        report["resumed_from"] = json.loads(previous.read_text()) if previous.exists() else {}
+        tokenizer = CLIPTokenizer.from_pretrained(str(src / "tokenizer"))
+        vae = AutoencoderKL.from_pretrained(str(src / "vae"), torch_dtype=torch.float32).eval()
+        unet = UNet2DConditionModel.from_pretrained(str(src / "unet"), torch_dtype=torch.float32)
+        text_encoder = CLIPTextModel.from_pretrained(str(src / "text_encoder"), dtype=torch.float32)
+        report["vae"] = {"from": str(src)}
+    else:
+        tokenizer = save_tokenizer(out / "_tokenizer_check", MODEL_MAX_LENGTH)
+        for f in (out / "_tokenizer_check").iterdir():
+            f.unlink()
+        (out / "_tokenizer_check").rmdir()
+        vae, report["vae"] = train_vae(cfg, images, gen)
     held_imgs = torch.stack(
         [
             torch.from_numpy(np.array(img)).permute(2, 0, 1)
@@ -370,8 +393,11 @@ def run(cfg: TrainConfig) -> dict:
     t0 = time.perf_counter()
     means, stds = encode_all(vae, images)
     sample = means + stds * torch.randn(means.shape, generator=gen)
-    scaling = float(1.0 / sample.pow(2).mean().sqrt())
-    vae.register_to_config(scaling_factor=scaling)
+    if cfg.resume_from:
+        scaling = float(vae.config.scaling_factor)
+    else:
+        scaling = float(1.0 / sample.pow(2).mean().sqrt())
+        vae.register_to_config(scaling_factor=scaling)
     report["latents"] = {
         "shape": list(means.shape[1:]),
         "scaling_factor": round(scaling, 5),
@@ -382,7 +408,7 @@ def run(cfg: TrainConfig) -> dict:
     del images
 
     unet, text_encoder, report["unet"] = train_unet(
-        cfg, tokenizer, means, stds, captions, scaling, gen
+        cfg, tokenizer, means, stds, captions, scaling, gen, unet, text_encoder
     )
     log.info(
         "unet: steps %d, %.0f s, final loss %.4f",
@@ -427,12 +453,18 @@ def _parse(argv: list[str] | None) -> TrainConfig:
         "vae_batch",
         "unet_steps",
         "unet_batch",
+        "unet_warmup",
         "log_every",
     ):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
     for name in ("vae_minutes", "vae_lr", "unet_minutes", "unet_lr", "uncond_prob", "ema_decay"):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
     p.add_argument("--fp32", action="store_true", help="save fp32 weights (default fp16)")
+    p.add_argument(
+        "--resume-from",
+        default=None,
+        help="continue training the UNet and text encoder of this folder (VAE, tokenizer kept)",
+    )
     p.add_argument(
         "--smoke", action="store_true", help="a few steps of everything: seconds, for tests"
     )
