@@ -167,6 +167,16 @@ def test_cli_outputs_table_json_csv_and_plot(tmp_path):
         assert column in table.stdout
 
 
+def test_a_configuration_this_machine_cannot_run_is_named_before_anything_runs(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    result = runner.invoke(app, ["bench", "-p", "mix-bf16-int8", "--iters", "1"])
+    assert result.exit_code == 4
+    assert "configuration 'mix-bf16-int8': device 'cuda' requested but CUDA is not available" \
+        in result.stderr
+
+
 def test_cli_errors_name_the_file():
     missing = runner.invoke(app, ["bench", "--prompts", "nowhere.txt"])
     assert missing.exit_code == 2 and "--prompts 'nowhere.txt': no such file" in missing.stderr

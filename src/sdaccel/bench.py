@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sdaccel.errors import ConfigError
+from sdaccel.errors import ConfigError, SdaccelError
 from sdaccel.settings import ResolvedSettings, Settings, canonical_preset, resolve_settings
 
 log = logging.getLogger(__name__)
@@ -515,9 +515,13 @@ def benchmark(
     prompts = list(prompts) if prompts else list(DEFAULT_PROMPTS)
     progress = on_progress or (lambda _p: None)
     configs = resolve_configs(config, overrides, flags)
-    for c in configs:
-        for dtype in (baseline_dtype, *also_baselines):
-            check_precisions(resolve_device(c.settings.device), {"baseline": dtype})
+    for c in configs:  # fail before measuring anything, naming the configuration
+        try:
+            device = resolve_device(c.settings.device)
+            for dtype in (baseline_dtype, *also_baselines):
+                check_precisions(device, {"baseline": dtype})
+        except SdaccelError as exc:
+            raise type(exc)(f"configuration {c.label!r}: {exc}") from None
 
     rows: list[Row] = []
     images: dict[str, list] = {}
