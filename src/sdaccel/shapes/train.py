@@ -312,6 +312,9 @@ def save_pipeline(out: Path, vae, text_encoder, tokenizer, unet, fp32: bool) -> 
     scheduler = DPMSolverMultistepScheduler(
         **SCHEDULER_CONFIG, algorithm_type="dpmsolver++", solver_order=2
     )
+    # As SD 1.x's config: DDIM/DDPM built from it with `from_config` must not clip the predicted
+    # x0 to [-1, 1] (their default), which ruins latents; DDIM's last step uses alpha_0.
+    scheduler.register_to_config(clip_sample=False, set_alpha_to_one=False)
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
