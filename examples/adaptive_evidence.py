@@ -11,7 +11,7 @@ Reported per configuration: mean steps (= mean UNet calls per image / 2 with gui
 SSIM to the reference, and (bundled shapes model only) alignment read back by the judge. The
 verdict compares each adaptive point with the fixed-step curve interpolated at the same mean steps.
 
-    python examples/adaptive_evidence.py                          # bundled:shapes, ~10 min on 2 cores
+    python examples/adaptive_evidence.py --seeds 1      # bundled:shapes, ~15 min on 2 cores
     python examples/adaptive_evidence.py --model random:tiny --size 32
 Writes examples/adaptive_evidence.md and examples/adaptive_evidence.png (needs matplotlib).
 """
