@@ -151,7 +151,9 @@ def test_warm_then_a_new_process_starts_from_the_artifacts(cache, tmp_path):
     entry = cc.list_entries()[0]
     assert entry.meta["kernel_files"] > 0 and (entry.path / cc.KERNELS).is_file()
 
-    env = {**os.environ, "SDACCEL_CACHE_DIR": str(cache.parent), "OMP_NUM_THREADS": "1",
+    # Same thread count as this process, which warmed the entry (the C++ kernels depend on it).
+    threads = str(__import__("torch").get_num_threads())
+    env = {**os.environ, "SDACCEL_CACHE_DIR": str(cache.parent), "OMP_NUM_THREADS": threads,
            "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "fresh-inductor"),
            "TRITON_CACHE_DIR": str(tmp_path / "fresh-triton")}
     script = SECOND_PROCESS.format(tests=str(Path(__file__).parent))

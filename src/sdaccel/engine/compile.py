@@ -151,7 +151,9 @@ def environment(device: str | None = None) -> dict[str, str | None]:
     if device.startswith("cuda") and torch.cuda.is_available():
         name = torch.cuda.get_device_name(torch.device(device))
     else:
-        name = f"cpu {platform.machine()} {torch.backends.cpu.get_cpu_capability()}"
+        # Inductor's C++ kernels are built for the thread count: another count recompiles.
+        name = (f"cpu {platform.machine()} {torch.backends.cpu.get_cpu_capability()}, "
+                f"{torch.get_num_threads()} threads")
     return {"torch": torch.__version__, "triton": triton_version,
             "diffusers": diffusers.__version__, "device_name": name}
 
