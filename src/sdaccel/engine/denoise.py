@@ -15,6 +15,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -54,6 +55,11 @@ class _Group:
     def guided(self) -> bool:
         return self.embeddings.shape[0] == 2 * self.latents.shape[0]
 
+    @cached_property
+    def step_extra(self) -> dict[str, Any]:
+        """The scheduler.step() extras, worked out once per group rather than per step."""
+        return step_kwargs(self.scheduler, self.generators)
+
     def select(self, rows: torch.Tensor, scheduler: Any) -> _Group:
         embeddings = self.embeddings
         if self.guided:  # [uncond; cond] -> the same rows of each half
@@ -90,8 +96,8 @@ def _evaluate(unet, unet_dtype, group: _Group, t, guidance_scale: float) -> torc
 
 
 def _update(group: _Group, noise: torch.Tensor, t) -> None:
-    extra = step_kwargs(group.scheduler, group.generators)
-    group.latents = group.scheduler.step(noise, t, group.latents, **extra, return_dict=False)[0]
+    group.latents = group.scheduler.step(noise, t, group.latents, **group.step_extra,
+                                         return_dict=False)[0]
 
 
 def _run(unet, unet_dtype, group: _Group, start: int, guidance_scale: float,
