@@ -11,7 +11,6 @@ Every kind ends as the same `Components`, so the engine never cares where weight
 
 from __future__ import annotations
 
-import logging
 import re
 from dataclasses import dataclass
 from importlib import resources
@@ -19,8 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from sdaccel.errors import ModelNotFoundError
-
-log = logging.getLogger(__name__)
 
 RANDOM_ARCHS = ("tiny", "sd15")
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+(@[\w./-]+)?$")
