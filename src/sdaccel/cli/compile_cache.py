@@ -38,10 +38,9 @@ def _settings(preset, config, overrides, model, steps, sampler, seed, height, wi
               batch):
     """The same layers and shorthand flags as `generate`, so the same command line finds the
     same entry (steps and seed do not change the graph, but are accepted)."""
-    from sdaccel.settings import resolve_settings
-
-    flags = opt.shorthand(model, steps, sampler, seed, height, width, guidance, batch)
-    return resolve_settings(preset, config, flags, overrides)
+    return opt.resolve(preset, config, overrides, model=model, steps=steps, sampler=sampler,
+                       seed=seed, height=height, width=width, guidance=guidance,
+                       num_images=batch)
 
 
 def _sizes(sizes: list[str] | None, settings) -> list[tuple[int, int]]:

@@ -49,19 +49,15 @@ def generate(
     console = Console(stderr=True, soft_wrap=True)
     with reported_errors(console):
         from sdaccel.errors import ConfigError
-        from sdaccel.settings import resolve_settings
 
         if (prompts_file is None) == (not prompts):
             raise ConfigError("give prompts as arguments or --prompts-file FILE, not both"
                               if prompts else "no prompts: give them as arguments or "
                               "--prompts-file FILE")
 
-        resolved = resolve_settings(
-            preset, config,
-            opt.shorthand(model, steps, sampler, seed, height, width, guidance, num_images,
-                          out_dir),
-            overrides,
-        )
+        resolved = opt.resolve(preset, config, overrides, model=model, steps=steps,
+                               sampler=sampler, seed=seed, height=height, width=width,
+                               guidance=guidance, num_images=num_images, out_dir=out_dir)
         if prompts_file is not None:
             _run_jobs(resolved, prompts_file, negative_prompt, as_json, console)
         else:

@@ -42,16 +42,15 @@ def inspect_config(
         if list_presets:
             _print_presets(as_json)
             return
-        from sdaccel.settings import resolve_settings, settings_as_dict
+        from sdaccel.settings import settings_as_dict
 
-        resolved = resolve_settings(
-            preset, config,
-            opt.shorthand(model, steps, sampler, seed, height, width, guidance, num_images,
-                          out_dir),
-            overrides,
-        )
+        resolved = opt.resolve(preset, config, overrides, model=model, steps=steps,
+                               sampler=sampler, seed=seed, height=height, width=width,
+                               guidance=guidance, num_images=num_images, out_dir=out_dir)
         if not skip_device_check:
-            _check_device(resolved.settings)
+            from sdaccel.engine.precision import device_for
+
+            device_for(resolved.settings)
         values = settings_as_dict(resolved.settings)
         if as_json:
             typer.echo(json.dumps({"preset": resolved.preset, "settings": values,
@@ -59,15 +58,6 @@ def inspect_config(
         else:
             typer.echo(f"# preset: {resolved.preset}")
             typer.echo(annotated_yaml(values, resolved.sources))
-
-
-def _check_device(settings) -> None:
-    from sdaccel.engine.precision import check_precisions, resolve_device
-
-    check_precisions(resolve_device(settings.device), {
-        "unet_dtype": settings.unet_dtype, "vae_dtype": settings.vae_dtype,
-        "text_encoder_dtype": settings.text_encoder_dtype,
-    })
 
 
 def annotated_yaml(values: dict[str, Any], sources: dict[str, str], prefix: str = "",

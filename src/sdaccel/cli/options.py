@@ -51,6 +51,14 @@ Json = Annotated[bool, typer.Option("--json", help="Machine-readable output on s
                                     "everything else goes to stderr.")]
 
 
+def resolve(preset: str | None, config: Path | None, overrides: list[str] | None,
+            **flags: Any):
+    """Settings from the layers every command takes; `flags` are shorthand()'s arguments."""
+    from sdaccel.settings import resolve_settings
+
+    return resolve_settings(preset, config, shorthand(**flags), overrides)
+
+
 def shorthand(
     model: str | None = None, steps: int | None = None, sampler: str | None = None,
     seed: int | None = None, height: int | None = None, width: int | None = None,

@@ -13,7 +13,7 @@ from sdaccel.engine.compile import compile_callable, load_matching
 from sdaccel.engine.denoise import denoise
 from sdaccel.engine.models import Components, load_components
 from sdaccel.engine.optimize import apply_passes, with_attention
-from sdaccel.engine.precision import DTYPES, cast, check_precisions, resolve_device
+from sdaccel.engine.precision import DTYPES, cast, device_for
 from sdaccel.engine.samplers import build_scheduler
 from sdaccel.errors import ConfigError
 from sdaccel.events import (
@@ -46,12 +46,7 @@ class Engine:
     def __init__(self, settings: Settings, on_event: EventHandler = ignore) -> None:
         self.settings = settings
         self.on_event = on_event
-        self.device = resolve_device(settings.device)
-        check_precisions(self.device, {
-            "unet_dtype": settings.unet_dtype,
-            "vae_dtype": settings.vae_dtype,
-            "text_encoder_dtype": settings.text_encoder_dtype,
-        })
+        self.device = device_for(settings)
         adaptive = settings.adaptive
         self.planner = Planner.from_settings(adaptive) if adaptive.enabled else None
         self.components = load_components(settings.model_id, device=str(self.device))

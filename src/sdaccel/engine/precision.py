@@ -33,6 +33,17 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def device_for(settings) -> torch.device:
+    """The device `settings` ask for, checked to exist and to run each component's precision."""
+    device = resolve_device(settings.device)
+    check_precisions(device, {
+        "unet_dtype": settings.unet_dtype,
+        "vae_dtype": settings.vae_dtype,
+        "text_encoder_dtype": settings.text_encoder_dtype,
+    })
+    return device
+
+
 def check_precisions(device: torch.device, dtypes: dict[str, str]) -> None:
     """Raise DeviceError naming the component whose precision this device cannot run."""
     for key, name in dtypes.items():
