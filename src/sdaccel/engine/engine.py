@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from diffusers.image_processor import VaeImageProcessor
 
 from sdaccel.engine.adaptive import Planner
 from sdaccel.engine.compile import compile_callable, load_matching
@@ -63,6 +64,7 @@ class Engine:
         self.unet_dtype = DTYPES[s.unet_dtype]
         self.vae_dtype = DTYPES[s.vae_dtype]
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self._image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
         self.check_size(s.generation.height, s.generation.width)
         # PyTorch SDPA attention, then the speed passes the settings switch on.
         self.passes = apply_passes(self.unet, self.vae, s, self.device, self.on_event)
@@ -138,7 +140,7 @@ class Engine:
                 image_prompts[d.position], seeds[d.position], self.planner.method, d.score,
                 self.planner.warmup_steps, d.total_steps, self.planner.max_steps)
             self.on_event(plans[d.position])
-        images = self._decode(out.latents, generators)
+        images = self._decode(out.latents)
         seconds = time.perf_counter() - started
         self.on_event(BatchDone(batch, max(out.steps), seconds))
         evaluations = 2 if self.guided else 1
@@ -178,11 +180,7 @@ class Engine:
     def _decode_eager(self, latents: torch.Tensor) -> torch.Tensor:
         return self.vae.decode(latents, return_dict=False)[0]
 
-    def _decode(self, latents: torch.Tensor, generators: list[torch.Generator]) -> list:
-        from diffusers.image_processor import VaeImageProcessor
-
+    def _decode(self, latents: torch.Tensor) -> list:
         scaled = (latents / self.vae.config.scaling_factor).to(self.vae_dtype)
         pixels = self._vae_decode(scaled).float()
-        return VaeImageProcessor(vae_scale_factor=self.vae_scale_factor).postprocess(
-            pixels, output_type="pil"
-        )
+        return self._image_processor.postprocess(pixels, output_type="pil")
