@@ -118,6 +118,8 @@ def test_smoke_training_runs_end_to_end(tmp_path):
 
     report = train.main(["--smoke", "--out", str(tmp_path / "m")])
     assert report["check_image_size"] == [dataset.IMAGE_SIZE, dataset.IMAGE_SIZE]
+    # the VAE's ceiling (judge on its reconstructions) is measured and reported with every run
+    assert 0.0 <= report["vae"]["held_out_judge_on_reconstructions"]["aligned"] <= 1.0
     assert (tmp_path / "m" / "model_index.json").exists()
     assert (tmp_path / "m" / "unet" / "diffusion_pytorch_model.safetensors").exists()
 
