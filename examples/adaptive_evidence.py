@@ -48,10 +48,18 @@ class Point:
 
 
 def engine_for(args, *overrides: str) -> Engine:
-    settings = resolve_settings("tiny", overrides=[
-        f"model_id={args.model}", "sampler.name=dpm_solver++",
-        f"generation.height={args.size}", f"generation.width={args.size}",
-        f"generation.guidance_scale={args.guidance}", *overrides], environ={}).settings
+    settings = resolve_settings(
+        "tiny",
+        overrides=[
+            f"model_id={args.model}",
+            "sampler.name=dpm_solver++",
+            f"generation.height={args.size}",
+            f"generation.width={args.size}",
+            f"generation.guidance_scale={args.guidance}",
+            *overrides,
+        ],
+        environ={},
+    ).settings
     return Engine(settings)
 
 
@@ -64,11 +72,15 @@ def run(engine: Engine, captions: list[str], seeds: list[int]):
 
 
 def adaptive_overrides(method: str, low: float, high: float, args) -> list[str]:
-    return ["adaptive.enabled=true", f"adaptive.uncertainty.method={method}",
-            f"adaptive.warmup_steps={args.warmup}", f"adaptive.min_steps={args.min_steps}",
-            f"adaptive.max_steps={args.max_steps}",
-            f"adaptive.uncertainty.threshold_low={low:.6g}",
-            f"adaptive.uncertainty.threshold_high={high:.6g}"]
+    return [
+        "adaptive.enabled=true",
+        f"adaptive.uncertainty.method={method}",
+        f"adaptive.warmup_steps={args.warmup}",
+        f"adaptive.min_steps={args.min_steps}",
+        f"adaptive.max_steps={args.max_steps}",
+        f"adaptive.uncertainty.threshold_low={low:.6g}",
+        f"adaptive.uncertainty.threshold_high={high:.6g}",
+    ]
 
 
 def score(label, results, references, captions, judge: bool) -> Point:
@@ -76,8 +88,14 @@ def score(label, results, references, captions, judge: bool) -> Point:
     refs = [r.image for r in references]
     aligned = metrics.alignment(images, captions)["aligned"] if judge else None
     steps = [r.steps for r in results]
-    return Point(label, float(np.mean(steps)), metrics.psnr(images, refs),
-                 metrics.ssim(images, refs), aligned, steps)
+    return Point(
+        label,
+        float(np.mean(steps)),
+        metrics.psnr(images, refs),
+        metrics.ssim(images, refs),
+        aligned,
+        steps,
+    )
 
 
 def evaluate(args, captions, seeds, thresholds, judge) -> list[Point]:
@@ -104,8 +122,10 @@ def calibrate(args, captions, seeds) -> dict[str, list]:
     for method in METHODS:
         probe = engine_for(args, *adaptive_overrides(method, 0.0, 1e9, args))
         scores = [r.plan.score for r in run(probe, captions, seeds)]
-        thresholds[method] = [((a, b), (float(np.quantile(scores, a)),
-                                        float(np.quantile(scores, b)))) for a, b in QUANTILES]
+        thresholds[method] = [
+            ((a, b), (float(np.quantile(scores, a)), float(np.quantile(scores, b))))
+            for a, b in QUANTILES
+        ]
         print(f"{method}: training scores {np.min(scores):.4g}..{np.max(scores):.4g}", flush=True)
     return thresholds
 
@@ -122,15 +142,21 @@ def versus_fixed(point: Point, fixed: list[Point], attr: str) -> float | None:
 
 def _line(p: Point) -> str:
     aligned = "" if p.aligned is None else f"  aligned {p.aligned:.1%}"
-    return f"{p.label:42s} mean steps {p.mean_steps:5.2f}  PSNR {p.psnr:5.2f}  " \
-           f"SSIM {p.ssim:.3f}{aligned}"
+    return (
+        f"{p.label:42s} mean steps {p.mean_steps:5.2f}  PSNR {p.psnr:5.2f}  "
+        f"SSIM {p.ssim:.3f}{aligned}"
+    )
 
 
 def report(title: str, points: list[Point], n_images: int) -> list[str]:
     fixed = [p for p in points if p.label.startswith("fixed")]
-    lines = [f"## {title} ({n_images} images per row)", "",
-             "| configuration | mean steps | PSNR dB | SSIM | aligned | dPSNR vs fixed | "
-             "d aligned vs fixed |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"## {title} ({n_images} images per row)",
+        "",
+        "| configuration | mean steps | PSNR dB | SSIM | aligned | dPSNR vs fixed | "
+        "d aligned vs fixed |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for p in points:
         d_psnr = versus_fixed(p, fixed, "psnr") if p not in fixed else None
         d_al = versus_fixed(p, fixed, "aligned") if p not in fixed else None
@@ -138,7 +164,8 @@ def report(title: str, points: list[Point], n_images: int) -> list[str]:
             f"| {p.label} | {p.mean_steps:.2f} | {p.psnr:.2f} | {p.ssim:.3f} | "
             f"{'-' if p.aligned is None else f'{p.aligned:.1%}'} | "
             f"{'-' if d_psnr is None else f'{d_psnr:+.2f}'} | "
-            f"{'-' if d_al is None else f'{d_al:+.1%}'} |")
+            f"{'-' if d_al is None else f'{d_al:+.1%}'} |"
+        )
     return lines + [""]
 
 
@@ -157,12 +184,21 @@ def plot(panels: dict[str, list[Point]], path: Path) -> None:
             if getattr(fixed[0], attr) is None:
                 ax.set_visible(False)
                 continue
-            ax.plot([p.mean_steps for p in fixed], [getattr(p, attr) for p in fixed], "k-o",
-                    label="fixed steps")
+            ax.plot(
+                [p.mean_steps for p in fixed],
+                [getattr(p, attr) for p in fixed],
+                "k-o",
+                label="fixed steps",
+            )
             for method, marker in zip(METHODS, ("s", "^"), strict=True):
                 ours = [p for p in points if p.label.startswith(method)]
-                ax.scatter([p.mean_steps for p in ours], [getattr(p, attr) for p in ours],
-                           marker=marker, s=60, label=f"adaptive {method}")
+                ax.scatter(
+                    [p.mean_steps for p in ours],
+                    [getattr(p, attr) for p in ours],
+                    marker=marker,
+                    s=60,
+                    label=f"adaptive {method}",
+                )
             ax.set_xlabel("mean steps per image (UNet calls / 2)")
             ax.set_ylabel(ylabel)
             ax.set_title(title)
@@ -196,13 +232,17 @@ def main() -> None:
         f"{args.model}, training captions": evaluate(args, train, seeds, thresholds, judge),
         f"{args.model}, held-out captions": evaluate(args, held_out, seeds, thresholds, judge),
     }
-    lines = [f"# Adaptive vs fixed steps: {args.model}", "",
-             f"DPM-Solver++, guidance {args.guidance}, {args.size}x{args.size}, seeds {seeds}; "
-             f"adaptive warm-up {args.warmup}, steps {args.min_steps}-{args.max_steps}; "
-             f"reference: {args.reference_steps} steps, same seed. Thresholds are quantiles of "
-             "each estimator's scores on the training captions. dX vs fixed: the adaptive "
-             "point minus the fixed-step curve interpolated at the same mean steps "
-             "(positive = adaptive better at equal cost).", ""]
+    lines = [
+        f"# Adaptive vs fixed steps: {args.model}",
+        "",
+        f"DPM-Solver++, guidance {args.guidance}, {args.size}x{args.size}, seeds {seeds}; "
+        f"adaptive warm-up {args.warmup}, steps {args.min_steps}-{args.max_steps}; "
+        f"reference: {args.reference_steps} steps, same seed. Thresholds are quantiles of "
+        "each estimator's scores on the training captions. dX vs fixed: the adaptive "
+        "point minus the fixed-step curve interpolated at the same mean steps "
+        "(positive = adaptive better at equal cost).",
+        "",
+    ]
     for title, points in panels.items():
         n = len(points[0].steps)
         lines += report(title, points, n)

@@ -35,18 +35,33 @@ import sys
 import time
 
 
-def configs(steps: int, skip_compile: bool, model: str = "random:sd15", device: str = "cuda",
-            size: int = 512) -> list:
+def configs(
+    steps: int,
+    skip_compile: bool,
+    model: str = "random:sd15",
+    device: str = "cuda",
+    size: int = 512,
+) -> list:
     from sdaccel.settings import resolve_settings
 
-    common = [f"model_id={model}", f"device={device}", f"sampler.steps={steps}",
-              "sampler.name=dpm_solver++", "adaptive.enabled=false", f"generation.height={size}",
-              f"generation.width={size}", "generation.guidance_scale=7.5",
-              "generation.num_images_per_prompt=1"]
+    common = [
+        f"model_id={model}",
+        f"device={device}",
+        f"sampler.steps={steps}",
+        "sampler.name=dpm_solver++",
+        "adaptive.enabled=false",
+        f"generation.height={size}",
+        f"generation.width={size}",
+        "generation.guidance_scale=7.5",
+        "generation.num_images_per_prompt=1",
+    ]
     fp16 = ["unet_dtype=fp16", "vae_dtype=fp16", "text_encoder_dtype=fp16"]
     passes = ["optimize.channels_last=true", "optimize.fuse_qkv=true"]
-    compiled = ["compile.enabled=true", "compile.mode=reduce-overhead",
-                "optimize.inductor_flags=true"]
+    compiled = [
+        "compile.enabled=true",
+        "compile.mode=reduce-overhead",
+        "optimize.inductor_flags=true",
+    ]
     table = [
         ("fp32 eager", "fp32-ddpm50", []),
         ("fp16 eager", "fp32-ddpm50", fp16),
@@ -58,9 +73,13 @@ def configs(steps: int, skip_compile: bool, model: str = "random:sd15", device: 
             ("mix-bf16-int8-compile", "mix-bf16-int8-compile", []),
             ("fp16 compiled", "fp32-ddpm50", fp16 + passes + compiled),
         ]
-    return [(f"{label} @{steps}", resolve_settings(preset, overrides=common + extra,
-                                                   environ={}).settings)
-            for label, preset, extra in table]
+    return [
+        (
+            f"{label} @{steps}",
+            resolve_settings(preset, overrides=common + extra, environ={}).settings,
+        )
+        for label, preset, extra in table
+    ]
 
 
 def main() -> int:
@@ -68,8 +87,11 @@ def main() -> int:
     parser.add_argument("--steps", type=int, nargs="+", default=[20, 50])
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--skip-compile", action="store_true",
-                        help="leave out the torch.compile rows (they take most of the time)")
+    parser.add_argument(
+        "--skip-compile",
+        action="store_true",
+        help="leave out the torch.compile rows (they take most of the time)",
+    )
     parser.add_argument("--json", help="also write the report as JSON to this file")
     # For a dry run of this script on a machine without a GPU (not a measurement):
     #   --device cpu --model random:tiny --size 32 --steps 2 --iters 1 --warmup 0 --skip-compile
@@ -82,8 +104,9 @@ def main() -> int:
     import torch
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print("This benchmark needs a CUDA GPU (torch.cuda.is_available() is False).",
-              file=sys.stderr)
+        print(
+            "This benchmark needs a CUDA GPU (torch.cuda.is_available() is False).", file=sys.stderr
+        )
         return 4
     from rich.console import Console
 
@@ -97,29 +120,45 @@ def main() -> int:
 
     def progress(p) -> None:
         if p.phase != "timed" or p.done == p.total:
-            console.print(f"[dim]{time.perf_counter() - started:6.0f} s  {p.label}: {p.phase} "
-                          f"{p.done}/{p.total}[/]", highlight=False)
+            console.print(
+                f"[dim]{time.perf_counter() - started:6.0f} s  {p.label}: {p.phase} "
+                f"{p.done}/{p.total}[/]",
+                highlight=False,
+            )
 
-    reports = [benchmark(configs(steps, args.skip_compile, args.model, args.device, args.size),
-                         None, args.iters, args.warmup, also_baselines=["fp16"],
-                         on_progress=progress)
-               for steps in args.steps]
+    reports = [
+        benchmark(
+            configs(steps, args.skip_compile, args.model, args.device, args.size),
+            None,
+            args.iters,
+            args.warmup,
+            also_baselines=["fp16"],
+            on_progress=progress,
+        )
+        for steps in args.steps
+    ]
     for report, steps in zip(reports, args.steps, strict=True):
         for row in report.rows:
             row.baseline = f"{row.baseline} @{steps}"
             if row.kind == "baseline":
                 row.label = f"{row.label} @{steps}"
     merged = BenchReport(
-        rows=[row for report in reports for row in report.rows], prompts=reports[0].prompts,
-        iters=args.iters, warmup=args.warmup, device_name=reports[0].device_name,
-        versions=reports[0].versions, memory_note=reports[0].memory_note,
+        rows=[row for report in reports for row in report.rows],
+        prompts=reports[0].prompts,
+        iters=args.iters,
+        warmup=args.warmup,
+        device_name=reports[0].device_name,
+        versions=reports[0].versions,
+        memory_note=reports[0].memory_note,
     )
     Console(width=240).print(report_table(merged))
     best = max((r for r in merged.rows if r.unet_steps_per_s), key=lambda r: r.unet_steps_per_s)
-    print(f"\nfastest UNet loop: {best.label}: {best.unet_steps_per_s:.1f} steps/s "
-          f"(published bar for SD 1.5 on an H100, stable-fast: ~105 it/s); "
-          f"total {time.perf_counter() - started:.0f} s; torch {merged.versions['torch']}, "
-          f"diffusers {merged.versions['diffusers']}")
+    print(
+        f"\nfastest UNet loop: {best.label}: {best.unet_steps_per_s:.1f} steps/s "
+        f"(published bar for SD 1.5 on an H100, stable-fast: ~105 it/s); "
+        f"total {time.perf_counter() - started:.0f} s; torch {merged.versions['torch']}, "
+        f"diffusers {merged.versions['diffusers']}"
+    )
     for row in merged.rows:
         if row.notes:
             print(f"note: {row.label}: {row.notes}")
