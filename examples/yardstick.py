@@ -264,12 +264,16 @@ def main() -> None:
     p.add_argument("--steps", nargs="+", type=int, default=[5, 10, 20, 50])
     p.add_argument("--reference-steps", type=int, default=100)
     p.add_argument("--reference-sampler", default="dpm_solver++", choices=[*LABELS, "same"])
-    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--guidance", type=float, help="default: the tiny preset's guidance scale")
     p.add_argument("--seeds", type=int, default=2, help="seeds per caption")
     p.add_argument("--guidance-sweep", nargs="*", type=float, default=[], metavar="G")
     p.add_argument("--md", type=Path, default=HERE / "yardstick.md")
     p.add_argument("--png", type=Path, default=HERE / "yardstick.png")
     args = p.parse_args()
+    if args.guidance is None:
+        from sdaccel.settings import resolve_settings
+
+        args.guidance = resolve_settings("tiny", environ={}).settings.generation.guidance_scale
     rows = run(args)
     n_images = len(dataset.held_out_captions()) * args.seeds
     sweep = sweep_table(guidance_sweep(args)) if args.guidance_sweep else ""

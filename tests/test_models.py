@@ -83,5 +83,6 @@ def test_folder_saved_by_diffusers_loads_by_path(tmp_path):
         pipe.scheduler.config, algorithm_type="dpmsolver++")
     pipe.set_progress_bar_config(disable=True)
     theirs = pipe("a red circle", num_inference_steps=4, height=32, width=32,
+                  guidance_scale=ours.settings.generation.guidance_scale,
                   generator=[torch.Generator().manual_seed(3)], output_type="latent").images
     assert (ours.generate(["a red circle"], seed=3)[0].latents - theirs[0]).abs().max() <= 1e-4

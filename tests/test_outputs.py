@@ -47,7 +47,7 @@ def test_metadata_round_trip(tmp_path):
     assert lines[1] == "Negative prompt: blurry"
     # The key: value layout A1111-compatible readers parse.
     fields = dict(re.findall(r"([A-Za-z ]+): ([^,]+)(?:, |$)", lines[2]))
-    assert fields == {"Steps": "4", "Sampler": "DPM++ 2M", "CFG scale": "7.5", "Seed": "9",
+    assert fields == {"Steps": "4", "Sampler": "DPM++ 2M", "CFG scale": "4", "Seed": "9",
                       "Size": "32x32", "Model": "random:tiny"}
     ours = json.loads(meta["sdaccel"])
     assert ours["settings"]["model_id"] == "random:tiny"
