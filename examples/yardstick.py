@@ -38,6 +38,7 @@ from sdaccel.shapes import dataset  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 LABELS = {"ddpm": "DDPM", "ddim": "DDIM", "dpm_solver++": "DPM-Solver++"}
+ATTRS = ["colour", "shape", "background", "count", "size", "position"]
 COLOURS = {"ddpm": (214, 39, 40), "ddim": (31, 119, 180), "dpm_solver++": (44, 160, 44)}
 
 
@@ -76,9 +77,12 @@ def generate(
     return images, (time.perf_counter() - start) / len(images)
 
 
+def _seeds(args: argparse.Namespace) -> list[int]:
+    return [1000 * (i + 1) for i in range(args.seeds)]
+
+
 def run(args: argparse.Namespace) -> list[Row]:
-    captions = dataset.held_out_captions()
-    seeds = [1000 * (i + 1) for i in range(args.seeds)]
+    captions, seeds = dataset.held_out_captions(), _seeds(args)
     all_captions = captions * len(seeds)
     rows: list[Row] = []
     shared = None
@@ -122,8 +126,7 @@ HEADLINE = ("dpm_solver++", 20)  # the issue's quality bar: DPM-Solver++ at 20 s
 
 def guidance_sweep(args: argparse.Namespace) -> list[tuple[float, dict[str, float]]]:
     """Alignment of the headline setting at each ``--guidance-sweep`` scale (same seeds)."""
-    captions = dataset.held_out_captions()
-    seeds = [1000 * (i + 1) for i in range(args.seeds)]
+    captions, seeds = dataset.held_out_captions(), _seeds(args)
     out = []
     for g in args.guidance_sweep:
         images, _ = generate(args.model, *HEADLINE, g, captions, seeds)
@@ -133,16 +136,15 @@ def guidance_sweep(args: argparse.Namespace) -> list[tuple[float, dict[str, floa
 
 
 def sweep_table(sweep: list[tuple[float, dict[str, float]]]) -> str:
-    attrs = ["colour", "shape", "background", "count", "size", "position"]
     lines = [
         "",
         f"## Guidance scale ({LABELS[HEADLINE[0]]}, {HEADLINE[1]} steps, same images otherwise)",
         "",
-        "| guidance | aligned | " + " | ".join(attrs) + " |",
-        "|---:|---:|" + "---:|" * len(attrs),
+        "| guidance | aligned | " + " | ".join(ATTRS) + " |",
+        "|---:|---:|" + "---:|" * len(ATTRS),
     ]
     for g, acc in sweep:
-        cells = " | ".join(_pct(acc.get(a)) for a in attrs)
+        cells = " | ".join(_pct(acc.get(a)) for a in ATTRS)
         lines.append(f"| {g:g} | **{_pct(acc['aligned'])}** | {cells} |")
     return "\n".join(lines) + "\n"
 
@@ -152,7 +154,6 @@ def _pct(v: float | None) -> str:
 
 
 def table(rows: list[Row], args: argparse.Namespace, n_images: int) -> str:
-    attrs = ["colour", "shape", "background", "count", "size", "position"]
     lines = [
         "# Yardstick: bundled `shapes` model, held-out captions",
         "",
@@ -172,11 +173,11 @@ def table(rows: list[Row], args: argparse.Namespace, n_images: int) -> str:
         + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in _cli_args(args).items())
         + "`.",
         "",
-        "| sampler | steps | aligned | " + " | ".join(attrs) + " | PSNR (dB) | SSIM | s/image |",
-        "|---|---:|---:|" + "---:|" * len(attrs) + "---:|---:|---:|",
+        "| sampler | steps | aligned | " + " | ".join(ATTRS) + " | PSNR (dB) | SSIM | s/image |",
+        "|---|---:|---:|" + "---:|" * len(ATTRS) + "---:|---:|---:|",
     ]
     for r in rows:
-        cells = [_pct(r.alignment.get(a)) for a in attrs]
+        cells = [_pct(r.alignment.get(a)) for a in ATTRS]
         lines.append(
             f"| {LABELS[r.sampler]} | {r.steps} | **{_pct(r.alignment['aligned'])}** | "
             + " | ".join(cells)

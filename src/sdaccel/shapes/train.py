@@ -10,11 +10,14 @@ Stages (each logged with its wall time):
 1. data: ``--n-train`` procedural images and captions (:mod:`sdaccel.shapes.dataset`), held-out
    triples excluded;
 2. VAE: a small ``AutoencoderKL`` (64x64 RGB -> 16x16x4 latents), L1+MSE reconstruction loss,
-   tiny KL weight, AdamW with warm-up, cosine decay and gradient clipping;
+   tiny KL weight, AdamW with warm-up, cosine decay and gradient clipping; on 32x32 crops (a
+   quarter of the cost per step) then, for the last ``--vae-full-fraction``, whole images; then
+   checked by the judge on its reconstructions of held-out images (the ceiling for any UNet);
 3. latents: every training image encoded once (posterior mean and std); the VAE
    ``scaling_factor`` is set to 1 / RMS of the sampled latents (diffusers' 0.18215 is for SD's VAE);
 4. UNet + text encoder: a small ``UNet2DConditionModel`` and a 3-layer ``CLIPTextModel`` trained
-   together on epsilon prediction with min-SNR(5) loss weighting, 10% of captions replaced by
+   together on epsilon prediction with min-SNR(5) loss weighting and offset noise (else the
+   model reads the background from the starting noise's mean), 10% of captions replaced by
    exactly the tokenisation the pipeline uses for the empty negative prompt (so classifier-free
    guidance has an unconditional branch), an EMA of the weights, until ``--unet-steps`` or
    ``--unet-minutes`` is reached (learning-rate schedule follows whichever is nearer);
