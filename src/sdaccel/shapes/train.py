@@ -189,10 +189,11 @@ def train_vae(cfg: TrainConfig, images: torch.Tensor, gen: torch.Generator) -> t
     budget = _Budget(cfg.vae_steps, cfg.vae_minutes)
     n, step, losses = images.shape[0], 0, []
     while step < cfg.vae_steps and budget.elapsed() < budget.seconds:
+        progress = budget.progress(step)
         for g in opt.param_groups:
-            g["lr"] = cfg.vae_lr * _lr_factor(budget.progress(step), step, warmup=30)
+            g["lr"] = cfg.vae_lr * _lr_factor(progress, step, warmup=30)
         x = _to_float(images[torch.randint(0, n, (cfg.vae_batch,), generator=gen)])
-        if budget.progress(step) < 1.0 - cfg.vae_full_fraction:
+        if progress < 1.0 - cfg.vae_full_fraction:
             x = _random_crop(x, cfg.vae_crop, gen)
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample(generator=gen)).sample
