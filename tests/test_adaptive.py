@@ -4,7 +4,13 @@ import pytest
 import torch
 from conftest import tiny_settings
 
-from sdaccel.engine.adaptive import decide_total, pred_var, tail_timesteps
+from sdaccel.engine.adaptive import (
+    decide_total,
+    pred_var,
+    predicted_x0,
+    solver_error,
+    tail_timesteps,
+)
 from sdaccel.engine.engine import Engine
 from sdaccel.engine.samplers import REPLANNABLE
 from sdaccel.errors import ConfigError
@@ -111,3 +117,20 @@ def test_solver_error_estimator_runs():
     results = Engine(adaptive("adaptive.uncertainty.method=solver_error", low=0,
                               high=1e9)).generate(["a"])
     assert results[0].plan.method == "solver_error" and results[0].plan.score > 0
+
+
+@pytest.mark.parametrize("scheduler_name", ["DDPMScheduler", "DPMSolverMultistepScheduler"])
+def test_estimators_stay_finite_on_a_zero_terminal_snr_schedule(scheduler_name):
+    """The bundled model's schedule: alpha_bar(999) = 0 (DDPM) or 2**-24 (DPM-Solver). At t=999
+    the model's v is -x0, and the solver-error score must still be a finite number."""
+    import diffusers
+
+    scheduler = getattr(diffusers, scheduler_name)(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+        rescale_betas_zero_snr=True, prediction_type="v_prediction", timestep_spacing="trailing")
+    sample, v = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    x0_first = predicted_x0(scheduler, sample, v, 999)
+    assert torch.allclose(x0_first, -v, atol=1e-3)
+    x0_next = predicted_x0(scheduler, sample, torch.randn_like(v), 949)
+    score = solver_error([x0_first, x0_next], scheduler, [999, 949], 899)
+    assert torch.isfinite(score).all() and (score > 0).all()

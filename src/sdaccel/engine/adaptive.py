@@ -41,7 +41,9 @@ ESTIMATORS = ("pred_var", "solver_error")  # settings.UncertaintySettings.method
 
 def alpha_sigma(scheduler, timestep) -> tuple[float, float]:
     """VP-schedule alpha_t and sigma_t (sqrt of alpha_bar and of 1 - alpha_bar)."""
-    alpha_bar = float(scheduler.alphas_cumprod[int(timestep)])
+    # A zero-terminal-SNR schedule has alpha_bar = 0 at t=999 in DDPM/DDIM; the floor is
+    # DPM-Solver's own, and keeps log(alpha / sigma) finite.
+    alpha_bar = max(float(scheduler.alphas_cumprod[int(timestep)]), 2.0**-24)
     return alpha_bar**0.5, (1 - alpha_bar) ** 0.5
 
 
