@@ -121,8 +121,8 @@ def test_solver_error_estimator_runs():
 
 @pytest.mark.parametrize("scheduler_name", ["DDPMScheduler", "DPMSolverMultistepScheduler"])
 def test_estimators_stay_finite_on_a_zero_terminal_snr_schedule(scheduler_name):
-    """The bundled model's schedule: alpha_bar(999) = 0 (DDPM) or 2**-24 (DPM-Solver). At t=999
-    the model's v is -x0, and the solver-error score must still be a finite number."""
+    """A model trained with `rescale_betas_zero_snr`: alpha_bar(999) = 0 (DDPM) or 2**-24
+    (DPM-Solver). At t=999 the model's v is -x0, and the solver-error score must stay finite."""
     import diffusers
 
     scheduler = getattr(diffusers, scheduler_name)(
