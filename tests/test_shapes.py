@@ -113,6 +113,17 @@ def test_judge_rejects_mismatched_captions():
     assert judge.read(blank).shape is None and not judge.score(blank, "a red circle").aligned
 
 
+def test_caption_labels_name_every_stated_attribute():
+    from sdaccel.shapes import train
+
+    labels = train.caption_labels(
+        ["a small red circle in the top left on a blue and white background", "two green stars"]
+    ).tolist()
+    colour, position = dataset.COLOURS.index, dataset.POSITIONS.index
+    assert labels[0] == [0, colour("red"), 0, 1, position("top left") + 1, 3, 6]
+    assert labels[1] == [1, colour("green"), dataset.SHAPES.index("star"), 0, 0, 0, 0]
+
+
 def test_smoke_training_runs_end_to_end(tmp_path):
     from sdaccel.shapes import train
 
@@ -120,6 +131,7 @@ def test_smoke_training_runs_end_to_end(tmp_path):
     assert report["check_image_size"] == [dataset.IMAGE_SIZE, dataset.IMAGE_SIZE]
     # the VAE's ceiling (judge on its reconstructions) is measured and reported with every run
     assert 0.0 <= report["vae"]["held_out_judge_on_reconstructions"]["aligned"] <= 1.0
+    assert set(report["text_encoder"]["held_out_attributes_read_back"]) >= {"position", "colour"}
     assert (tmp_path / "m" / "model_index.json").exists()
     assert (tmp_path / "m" / "unet" / "diffusion_pytorch_model.safetensors").exists()
 
