@@ -162,6 +162,28 @@ def test_bundled_model_loads_offline_and_generates():
 @pytest.mark.skipif(
     not (BUNDLED_DIR / "model_index.json").exists(), reason="bundled model not trained"
 )
+def test_bundled_text_encoder_tells_every_stated_word_apart():
+    """Position words once collapsed in a jointly trained text encoder, and the UNet never learnt
+    them: swapping "top left" for "bottom right" must move the token states as much as swapping
+    a colour does."""
+    import torch
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from sdaccel.shapes.train import tokenize
+
+    tokenizer = CLIPTokenizer.from_pretrained(str(BUNDLED_DIR / "tokenizer"))
+    encoder = CLIPTextModel.from_pretrained(str(BUNDLED_DIR / "text_encoder"))
+    base = "a small red circle in the top left on a blue background"
+    edits = [base.replace("top left", "bottom right"), base.replace("red", "green")]
+    with torch.no_grad():
+        states = encoder(tokenize(tokenizer, [base, *edits]))[0]
+    moved_by_position, moved_by_colour = ((states[0] - states[k]).norm() for k in (1, 2))
+    assert moved_by_position > 0.5 * moved_by_colour, (moved_by_position, moved_by_colour)
+
+
+@pytest.mark.skipif(
+    not (BUNDLED_DIR / "model_index.json").exists(), reason="bundled model not trained"
+)
 def test_bundled_model_draws_what_the_caption_says():
     """What a new user sees: the `tiny` preset (the demo) draws trained captions recognisably."""
     from sdaccel.engine.engine import Engine
