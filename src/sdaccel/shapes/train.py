@@ -38,15 +38,10 @@ import argparse
 import json
 import logging
 import math
-import os
 import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-
-# Idle OpenMP threads sleep instead of spinning: on a 2-core machine shared with another busy
-# process, spinning threads made a training step 20x slower. Only effective before torch loads.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
