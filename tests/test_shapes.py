@@ -202,9 +202,20 @@ def test_bundled_model_draws_what_the_caption_says():
             ("green", "star", "blue"),
         ]
     ]
-    assert not set(captions) & set(dataset.held_out_captions())
+    placed = [
+        ("yellow", "triangle", "top left", "blue"),
+        ("red", "square", "top right", "white"),
+        ("green", "circle", "bottom left", "red"),
+        ("white", "star", "bottom right", "purple"),
+    ]
+    corners = [f"a small {c} {s} in the {where} on a {bg} background" for c, s, where, bg in placed]
+    assert not set(captions + corners) & set(dataset.held_out_captions())
     settings = resolve_settings("tiny", environ={}).settings
-    results = Engine(settings).generate(captions, seed=settings.seed)
-    scores = [judge.score(r.image, c) for r, c in zip(results, captions, strict=True)]
+    results = Engine(settings).generate(captions + corners, seed=settings.seed)
+    scores = [judge.score(r.image, c) for r, c in zip(results, captions + corners, strict=True)]
     assert scores[0].aligned, scores[0]
-    assert sum(s.aligned for s in scores) >= 6, [s.reading for s in scores]
+    assert sum(s.aligned for s in scores[:8]) >= 6, [s.reading for s in scores[:8]]
+    # the position words are followed: "in the top left" lands in the top left
+    readings = [s.reading for s in scores[8:]]
+    followed = [r.position == where for r, (_, _, where, _) in zip(readings, placed, strict=True)]
+    assert sum(followed) >= 3, readings
