@@ -22,10 +22,9 @@ Stages (each logged with its wall time):
    and the UNet never learnt "top left";
 5. UNet: a small ``UNet2DConditionModel`` trained on epsilon prediction with min-SNR(5) loss
    weighting and offset noise (else the model reads the background from the starting noise's
-   mean), 10% of captions replaced by exactly the tokenisation the pipeline uses for the empty
-   negative prompt (so classifier-free guidance has an unconditional branch), an EMA of the
-   weights, until ``--unet-steps`` or ``--unet-minutes`` is reached (learning-rate schedule
-   follows whichever is nearer);
+   mean), 10% of captions replaced by the empty prompt (the pipeline's unconditional input for
+   classifier-free guidance), an EMA of the weights, until ``--unet-steps`` or
+   ``--unet-minutes`` is reached (learning-rate schedule follows whichever is nearer);
 6. save: a standard diffusers folder (``StableDiffusionPipeline.save_pretrained``, safetensors,
    fp16 UNet/VAE weights unless ``--fp32``) with a ``DPMSolverMultistepScheduler``
    (DPM-Solver++) config on SD 1.x's noise schedule, and ``training.json`` with the run's
@@ -43,12 +42,12 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import numpy as np
+import torch
+import torch.nn.functional as F
 
-from sdaccel.shapes import dataset  # noqa: E402
-from sdaccel.shapes.tokenizer import MODEL_MAX_LENGTH, save_tokenizer  # noqa: E402
+from sdaccel.shapes import dataset
+from sdaccel.shapes.tokenizer import MODEL_MAX_LENGTH, save_tokenizer
 
 log = logging.getLogger("sdaccel.shapes.train")
 
@@ -511,9 +510,7 @@ def run(cfg: TrainConfig) -> dict:
     log.info("data: %d images in %.1f s", len(captions), time.perf_counter() - t0)
 
     unet = text_encoder = None
-    if (
-        cfg.resume_from
-    ):  # continue training a saved model's UNet (tokenizer, VAE, text encoder kept)
+    if cfg.resume_from:  # continue training a saved model's UNet; tokenizer, VAE, encoder kept
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
