@@ -164,6 +164,19 @@ class _Budget:
         return max(step / self.steps, self.elapsed() / self.seconds if self.seconds > 0 else 0.0)
 
 
+def _log_progress(stage: str, step: int, recent: list[float], opt, budget: _Budget) -> None:
+    seconds = budget.elapsed()
+    log.info(
+        "%s step %d loss %.4f lr %.2e (%.0f s, %.2f s/step)",
+        stage,
+        step,
+        float(np.mean(recent)),
+        opt.param_groups[0]["lr"],
+        seconds,
+        seconds / step,
+    )
+
+
 def make_data(n: int, seed: int) -> tuple[torch.Tensor, list[str]]:
     images = np.empty((n, dataset.IMAGE_SIZE, dataset.IMAGE_SIZE, 3), dtype=np.uint8)
     captions: list[str] = []
@@ -208,12 +221,7 @@ def train_vae(cfg: TrainConfig, images: torch.Tensor, gen: torch.Generator) -> t
         losses.append(loss.item())
         step += 1
         if step % cfg.log_every == 0:
-            log.info(
-                "vae step %d loss %.4f (%.0f s)",
-                step,
-                float(np.mean(losses[-cfg.log_every :])),
-                budget.elapsed(),
-            )
+            _log_progress("vae", step, losses[-cfg.log_every :], opt, budget)
     vae.eval()
     return vae, {
         "steps": step,
@@ -334,12 +342,7 @@ def train_text_encoder(
         losses.append(loss.item())
         step += 1
         if step % cfg.log_every == 0:
-            log.info(
-                "text step %d loss %.4f (%.0f s)",
-                step,
-                np.mean(losses[-cfg.log_every :]),
-                budget.elapsed(),
-            )
+            _log_progress("text", step, losses[-cfg.log_every :], opt, budget)
     text_encoder.eval().requires_grad_(False)
     held = dataset.held_out_captions()
     with torch.no_grad():
@@ -428,14 +431,7 @@ def train_unet(
         losses.append(loss.item())
         step += 1
         if step % cfg.log_every == 0:
-            log.info(
-                "unet step %d loss %.4f lr %.2e (%.0f s, %.2f s/step)",
-                step,
-                float(np.mean(losses[-cfg.log_every :])),
-                opt.param_groups[0]["lr"],
-                budget.elapsed(),
-                budget.elapsed() / step,
-            )
+            _log_progress("unet", step, losses[-cfg.log_every :], opt, budget)
     with torch.no_grad():
         for p, e in zip(params, ema, strict=True):
             p.copy_(e)
