@@ -35,6 +35,7 @@ class ImageResult:
     seed: int  # this image's own seed: generating it alone with this seed gives it again
     steps: int  # solver steps this image took (its own total under adaptive steps)
     nfe: int  # UNet evaluations spent on it: steps, twice that with guidance (cond + uncond)
+    cost: float  # UNet work in full-UNet equivalents: one full (guided) call of this image = 1
     image: object  # PIL.Image.Image
     latents: torch.Tensor  # final latents (before VAE decode), fp32, on the CPU
     seconds: float  # wall time of its batch divided by the batch size
@@ -147,7 +148,8 @@ class Engine:
         return [
             ImageResult(
                 prompt=image_prompts[k], negative_prompt=negative_prompt, seed=seeds[k],
-                steps=out.steps[k], nfe=out.steps[k] * evaluations, image=images[k],
+                steps=out.steps[k], nfe=out.steps[k] * evaluations, cost=float(out.steps[k]),
+                image=images[k],
                 latents=out.latents[k].detach().float().cpu(), seconds=seconds / batch,
                 plan=plans[k],
             )
