@@ -26,6 +26,10 @@ class StepDone:
     step: int  # 1-based
     total_steps: int
     batch_size: int
+    # What ran for each image of the group at this step, one letter each: F full UNet, C cached
+    # deep features (shallow branch only), f/c the same without the unconditional half,
+    # - skipped (see engine/stepwise.py).
+    decisions: str = ""
 
 
 @dataclass(frozen=True)

@@ -106,15 +106,57 @@ class UncertaintySettings(_Section):
         return self
 
 
+class SkipSettings(_Section):
+    """mode per_step: skip a UNet call where the trajectory is smooth, filling the step from the
+    solver's history (see engine/stepwise.py). Risk: a threshold set too high skips where the
+    picture still changes; bench and examples/frontier.py measure it."""
+
+    # Skip when the extrapolation error of x0 (relative L2, scaled to the next step) is below.
+    threshold: float = Field(0.0, ge=0)  # 0: never skip
+    max_consecutive: int = Field(1, ge=1)
+    final_steps: int = Field(1, ge=0)  # the last steps always run the full UNet
+
+
+class CacheSettings(_Section):
+    """mode per_step: DeepCache-style feature caching (engine/feature_cache.py): a full UNet
+    call every `interval` steps, in between only the shallow branch at skip level `level`
+    (0: conv_in and the last up layer; higher: more layers, closer to the full UNet)."""
+
+    interval: int = Field(1, ge=1)  # 1: no caching
+    level: int = Field(0, ge=0)
+    # Refresh before `interval` when the skip test's scaled error exceeds this (null: never).
+    threshold: float | None = Field(None, ge=0)
+
+
+class GuidanceSettings(_Section):
+    """mode per_step: fewer unconditional UNet halves. Between refreshes every `interval` steps
+    the last guidance direction (cond - uncond) is reused; after `cutoff` (a fraction of the
+    steps) or once |cond - uncond| / |cond| < `agree_threshold` the unconditional half stops and
+    the conditional prediction is used alone (guidance 1 from there, as diffusers' callback)."""
+
+    interval: int = Field(1, ge=1)  # 1: the unconditional half at every step
+    cutoff: float = Field(1.0, ge=0, le=1)  # 1: never cut off
+    agree_threshold: float = Field(0.0, ge=0)  # 0: never
+
+
 class AdaptiveSettings(_Section):
     enabled: bool = False
-    warmup_steps: int = Field(5, ge=1)
-    min_steps: int = Field(5, ge=1)
-    max_steps: int = Field(20, ge=1, le=1000)
-    uncertainty: UncertaintySettings = UncertaintySettings()
+    # replan: the seed's scheme (a warm-up, then a per-image total of steps); per_step: the
+    # sampler's own plan, each image deciding per step what the UNet computes (skip, cache,
+    # guidance below; engine/stepwise.py).
+    mode: Literal["replan", "per_step"] = "replan"
+    warmup_steps: int = Field(5, ge=1)  # per_step: the first steps always run the full UNet
+    min_steps: int = Field(5, ge=1)  # replan only
+    max_steps: int = Field(20, ge=1, le=1000)  # replan only
+    uncertainty: UncertaintySettings = UncertaintySettings()  # replan only
+    skip: SkipSettings = SkipSettings()  # per_step only
+    cache: CacheSettings = CacheSettings()  # per_step only
+    guidance: GuidanceSettings = GuidanceSettings()  # per_step only
 
     @model_validator(mode="after")
     def _ordered(self) -> AdaptiveSettings:
+        if self.mode != "replan":
+            return self
         if self.min_steps > self.max_steps:
             raise ValueError(
                 f"min_steps ({self.min_steps}) must not exceed max_steps ({self.max_steps})"
@@ -177,10 +219,12 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _adaptive_sampler_can_replan(self) -> Settings:
-        if self.adaptive.enabled and self.sampler.name not in REPLANNABLE:
+        adaptive = self.adaptive
+        if adaptive.enabled and adaptive.mode == "replan" and self.sampler.name not in REPLANNABLE:
             raise ValueError(
-                f"adaptive.enabled needs a sampler that can re-plan mid-trajectory; "
-                f"sampler.name {self.sampler.name!r} cannot (valid: {', '.join(REPLANNABLE)})"
+                f"adaptive.mode replan needs a sampler that can re-plan mid-trajectory; "
+                f"sampler.name {self.sampler.name!r} cannot (valid: {', '.join(REPLANNABLE)}; "
+                "or adaptive.mode per_step, which works with every sampler)"
             )
         return self
 

@@ -22,7 +22,8 @@ import torch
 
 from sdaccel.engine.adaptive import Planner, predicted_x0, replan, split_scheduler, tail_timesteps
 
-StepCallback = Callable[[int, int, int], None]  # (step, total_steps, images in the group)
+# (step, total_steps, images in the group, one decision letter per image: see stepwise.py)
+StepCallback = Callable[[int, int, int, str], None]
 
 
 @dataclass(frozen=True)
@@ -37,8 +38,16 @@ class Decision:
 @dataclass
 class DenoiseOutput:
     latents: torch.Tensor
-    steps: list[int]  # per image: solver steps taken (= UNet calls for that image)
-    decisions: list[Decision]
+    steps: list[int]  # per image: solver steps taken
+    decisions: list[Decision]  # the re-planner's, one per image (empty without it)
+    codes: list[str]  # per image: what ran at each step, one letter a step (stepwise.py)
+    costs: list[float]  # per image: UNet work in full-UNet equivalents
+
+    @classmethod
+    def full_calls(cls, latents: torch.Tensor, steps: list[int],
+                   decisions: list[Decision]) -> DenoiseOutput:
+        """The plain loop's and the re-planner's output: a full UNet call at every step."""
+        return cls(latents, steps, decisions, ["F" * n for n in steps], [float(n) for n in steps])
 
 
 @dataclass
@@ -106,7 +115,7 @@ def _run(unet, unet_dtype, group: _Group, start: int, guidance_scale: float,
     for index in range(start, len(timesteps)):
         t = timesteps[index]
         _update(group, _evaluate(unet, unet_dtype, group, t, guidance_scale), t)
-        on_step(index + 1, len(timesteps), len(group.positions))
+        on_step(index + 1, len(timesteps), len(group.positions), "F" * len(group.positions))
 
 
 def denoise(
@@ -131,7 +140,7 @@ def denoise(
     total = len(scheduler.timesteps)
     if planner is None or planner.warmup_steps >= total:
         _run(unet, unet_dtype, group, 0, guidance_scale, on_step)
-        return DenoiseOutput(group.latents, [total] * batch, [])
+        return DenoiseOutput.full_calls(group.latents, [total] * batch, [])
 
     timesteps = scheduler.timesteps
     history = []
@@ -142,7 +151,7 @@ def denoise(
         history.append(predicted_x0(scheduler, group.latents, noise, t))
         if index < warmup - 1:  # the last warm-up update waits for the new plan
             _update(group, noise, t)
-            on_step(index + 1, total, batch)
+            on_step(index + 1, total, batch, "F" * batch)
 
     visited = [t.item() for t in timesteps[:warmup]]
     scores = planner.scores(history, scheduler, visited, timesteps[warmup].item())
@@ -159,10 +168,10 @@ def denoise(
             tail = tail_timesteps(visited[-1], timesteps[-1].item(), chosen - warmup)
         replan(part.scheduler, visited + tail)
         _update(part, noise[rows], timesteps[warmup - 1])
-        on_step(warmup, len(part.scheduler.timesteps), len(rows))
+        on_step(warmup, len(part.scheduler.timesteps), len(rows), "F" * len(rows))
         _run(unet, unet_dtype, part, warmup, guidance_scale, on_step)
         out[rows] = part.latents
         for row in rows.tolist():
             steps[row] = len(part.scheduler.timesteps)
     decisions = [Decision(k, float(scores[k]), steps[k]) for k in range(batch)]
-    return DenoiseOutput(out, steps, decisions)
+    return DenoiseOutput.full_calls(out, steps, decisions)

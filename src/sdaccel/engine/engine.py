@@ -11,11 +11,14 @@ from diffusers.image_processor import VaeImageProcessor
 
 from sdaccel.engine.adaptive import Planner
 from sdaccel.engine.compile import compile_callable, load_matching
-from sdaccel.engine.denoise import denoise
+from sdaccel.engine.cost import UNetCost
+from sdaccel.engine.denoise import denoise, step_kwargs
+from sdaccel.engine.feature_cache import LayeredUNet
 from sdaccel.engine.models import Components, load_components
 from sdaccel.engine.optimize import apply_passes, with_attention
 from sdaccel.engine.precision import DTYPES, cast, device_for
 from sdaccel.engine.samplers import build_scheduler
+from sdaccel.engine.stepwise import StepPolicy, StepwiseDenoiser
 from sdaccel.errors import ConfigError
 from sdaccel.events import (
     BatchDone,
@@ -36,10 +39,17 @@ class ImageResult:
     steps: int  # solver steps this image took (its own total under adaptive steps)
     nfe: int  # UNet evaluations spent on it: steps, twice that with guidance (cond + uncond)
     cost: float  # UNet work in full-UNet equivalents: one full (guided) call of this image = 1
+    decisions: str  # what ran at each step, one letter a step (F full, C cached, f/c cond only,
+    # - skipped; see engine/stepwise.py)
     image: object  # PIL.Image.Image
     latents: torch.Tensor  # final latents (before VAE decode), fp32, on the CPU
     seconds: float  # wall time of its batch divided by the batch size
     plan: PlanDecided | None = None  # the adaptive decision, when adaptive steps are on
+
+
+def _nfe(decisions: str, halves: int) -> int:
+    """UNet evaluations (of one image's row, full or shallow) its decisions spent."""
+    return sum(halves if d in "FC" else 1 if d in "fc" else 0 for d in decisions)
 
 
 class Engine:
@@ -50,7 +60,10 @@ class Engine:
         self.on_event = on_event
         self.device = device_for(settings)
         adaptive = settings.adaptive
-        self.planner = Planner.from_settings(adaptive) if adaptive.enabled else None
+        replan = adaptive.enabled and adaptive.mode == "replan"
+        per_step = adaptive.enabled and adaptive.mode == "per_step"
+        self.planner = Planner.from_settings(adaptive) if replan else None
+        self.policy = StepPolicy.from_settings(adaptive) if per_step else None
         self.components = load_components(settings.model_id, device=str(self.device))
         self._prepare(self.components)
 
@@ -84,6 +97,11 @@ class Engine:
                 )
         self._unet_forward = with_attention(self._unet_forward, s.optimize.attention)
         self._vae_decode = with_attention(self._vae_decode, s.optimize.attention)
+        self.layered = None  # the UNet layer by layer, for feature caching
+        if self.policy is not None and self.policy.caches:
+            self.layered = LayeredUNet(self.unet)
+            self.layered.check_level(self.policy.cache_level)
+        self._costs: dict[tuple[int, int], UNetCost] = {}
 
     def check_size(self, height: int, width: int) -> None:
         """ConfigError unless this model can generate height x width."""
@@ -129,12 +147,17 @@ class Engine:
         started = time.perf_counter()
         embeddings = self._encode(list(prompts), negative_prompt, per_prompt)
         latents = self._initial_latents(generators, scheduler.init_noise_sigma)
-        out = denoise(
-            self._unet_forward, self.unet_dtype, scheduler, latents, embeddings,
-            s.generation.guidance_scale, generators,
-            lambda step, total, size: self.on_event(StepDone(step, total, size)),
-            self.planner,
-        )
+        def on_step(step: int, total: int, size: int, decisions: str) -> None:
+            self.on_event(StepDone(step, total, size, decisions))
+
+        if self.policy is not None:
+            stepwise = StepwiseDenoiser(self._unet_forward, self.layered, self.unet_dtype,
+                                        self.policy, self._shallow_cost(latents, embeddings))
+            out = stepwise(scheduler, latents, embeddings, s.generation.guidance_scale,
+                           step_kwargs(scheduler, generators), on_step)
+        else:
+            out = denoise(self._unet_forward, self.unet_dtype, scheduler, latents, embeddings,
+                          s.generation.guidance_scale, generators, on_step, self.planner)
         plans = [None] * batch
         for d in out.decisions:
             plans[d.position] = PlanDecided(
@@ -148,13 +171,23 @@ class Engine:
         return [
             ImageResult(
                 prompt=image_prompts[k], negative_prompt=negative_prompt, seed=seeds[k],
-                steps=out.steps[k], nfe=out.steps[k] * evaluations, cost=float(out.steps[k]),
-                image=images[k],
+                steps=out.steps[k], nfe=_nfe(out.codes[k], evaluations), cost=out.costs[k],
+                decisions=out.codes[k], image=images[k],
                 latents=out.latents[k].detach().float().cpu(), seconds=seconds / batch,
                 plan=plans[k],
             )
             for k in range(batch)
         ]
+
+    def _shallow_cost(self, latents: torch.Tensor, embeddings: torch.Tensor) -> float:
+        """FLOPs of a shallow call as a fraction of a full one, counted once per size."""
+        if self.layered is None:
+            return 1.0
+        key = tuple(latents.shape[1:])
+        if key not in self._costs:
+            self._costs[key] = UNetCost(self.unet, self.layered, key,
+                                        tuple(embeddings.shape[1:]), self.unet_dtype)
+        return self._costs[key].fraction(self.policy.cache_level)
 
     def _encode(self, prompts: list[str], negative_prompt: str, per_prompt: int) -> torch.Tensor:
         """Text embeddings in the UNet's dtype, repeated per image; [uncond; cond] if guided."""
