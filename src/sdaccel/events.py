@@ -30,6 +30,7 @@ class StepDone:
     # deep features (shallow branch only), f/c the same without the unconditional half,
     # - skipped (see engine/stepwise.py).
     decisions: str = ""
+    costs: tuple[float, ...] = ()  # each image's UNet work so far, in full-UNet equivalents
 
 
 @dataclass(frozen=True)

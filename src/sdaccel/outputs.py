@@ -41,6 +41,7 @@ def image_name(index: int, steps: int) -> str:
 def a1111_parameters(
     prompt: str, negative_prompt: str, steps: int, sampler: str, cfg_scale: float, seed: int,
     width: int, height: int, model: str, adaptive: str | None = None,
+    compute: str | None = None,
 ) -> str:
     """The 'parameters' text chunk in the layout AUTOMATIC1111's readers parse (extra
     `Key: value` pairs, like the adaptive decision, are part of that layout)."""
@@ -51,6 +52,8 @@ def a1111_parameters(
                      f"Seed: {seed}, Size: {width}x{height}, Model: {model}")
     if adaptive:
         settings_line += f", Adaptive steps: {adaptive}"
+    if compute:
+        settings_line += f", Adaptive compute: {compute}"
     lines.append(settings_line)
     return "\n".join(lines)
 
@@ -59,6 +62,14 @@ def describe_plan(plan) -> str:
     """One adaptive decision in words: 'pred_var 0.143 -> 12 of 20 steps (warm-up 5)'."""
     return (f"{plan.method} {plan.score:.3f} -> {plan.total_steps} of {plan.max_steps} steps "
             f"(warm-up {plan.warmup_steps})")
+
+
+def describe_compute(cost: float, steps: int, decisions: str) -> str | None:
+    """Per-step decisions in words, 'cost 10.96 of 20 (FFFFCCFCC...)'; None when every step ran
+    the full UNet (nothing to say)."""
+    if set(decisions) <= {"F"}:
+        return None
+    return f"cost {cost:.2f} of {steps} ({decisions})"
 
 
 def png_metadata(parameters: str, record: dict[str, Any]) -> PngInfo:
@@ -160,6 +171,7 @@ class RunWriter:
         image_info = {
             "prompt": result.prompt, "negative_prompt": result.negative_prompt,
             "seed": result.seed, "steps": result.steps, "nfe": result.nfe,
+            "cost": round(result.cost, 4), "decisions": result.decisions,
             "sampler": s.sampler.name, "guidance_scale": g.guidance_scale,
             "width": g.width, "height": g.height, "model": self.model_name,
             "plan": dataclasses.asdict(result.plan) if result.plan else None,
@@ -168,6 +180,7 @@ class RunWriter:
             result.prompt, result.negative_prompt, result.steps, a1111_label(s.sampler.name),
             g.guidance_scale, result.seed, g.width, g.height, self.model_name,
             describe_plan(result.plan) if result.plan else None,
+            describe_compute(result.cost, result.steps, result.decisions),
         )
         metadata = png_metadata(parameters, {
             "version": __version__, "image": image_info, "settings": settings_as_dict(s),

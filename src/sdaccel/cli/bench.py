@@ -42,6 +42,15 @@ def bench(
     also_baselines: Annotated[list[str] | None, typer.Option(
         "--also-baseline", help="Also run diffusers in this precision (e.g. fp16), measured "
         "against the main baseline; repeatable.", show_default=False)] = None,
+    peers: Annotated[list[str] | None, typer.Option(
+        "--peer", help="Also run a peer package on the baseline pipeline, as its own row: "
+        "deepcache or tomesd, optionally with the package's own parameters "
+        "(deepcache:cache_interval=5, tomesd:ratio=0.3); repeatable. Needs "
+        "pip install 'sdaccel[peers]'.", show_default=False)] = None,
+    equal_cost: Annotated[bool, typer.Option(
+        "--equal-cost", help="For each configuration whose measured cost is below its plan, "
+        "also run it with adaptive compute off at that many fixed steps (equal cost).")
+    ] = False,
     min_psnr: Annotated[float, typer.Option(
         "--min-psnr", help="Flag a configuration whose worst image is below this PSNR (dB) "
         "against the baseline.")] = 30.0,
@@ -66,7 +75,9 @@ def bench(
 
     Every configuration is compared with a plain StableDiffusionPipeline (fp32 unless
     --baseline-dtype) of the same model, sampler, steps, size and seeds, run in this process.
-    Shorthand flags and --set apply to every configuration.
+    All rows are loaded and warmed up first, then timed in interleaved rounds; a speed-up is the
+    median of the per-round paired ratios to the baseline, shown with their 25th-75th
+    percentile. Shorthand flags and --set apply to every configuration.
     """
     console = Console(stderr=True, soft_wrap=True)
     with reported_errors(console):
@@ -82,7 +93,8 @@ def bench(
         if plot_file is not None and plot_file.suffix.lower() != ".png":
             raise ConfigError(f"--plot {str(plot_file)!r}: expected a .png file name")
         report = _run(specs, prompts, iters, warmup, overrides or [], flags, baseline_dtype,
-                      also_baselines or [], min_psnr, min_ssim, console)
+                      also_baselines or [], peers or [], equal_cost, min_psnr, min_ssim,
+                      console)
         if as_json:
             typer.echo(report.to_json())
         else:
@@ -113,7 +125,7 @@ def _read_prompts(path: Path) -> list[str]:
 
 
 def _run(specs, prompts, iters, warmup, overrides, flags, baseline_dtype, also_baselines,
-         min_psnr, min_ssim, console: Console):
+         peers, equal_cost, min_psnr, min_ssim, console: Console):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from sdaccel.cli.render import quiet_library_logs
@@ -136,7 +148,8 @@ def _run(specs, prompts, iters, warmup, overrides, flags, baseline_dtype, also_b
     with progress:
         return benchmark(specs, prompts, iters, warmup, overrides=overrides, flags=flags,
                          baseline_dtype=baseline_dtype, also_baselines=also_baselines,
-                         min_psnr=min_psnr, min_ssim=min_ssim, on_progress=on_progress)
+                         peers=peers, equal_cost=equal_cost, min_psnr=min_psnr,
+                         min_ssim=min_ssim, on_progress=on_progress)
 
 
 def _num(value, digits: int = 2) -> str:
@@ -145,30 +158,51 @@ def _num(value, digits: int = 2) -> str:
     return f"{value:.{digits}f}"
 
 
+def _speedup(r) -> str:
+    if not r.speedup:
+        return "-"
+    if r.speedup_p25 is None or r.speedup_p75 is None or r.label == r.baseline:
+        return f"{r.speedup:.2f}x"
+    return f"{r.speedup:.2f}x ({r.speedup_p25:.2f}-{r.speedup_p75:.2f})"
+
+
+_FLAGS = {"baseline": "baseline", "peer": "peer", "equal-cost": "equal cost", "config": ""}
+
+
 def report_table(report) -> Table:
     """The report as one Rich table: baselines dimmed, drifting rows flagged."""
-    from sdaccel.bench import PSNR_CAP_DB
+    from sdaccel.bench import PSNR_CAP_DB, SPREAD_PERCENTILES
 
+    # Equal-cost rows differ from their configuration by their steps alone, which their label
+    # says: they do not break a shared run description.
     runs = {f"{r.model} / {r.sampler} {r.steps} steps / {r.height}x{r.width} / guidance "
-            f"{r.guidance:g} / batch {r.batch}" for r in report.rows}
+            f"{r.guidance:g} / batch {r.batch}" for r in report.rows if r.kind != "equal-cost"}
     shared = next(iter(runs)) if len(runs) == 1 else None
+    low, high = SPREAD_PERCENTILES
     table = Table(title=f"sdaccel bench on {escape(report.device_name)}: {report.iters} timed "
-                  f"calls after {report.warmup} warm-up, {len(report.prompts)} prompt(s)"
+                  f"rounds (every row once per round, interleaved) after {report.warmup} "
+                  f"warm-up call(s), {len(report.prompts)} prompt(s)"
                   + (f"\n{escape(shared)}" if shared else ""),
-                  caption=f"memory: {report.memory_note}; PSNR/SSIM: against the baseline's "
-                  "image of the same prompt and seed; DRIFT: worst image below "
-                  f"{report.min_psnr:g} dB or SSIM {report.min_ssim:g}",
+                  caption=f"speed-up: median over rounds of the baseline's s/img / the row's "
+                  f"s/img in the same round (p{low}-p{high} of those ratios); cost: UNet work "
+                  "per image in full guided UNet calls; memory: "
+                  f"{report.memory_note}; PSNR/SSIM: against the baseline's image of the same "
+                  f"prompt and seed; DRIFT: worst image below {report.min_psnr:g} dB or SSIM "
+                  f"{report.min_ssim:g}",
                   title_justify="left", caption_justify="left")
     columns = [("configuration", "left")] + ([] if shared else [("run", "left")]) + [
         ("precision u/v/t", "left"), ("compile, passes", "left"), ("first call s", "right"),
         ("UNet steps/s", "right"), ("s/img p50", "right"), ("p90", "right"),
-        ("img/s", "right"), ("peak MiB", "right"), ("NFE", "right"), ("speed-up", "right"),
-        ("PSNR dB", "right"), ("SSIM", "right"), ("", "left")]
+        ("img/s", "right"), ("peak MiB", "right"), ("NFE", "right"), ("cost", "right"),
+        (f"speed-up (p{low}-p{high})", "right"), ("PSNR dB", "right"), ("SSIM", "right"),
+        ("", "left")]
     for name, justify in columns:
         table.add_column(name, justify=justify)
     for r in report.rows:
         psnr = "∞" if r.psnr_db is not None and r.psnr_db >= PSNR_CAP_DB else _num(r.psnr_db, 1)
-        flag = "[bold red]DRIFT[/]" if r.drift else ("baseline" if r.kind == "baseline" else "")
+        flag = "[bold red]DRIFT[/]" if r.drift else _FLAGS.get(r.kind, "")
+        if r.drift and r.kind in ("peer", "equal-cost"):
+            flag += f" {_FLAGS[r.kind]}"
         if r.compile_cache_entries:
             flag += " cache"
         run = [] if shared else [escape(f"{r.model} / {r.sampler} {r.steps} / "
@@ -179,7 +213,7 @@ def report_table(report) -> Table:
             _num(r.first_call_seconds), _num(r.unet_steps_per_s, 1),
             _num(r.seconds_per_image_median, 3), _num(r.seconds_per_image_p90, 3),
             _num(r.images_per_s), f"{r.peak_memory_bytes / 2**20:.0f}", _num(r.nfe, 0),
-            f"{r.speedup:.2f}x" if r.speedup else "-", psnr, _num(r.ssim, 4), flag.strip(),
+            _num(r.cost, 2), _speedup(r), psnr, _num(r.ssim, 4), flag.strip(),
             style="dim" if r.kind == "baseline" else None,
         )
     return table

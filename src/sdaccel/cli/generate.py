@@ -67,8 +67,13 @@ def generate(
 def _describe(resolved) -> str:
     settings = resolved.settings
     a = settings.adaptive
-    steps = (f"adaptive {a.min_steps}-{a.max_steps} steps (warm-up {a.warmup_steps}, "
-             f"{a.uncertainty.method})" if a.enabled else f"{settings.sampler.steps} steps")
+    if not a.enabled:
+        steps = f"{settings.sampler.steps} steps"
+    elif a.mode == "replan":
+        steps = (f"adaptive {a.min_steps}-{a.max_steps} steps (warm-up {a.warmup_steps}, "
+                 f"{a.uncertainty.method})")
+    else:
+        steps = f"{settings.sampler.steps} steps, adaptive compute per step"
     return (f"[dim]preset {resolved.preset}, model {settings.model_id}, "
             f"{settings.sampler.name} {steps}, {settings.device}[/]")
 
@@ -93,8 +98,7 @@ def _run(resolved, prompts: list[str], negative_prompt: str, as_json: bool,
                                       seed=settings.seed + number * per_prompt)
             for result in results:
                 record = writer.save(result)
-                renderer.image_saved(record["path"], result.seed, result.steps,
-                                     result.seconds, prompt)
+                renderer.image_saved(record, prompt)
                 if as_json:
                     typer.echo(json.dumps(record))
     finally:

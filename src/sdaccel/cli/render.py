@@ -12,7 +12,10 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from sdaccel.events import BatchDone, BatchStarted, Event, PlanDecided, StepDone, Warning
-from sdaccel.outputs import describe_plan
+from sdaccel.outputs import describe_compute, describe_plan
+
+# Adaptive compute shows one line per image, what ran at each step, for batches up to this size.
+MAX_LIVE_ROWS = 8
 
 
 class ProgressRenderer:
@@ -20,6 +23,8 @@ class ProgressRenderer:
         self.console = console
         self._progress: Progress | None = None
         self._task = None
+        self._rows: list = []  # per-image tasks showing the per-step decisions
+        self._codes: list[str] = []
 
     def __call__(self, event: Event) -> None:
         if print_notice(self.console, event) or not self.console.is_terminal:
@@ -28,12 +33,29 @@ class ProgressRenderer:
             self._start(event)
         elif isinstance(event, StepDone) and self._progress is not None:
             self._progress.update(self._task, completed=event.step, total=event.total_steps)
+            self._show_decisions(event)
         elif isinstance(event, BatchDone):
             self.close()
+
+    def _show_decisions(self, event: StepDone) -> None:
+        """Adaptive compute: each image's letters so far (F full, C cached, f/c without the
+        unconditional half, - skipped) and its cost, one line per image."""
+        if not event.costs or len(event.decisions) > MAX_LIVE_ROWS:
+            return
+        if not self._rows:
+            self._codes = [""] * len(event.decisions)
+            self._rows = [self._progress.add_task(f"  image {k}", total=None, codes="",
+                                                  start=False)
+                          for k in range(len(event.decisions))]
+        for k, (letter, cost) in enumerate(zip(event.decisions, event.costs, strict=True)):
+            self._codes[k] += letter
+            self._progress.update(self._rows[k], description=(
+                f"  image {k}: {self._codes[k]}  cost {cost:.2f}"))
 
     def _start(self, event: BatchStarted) -> None:
         self.close()
         label = event.prompts[0] if len(event.prompts) == 1 else f"{len(event.prompts)} prompts"
+        self._rows = []
         self._progress = Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("steps"), TimeElapsedColumn(), console=self.console, transient=True,
@@ -43,15 +65,25 @@ class ProgressRenderer:
             f"{escape(label[:40])} x{event.batch_size}", total=event.steps
         )
 
-    def image_saved(self, path: Path, seed: int, steps: int, seconds: float, prompt: str) -> None:
+    def image_saved(self, record: dict, prompt: str) -> None:
+        compute = describe_compute(record["cost"], record["steps"], record["decisions"])
+        compute = f"{compute}  " if compute else ""
         self.console.print(
-            f"[green]saved[/] {escape(str(path))}  seed {seed}  {steps} steps  "
-            f"{seconds:.2f} s  [dim]{escape(prompt[:60])}[/]",
+            f"[green]saved[/] {escape(str(record['path']))}  seed {record['seed']}  "
+            f"{record['steps']} steps  {compute}{record['seconds']:.2f} s  "
+            f"[dim]{escape(prompt[:60])}[/]",
             highlight=False,
         )
 
     def summary(self, records: list[dict]) -> None:
-        """After an adaptive run: steps per image, mean NFE, and what it saved vs max_steps."""
+        """After an adaptive run: what each image spent, and what it saved."""
+        if any(set(r.get("decisions", "F")) - {"F"} for r in records):
+            costs = [r["cost"] for r in records]
+            plain = sum(r["steps"] for r in records)
+            self.console.print(
+                f"adaptive compute: cost per image {[round(c, 2) for c in costs]}; "
+                f"{sum(costs):.2f} of {plain} full-UNet equivalents "
+                f"({1 - sum(costs) / plain:.0%} saved)", highlight=False)
         plans = [r["plan"] for r in records if r.get("plan")]
         if not plans:
             return
@@ -67,6 +99,7 @@ class ProgressRenderer:
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
+        self._rows = []
 
 
 def print_notice(console: Console, event: Event) -> bool:
@@ -107,6 +140,8 @@ class JobsProgress:
         seconds = "" if record.get("seconds") is None else f"{record['seconds']:.2f} s  "
         plan = record.get("plan")
         plan = f"({describe_plan(SimpleNamespace(**plan))})  " if plan else ""
+        compute = describe_compute(record["cost"], record["steps"], record["decisions"])
+        plan += f"{compute}  " if compute else ""
         self.console.print(
             f"[green]saved[/] {escape(str(out_dir / record['file']))}  seed {record['seed']}  "
             f"{record['steps']} steps  {plan}{seconds}[dim]{escape(record['prompt'][:60])}[/]",

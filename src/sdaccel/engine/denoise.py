@@ -22,8 +22,9 @@ import torch
 
 from sdaccel.engine.adaptive import Planner, predicted_x0, replan, split_scheduler, tail_timesteps
 
-# (step, total_steps, images in the group, one decision letter per image: see stepwise.py)
-StepCallback = Callable[[int, int, int, str], None]
+# (step, total_steps, images in the group, one decision letter per image (see stepwise.py)[,
+# each image's cost so far])
+StepCallback = Callable[..., None]
 
 
 @dataclass(frozen=True)

@@ -147,8 +147,9 @@ class Engine:
         started = time.perf_counter()
         embeddings = self._encode(list(prompts), negative_prompt, per_prompt)
         latents = self._initial_latents(generators, scheduler.init_noise_sigma)
-        def on_step(step: int, total: int, size: int, decisions: str) -> None:
-            self.on_event(StepDone(step, total, size, decisions))
+        def on_step(step: int, total: int, size: int, decisions: str,
+                    costs: tuple[float, ...] = ()) -> None:
+            self.on_event(StepDone(step, total, size, decisions, costs))
 
         if self.policy is not None:
             stepwise = StepwiseDenoiser(self._unet_forward, self.layered, self.unet_dtype,

@@ -152,7 +152,8 @@ class StepwiseDenoiser:
                 noise[k] = self._noise(image, k, slots, outputs, scheduler, latents[k], t, lam,
                                        guidance_scale, guided)
             latents = scheduler.step(noise, t, latents, **step_extra, return_dict=False)[0]
-            on_step(index + 1, len(timesteps), batch, "".join(i.codes[-1] for i in images))
+            on_step(index + 1, len(timesteps), batch, "".join(i.codes[-1] for i in images),
+                    tuple(i.cost for i in images))
         return DenoiseOutput(latents, [len(timesteps)] * batch, [],
                              ["".join(i.codes) for i in images], [i.cost for i in images])
 
