@@ -1,0 +1,204 @@
+"""Adaptive compute per step: feature caching that reproduces the UNet, decisions that follow
+their rules row by row, cost figures that agree with a FLOP-counting UNet, plain runs unchanged."""
+
+import pytest
+import torch
+from conftest import tiny_settings
+from torch.utils.flop_counter import FlopCounterMode
+
+from sdaccel import metrics
+from sdaccel.engine.adaptive import predicted_x0
+from sdaccel.engine.engine import Engine
+from sdaccel.engine.feature_cache import LayeredUNet
+from sdaccel.engine.models import load_components
+from sdaccel.engine.samplers import SAMPLER_NAMES, build_scheduler
+from sdaccel.engine.stepwise import StepwiseDenoiser, model_output_for
+from sdaccel.errors import ConfigError
+from sdaccel.settings import resolve_settings
+
+PER_STEP = ("adaptive.enabled=true", "adaptive.mode=per_step")
+PROMPTS = ["a red circle on a blue background", "two green squares on a white background"]
+
+
+def per_step(*extra, steps=8):
+    return tiny_settings(*PER_STEP, f"sampler.steps={steps}", *extra)
+
+
+def bundled(*extra):
+    return resolve_settings("tiny", overrides=list(extra), environ={}).settings
+
+
+# --------------------------------------------------------------------------- feature cache
+
+
+@pytest.mark.parametrize(("model", "side", "context"), [
+    ("bundled:shapes", 16, (16, 128)),  # DownBlock2D first, cross-attention deeper
+    ("random:tiny", 8, (77, 32)),  # cross-attention first
+    ("random:tiny", 10, (77, 32)),  # a side the upsamplers must be told (10 -> 5 -> 3 -> 5)
+])
+def test_layered_unet_is_the_unet_and_a_fresh_cache_changes_nothing(model, side, context):
+    unet = load_components(model, device="cpu").unet.eval()
+    layered = LayeredUNet(unet)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, side, side, generator=generator)
+    c = torch.randn(2, *context, generator=generator)
+    with torch.inference_mode():
+        expected = unet(x, 321, encoder_hidden_states=c, return_dict=False)[0]
+        for level in range(layered.levels):
+            out, deep = layered.full(x, 321, c, level)
+            assert torch.equal(out, expected)
+            # Deep features of this very input: the shallow branch must give the same output.
+            assert torch.equal(layered.shallow(x, 321, c, level, deep), expected)
+
+
+def test_cache_level_out_of_range_names_the_valid_levels():
+    with pytest.raises(ConfigError, match=r"adaptive.cache.level: 3 .* skip levels 0-2"):
+        Engine(per_step("adaptive.cache.interval=2", "adaptive.cache.level=3"))
+
+
+# --------------------------------------------------------------------------- plain runs
+
+
+@pytest.mark.parametrize("sampler", SAMPLER_NAMES)
+def test_per_step_with_nothing_to_save_is_the_plain_run_bit_for_bit(sampler):
+    settings = [f"sampler.name={sampler}", "generation.num_images_per_prompt=2"]
+    plain = Engine(tiny_settings(*settings, "sampler.steps=6")).generate(["a"], seed=3)
+    stepwise = Engine(per_step(*settings, steps=6)).generate(["a"], seed=3)
+    for a, b in zip(plain, stepwise, strict=True):
+        assert torch.equal(a.latents, b.latents)
+        assert b.decisions == "FFFFFF" and b.cost == 6.0 and b.nfe == a.nfe == 12
+        assert a.decisions == "FFFFFF" and a.cost == 6.0
+
+
+# --------------------------------------------------------------------------- decisions
+
+
+class RowCounter:
+    """The UNet, wrapped to record the batch of every call (full or shallow)."""
+
+    def __init__(self, engine):
+        self.rows: list[int] = []
+        unet_forward, layered = engine._unet_forward, engine.layered
+
+        def plain(x, *args, **kwargs):
+            self.rows.append(x.shape[0])
+            return unet_forward(x, *args, **kwargs)
+
+        engine._unet_forward = plain
+        if layered is not None:
+            full, shallow = layered.full, layered.shallow
+
+            def counted(fn):
+                def call(x, *args, **kwargs):
+                    self.rows.append(x.shape[0])
+                    return fn(x, *args, **kwargs)
+                return call
+
+            layered.full, layered.shallow = counted(full), counted(shallow)
+
+
+def test_skips_follow_their_rules_and_rows_decide_alone():
+    engine = Engine(bundled(*PER_STEP, "adaptive.warmup_steps=3", "adaptive.skip.threshold=0.05",
+                            "adaptive.skip.max_consecutive=2", "adaptive.skip.final_steps=2"))
+    counter = RowCounter(engine)
+    results = engine.generate(PROMPTS + ["a small yellow triangle in the top left"], seed=7)
+    codes = [r.decisions for r in results]
+    assert all(len(c) == 20 and c[:3] == "FFF" and c[-2:] == "FF" for c in codes)
+    assert all("---" not in c for c in codes) and any("--" in c for c in codes)
+    # Skipped steps cost nothing; the UNet saw exactly the rows that were evaluated.
+    for r in results:
+        assert r.cost == r.decisions.count("F") and r.nfe == 2 * r.decisions.count("F")
+    assert sum(counter.rows) == sum(r.nfe for r in results)
+    assert len({c for c in codes}) > 1, "rows of a batch decide on their own"
+    # Skipping 2 in a row still draws the same picture: the fill is the solver's own step.
+    plain = Engine(bundled()).generate(PROMPTS + ["a small yellow triangle in the top left"],
+                                       seed=7)
+    assert metrics.psnr([r.image for r in results], [r.image for r in plain]) > 30
+
+
+def test_guidance_reuse_and_cut_off():
+    reuse = Engine(bundled(*PER_STEP, "adaptive.warmup_steps=2", "adaptive.skip.final_steps=1",
+                           "adaptive.guidance.interval=3")).generate(PROMPTS[:1], seed=1)[0]
+    assert reuse.decisions == "FF" + "ffF" * 5 + "ff" + "F"
+    assert reuse.cost == pytest.approx(8 + 0.5 * 12)  # 8 full steps, 12 conditional halves
+    cut = Engine(bundled(*PER_STEP, "adaptive.guidance.cutoff=0.5")).generate(
+        PROMPTS[:1], seed=1)[0]
+    assert cut.decisions == "F" * 10 + "f" * 10 and cut.cost == 15.0
+    # Agreement is per image: an absurdly loose threshold stops after the first step.
+    agree = Engine(bundled(*PER_STEP, "adaptive.guidance.agree_threshold=100")).generate(
+        PROMPTS[:1], seed=1)[0]
+    assert agree.decisions == "F" + "f" * 19
+
+
+def test_cache_refreshes_on_its_interval():
+    engine = Engine(bundled(*PER_STEP, "adaptive.warmup_steps=2", "adaptive.cache.interval=3"))
+    result = engine.generate(PROMPTS[:1], seed=1)[0]
+    # The warm-up's full calls fill the cache: the first free step already reuses it.
+    assert result.decisions == "FF" + "CCF" * 6
+    fraction = engine._costs[(4, 16, 16)].fraction(0)
+    assert 0.05 < fraction < 0.2  # conv_in and the last up layer of the bundled UNet
+    assert result.cost == pytest.approx(8 + 12 * fraction)
+
+
+# --------------------------------------------------------------------------- cost
+
+
+def test_reported_cost_is_what_a_flop_counting_unet_measures():
+    """FLOPs counted over the whole denoising loop (matmuls, convolutions, attention: the UNet's;
+    the solver's arithmetic is elementwise) divided by one full guided call per step."""
+    settings = bundled(*PER_STEP, "adaptive.warmup_steps=2", "adaptive.cache.interval=3",
+                       "adaptive.skip.threshold=0.03", "adaptive.guidance.interval=2")
+    engine = Engine(settings)
+    totals = []
+    original = StepwiseDenoiser.__call__
+
+    def counting(self, *args, **kwargs):
+        with FlopCounterMode(display=False) as counter:
+            out = original(self, *args, **kwargs)
+        totals.append(counter.get_total_flops())
+        return out
+
+    StepwiseDenoiser.__call__ = counting
+    try:
+        results = engine.generate(PROMPTS, seed=2)
+    finally:
+        StepwiseDenoiser.__call__ = original
+    unet = engine.unet
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        unet(torch.zeros(2, 4, 16, 16), 500, encoder_hidden_states=torch.zeros(2, 16, 128))
+    full_guided_call = counter.get_total_flops()
+    assert any(set(r.decisions) >= {"C", "f", "-"} for r in results)
+    assert sum(r.cost for r in results) == pytest.approx(totals[0] / full_guided_call, rel=1e-6)
+
+
+# --------------------------------------------------------------------------- solver-aware fill
+
+
+@pytest.mark.parametrize(("sampler", "prediction"), [
+    ("dpm_solver++", "epsilon"), ("ddim", "v_prediction"), ("euler", "epsilon")])
+def test_filled_model_output_gives_back_the_extrapolated_x0(sampler, prediction):
+    config = dict(load_components("random:tiny", device="cpu").scheduler_config,
+                  prediction_type=prediction)
+    scheduler = build_scheduler(sampler, config)
+    scheduler.set_timesteps(10)
+    t = scheduler.timesteps[4]
+    sample, x0 = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    output = model_output_for(scheduler, sample, x0, t)
+    assert torch.allclose(predicted_x0(scheduler, sample, output, t), x0, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- settings
+
+
+def test_per_step_settings_keep_the_seed_keys_and_check_their_own():
+    # The seed's adaptive block still means what it meant (re-plan), with every sampler
+    # restriction; per_step works with every sampler, and its bounds are named.
+    seed_block = tiny_settings("adaptive.enabled=true")
+    assert seed_block.adaptive.mode == "replan"
+    assert per_step("sampler.name=ddim", "adaptive.warmup_steps=9").adaptive.mode == "per_step"
+    with pytest.raises(ConfigError, match="adaptive.mode replan needs a sampler"):
+        tiny_settings("adaptive.enabled=true", "sampler.name=ddim")
+    with pytest.raises(ConfigError, match=r"adaptive.guidance.cutoff.*less than or equal to 1"):
+        per_step("adaptive.guidance.cutoff=1.5")
+    with pytest.raises(ConfigError, match=r"adaptive.mode.*'replan' or 'per_step'"):
+        tiny_settings("adaptive.mode=skip")
