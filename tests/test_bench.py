@@ -1,14 +1,21 @@
-"""bench: a diffusers baseline in the same run, warm-up never counted, fidelity that means
-something (our fp32 loop reproduces the baseline's images; bf16 does not quite), outputs."""
+"""bench: a diffusers baseline in the same run, rows timed in interleaved rounds and compared by
+paired per-round ratios, warm-up never counted, fidelity that means something (our fp32 loop
+reproduces the baseline's images; bf16 does not quite), cost per image, peers (DeepCache, ToMe)
+on the baseline pipeline, fixed steps at equal cost, outputs."""
 
 import csv
+import importlib
+import importlib.util
 import json
+import re
 
 import pytest
-from conftest import TINY
+from conftest import TINY, tiny_settings
+from diffusers import StableDiffusionPipeline
 from typer.testing import CliRunner
 
 from sdaccel import bench, gpu_stats
+from sdaccel.bench import runner as bench_runner
 from sdaccel.cli import app
 from sdaccel.engine.engine import Engine
 from sdaccel.errors import ConfigError
@@ -17,16 +24,30 @@ PROMPTS = ["a red circle", "two blue squares"]
 runner = CliRunner()
 
 
+def _counting(calls: list):
+    """Wrap Engine.generate and StableDiffusionPipeline.__call__ to record (runner, prompt,
+    seed) of every call; engines are named e0, e1, ... in the order they are first called."""
+    generate, pipeline_call = Engine.generate, StableDiffusionPipeline.__call__
+    names: dict[int, str] = {}
+
+    def counting_generate(self, prompts, negative_prompt="", seed=None):
+        name = names.setdefault(id(self), f"e{len(names)}")
+        calls.append((name, prompts[0], seed))
+        return generate(self, prompts, negative_prompt, seed)
+
+    def counting_pipeline(self, prompt, *args, **kwargs):
+        calls.append(("diffusers", prompt, kwargs["generator"][0].initial_seed()))
+        return pipeline_call(self, prompt, *args, **kwargs)
+
+    Engine.generate, StableDiffusionPipeline.__call__ = counting_generate, counting_pipeline
+    return lambda: (setattr(Engine, "generate", generate),
+                    setattr(StableDiffusionPipeline, "__call__", pipeline_call))
+
+
 @pytest.fixture(scope="module")
 def report_and_calls():
-    calls = []
-    original = Engine.generate
-
-    def counting(self, prompts, negative_prompt="", seed=None):
-        calls.append((self.settings.unet_dtype, prompts[0], seed))
-        return original(self, prompts, negative_prompt, seed)
-
-    Engine.generate = counting
+    calls: list = []
+    restore = _counting(calls)
     progress = []
     try:
         report = bench.benchmark(
@@ -35,7 +56,7 @@ def report_and_calls():
             on_progress=progress.append,
         )
     finally:
-        Engine.generate = original
+        restore()
     return report, calls, progress
 
 
@@ -52,17 +73,23 @@ def test_rows_baselines_and_labels(report_and_calls):
     assert report.row("diffusers fp32").precision == "fp32 (all)"
 
 
-def test_warmup_is_never_counted_and_seeds_follow_the_plan(report_and_calls):
+def test_rows_are_warmed_up_in_turn_then_timed_in_interleaved_rounds(report_and_calls):
     report, calls, progress = report_and_calls
-    fp32 = [c for c in calls if c[0] == "fp32"]
-    assert len(fp32) == 2 * (1 + 3)  # two configurations, each 1 warm-up + 3 timed calls
-    assert fp32[:4] == [("fp32", "a red circle", 42), ("fp32", "two blue squares", 43),
-                        ("fp32", "a red circle", 44), ("fp32", "two blue squares", 45)]
+    rows = ["diffusers", "e0", "e1"]  # table order: baseline, fp32, tiny
+    # Warm-up: each row's own call 0 in turn; then round r calls every row with call 1 + r's
+    # prompt and seed (prompts in turn, seed 42 + call index).
+    plan = [("a red circle", 42), ("two blue squares", 43), ("a red circle", 44),
+            ("two blue squares", 45)]
+    assert calls == [(row, *plan[i]) for i in range(4) for row in rows]
     row = report.row("fp32")
     assert row.iters == 3 and row.warmup == 1 and len(report.images["fp32"]) == 3
     timed = [p for p in progress if p.label == "fp32" and p.phase == "timed"]
     assert [p.done for p in timed] == [1, 2, 3] and timed[-1].total == 3
     assert [p.done for p in progress if p.label == "fp32" and p.phase == "warm-up"] == [1]
+    # Everything is loaded before the first call, warmed up before the first timed round.
+    phases = [p.phase for p in progress]
+    assert phases.index("warm-up") > max(i for i, p in enumerate(phases) if p == "load")
+    assert phases.index("timed") > max(i for i, p in enumerate(phases) if p == "warm-up")
 
 
 def test_measurements_are_consistent(report_and_calls):
@@ -72,13 +99,47 @@ def test_measurements_are_consistent(report_and_calls):
         assert 0 < row.seconds_per_image_median <= row.seconds_per_image_p90
         assert row.images_per_s > 0 and row.first_call_seconds > 0 and row.load_seconds > 0
         assert row.unet_steps_per_s > 0
-        assert row.peak_memory_bytes > 50 * 2**20 and row.memory_kind == "cpu rss"
+        # Its own footprint: what loading it added + its calls' rise above resident memory.
+        assert row.memory_kind == "cpu rss"
+        assert 0 <= row.load_memory_bytes <= row.peak_memory_bytes
+        assert row.peak_memory_bytes > 2**20
         assert row.nfe == 3 * 2  # 3 steps, guided: conditional + unconditional
         assert row.steps == 3 and (row.height, row.width) == (32, 32)
-    fp32 = report.row("fp32")
-    assert fp32.speedup == pytest.approx(base.seconds_per_image_median
-                                         / fp32.seconds_per_image_median)
-    assert base.speedup == 1.0
+        # Plain 3-step runs: three full guided UNet calls per image, by any count.
+        assert row.cost == 3.0
+        assert row.speedup_p25 <= row.speedup <= row.speedup_p75
+    assert base.cost_source == "steps" and report.row("fp32").cost_source == "engine"
+    assert base.speedup == base.speedup_p25 == base.speedup_p75 == 1.0
+
+
+def test_speedup_is_the_median_of_paired_per_round_ratios(monkeypatch):
+    """A scripted clock: the configuration is 2x faster in the median round, although both
+    rows' median seconds per image are equal (the ratio of medians would say 1.0x)."""
+    now = [0.0]
+    monkeypatch.setattr(bench_runner, "clock", lambda: now[0])
+    base_seconds = iter([1.0, 2.0, 1.0, 4.0, 1.0])
+    our_seconds = iter([0.5, 2.0, 0.25, 1.0, 1.0])  # ratios 2, 1, 4, 4, 1
+    generate, pipeline_call = Engine.generate, StableDiffusionPipeline.__call__
+
+    def slow_generate(self, *args, **kwargs):
+        result = generate(self, *args, **kwargs)
+        now[0] += next(our_seconds)
+        return result
+
+    def slow_pipeline(self, *args, **kwargs):
+        result = pipeline_call(self, *args, **kwargs)
+        now[0] += next(base_seconds)
+        return result
+
+    monkeypatch.setattr(Engine, "generate", slow_generate)
+    monkeypatch.setattr(StableDiffusionPipeline, "__call__", slow_pipeline)
+    report = bench.benchmark([("ours", tiny_settings("sampler.steps=1"))], PROMPTS[:1], iters=5,
+                             warmup=0)
+    ours, base = report.row("ours"), report.row("diffusers fp32")
+    assert ours.seconds_per_image_median == base.seconds_per_image_median == 1.0
+    assert ours.speedup == pytest.approx(2.0)
+    assert (ours.speedup_p25, ours.speedup_p75) == (pytest.approx(1.0), pytest.approx(4.0))
+    assert bench.paired_speedup([1, 2, 1, 4, 1], [0.5, 2, 0.25, 1, 1]) == (2.0, 1.0, 4.0)
 
 
 def test_our_fp32_loop_reproduces_the_baseline_images(report_and_calls):
@@ -89,8 +150,6 @@ def test_our_fp32_loop_reproduces_the_baseline_images(report_and_calls):
 
 
 def test_reduced_precision_drifts_measurably_and_is_flagged():
-    from conftest import tiny_settings
-
     bf16 = tiny_settings("unet_dtype=bf16", "vae_dtype=bf16", "sampler.steps=3")
     fp32 = tiny_settings("sampler.steps=3")
     report = bench.benchmark([("fp32", fp32), ("bf16", bf16)], PROMPTS[:1], iters=2, warmup=0)
@@ -109,8 +168,6 @@ def test_reduced_precision_drifts_measurably_and_is_flagged():
 
 
 def test_each_sampler_and_step_count_gets_its_own_baseline():
-    from conftest import tiny_settings
-
     report = bench.benchmark(
         [("dpm", tiny_settings("sampler.steps=2")),
          ("ddim", tiny_settings("sampler.steps=2", "sampler.name=ddim")),
@@ -155,16 +212,23 @@ def test_cli_outputs_table_json_csv_and_plot(tmp_path):
     assert data["prompts"] == ["a red circle"] and data["iters"] == 2
     assert [r["label"] for r in data["rows"]] == ["diffusers fp32", "tiny", "diffusers fp32 #2",
                                                   "fp32-ddpm50"]
+    tiny = data["rows"][1]
+    assert tiny["speedup_p25"] <= tiny["speedup"] <= tiny["speedup_p75"]
+    assert tiny["cost"] == tiny["steps"] == 4 and tiny["cost_source"] == "engine"
+    assert "median" in data["timing"]["speedup"]
     with (tmp_path / "b.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert [r["label"] for r in rows][1] == "tiny" and float(rows[1]["speedup"]) > 0
+    assert float(rows[1]["cost"]) == 4.0 and float(rows[1]["speedup_p75"]) > 0
     assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
 
     table = runner.invoke(app, [*args[:-2]])
     assert table.exit_code == 0, table.output
-    for column in ("diffusers fp32", "baseline", "speed-up", "PSNR", "SSIM", "UNet steps/s",
-                   "peak MiB"):
+    for column in ("diffusers fp32", "baseline", "speed-up (p25-p75)", "PSNR", "SSIM",
+                   "UNet steps/s", "peak MiB", "cost", "interleaved"):
         assert column in table.stdout
+    # A row's speed-up with its spread: median (p25-p75) of the paired per-round ratios.
+    assert re.search(r"tiny .* \d+\.\d\dx \(\d+\.\d\d-\d+\.\d\d\)", table.stdout)
 
 
 def test_a_configuration_this_machine_cannot_run_is_named_before_anything_runs(monkeypatch):
@@ -194,3 +258,131 @@ def test_cpu_peak_memory_window_resets():
     assert grown - before > 48 * 2**20
     gpu_stats.reset_peak("cpu")
     assert gpu_stats.peak("cpu").peak_bytes < grown
+
+
+# --------------------------------------------------------------------------- peers, equal cost
+
+INSTALLED_PEERS = [name for name, module in (("deepcache", "DeepCache"), ("tomesd", "tomesd"))
+                   if importlib.util.find_spec(module)]
+
+
+def _adaptive():
+    """Adaptive re-plan after 1 step with thresholds no score reaches: every image takes
+    min_steps (2) of its max_steps (4) plan, so costs 2 full UNet calls."""
+    return tiny_settings("adaptive.enabled=true", "adaptive.warmup_steps=1",
+                         "adaptive.min_steps=2", "adaptive.max_steps=4",
+                         "adaptive.uncertainty.threshold_low=1000",
+                         "adaptive.uncertainty.threshold_high=1000")
+
+
+@pytest.fixture(scope="module")
+def peers_report():
+    """The installed peers and --equal-cost beside a plain and an adaptive configuration."""
+    return bench.benchmark([("plain", tiny_settings()), ("adaptive", _adaptive())], PROMPTS,
+                           iters=2, warmup=1, peers=INSTALLED_PEERS, equal_cost=True)
+
+
+def test_equal_cost_row_runs_fixed_steps_at_the_configurations_cost(peers_report):
+    labels = [r.label for r in peers_report.rows]
+    adaptive = peers_report.row("adaptive")
+    assert (adaptive.steps, adaptive.cost, adaptive.nfe) == (4, 2.0, 4.0)
+    fixed = peers_report.row("adaptive fixed 2")
+    assert labels.index("adaptive fixed 2") == labels.index("adaptive") + 1
+    assert (fixed.kind, fixed.baseline, fixed.equal_cost_of) == ("equal-cost", "diffusers fp32",
+                                                                 "adaptive")
+    assert (fixed.steps, fixed.cost, fixed.nfe) == (2, 2.0, 4.0)
+    # Compared with the same 4-step baseline, timed in the same rounds.
+    assert fixed.psnr_db < bench.PSNR_CAP_DB and len(peers_report.images[fixed.label]) == 2
+    assert fixed.speedup_p25 <= fixed.speedup <= fixed.speedup_p75
+    # A configuration that costs its whole plan gets no such row.
+    assert peers_report.row("plain").cost == 4.0
+    assert not any(r.equal_cost_of == "plain" for r in peers_report.rows)
+
+
+def test_deepcache_peer_row(peers_report):
+    pytest.importorskip("DeepCache")
+    row = peers_report.row("deepcache")
+    assert (row.kind, row.baseline, row.steps, row.nfe) == ("peer", "diffusers fp32", 4, 8.0)
+    assert row.passes.startswith("DeepCache ") and "cache_interval=3 cache_branch_id=0" in \
+        row.passes
+    # Measured FLOPs: the full UNet at steps 1 and 4, only the shallowest branch at 2 and 3.
+    assert row.cost_source == "flops" and 2.0 < row.cost < 3.0
+    assert row.psnr_db < bench.PSNR_CAP_DB  # reused deep features change the image
+    assert row.speedup_p25 <= row.speedup <= row.speedup_p75
+    assert len(peers_report.images["deepcache"]) == 2
+
+
+def test_tomesd_peer_row(peers_report):
+    pytest.importorskip("tomesd")
+    row = peers_report.row("tomesd")
+    assert (row.kind, row.baseline, row.nfe) == ("peer", "diffusers fp32", 8.0)
+    assert row.passes.startswith("tomesd ") and "ratio=0.5" in row.passes
+    # Merged tokens: less attention work in every step at the highest resolution.
+    assert row.cost_source == "flops" and 0 < row.cost < 4.0
+    assert row.psnr_db < bench.PSNR_CAP_DB
+    assert row.speedup_p25 <= row.speedup <= row.speedup_p75
+
+
+def test_cli_peer_with_its_own_parameters():
+    pytest.importorskip("DeepCache")
+    result = runner.invoke(app, ["bench", *sum((["--set", s] for s in TINY), []), "--iters",
+                                 "1", "--warmup", "0", "--peer", "deepcache:cache_interval=2",
+                                 "--json"])
+    assert result.exit_code == 0, result.output
+    peer = [r for r in json.loads(result.stdout)["rows"] if r["kind"] == "peer"]
+    assert [r["label"] for r in peer] == ["deepcache:cache_interval=2"]
+    assert "cache_interval=2" in peer[0]["passes"] and 2.0 < peer[0]["cost"] < 4.0
+
+
+def test_peer_specs_are_checked():
+    spec = bench.parse_peer("deepcache:cache_interval=5")
+    assert spec.params == {"cache_interval": 5, "cache_branch_id": 0}
+    assert spec.label == "deepcache:cache_interval=5" and bench.parse_peer("tomesd").label == \
+        "tomesd"
+    assert bench.parse_peer("tomesd:ratio=0.3,use_rand=false").params["use_rand"] is False
+    for bad, message in (("fastcache", "unknown peer 'fastcache'; valid: deepcache, tomesd"),
+                         ("deepcache:interval=3", "KEY one of cache_interval, cache_branch_id"),
+                         ("tomesd:ratio=lots", "ratio must be a float, got 'lots'")):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            bench.parse_peer(bad)
+    result = runner.invoke(app, ["bench", "--peer", "fastcache"])
+    assert result.exit_code == 2 and "unknown peer 'fastcache'" in result.stderr
+
+
+def test_a_missing_peer_package_is_named_before_anything_runs(monkeypatch):
+    real = importlib.import_module
+
+    def without_tomesd(name, *args):
+        if name == "tomesd":
+            raise ImportError("No module named 'tomesd'")
+        return real(name, *args)
+
+    monkeypatch.setattr(importlib, "import_module", without_tomesd)
+    result = runner.invoke(app, ["bench", *sum((["--set", s] for s in TINY), []), "--peer",
+                                 "tomesd"])
+    assert result.exit_code == 1
+    assert result.stderr.strip() == (
+        "Error: peer 'tomesd' needs the tomesd package, which does not import here (No module "
+        "named 'tomesd'): pip install 'sdaccel[peers]'")
+
+
+def test_a_peer_that_fails_on_this_diffusers_is_named_in_one_line(monkeypatch):
+    import diffusers
+
+    from sdaccel.bench import peers
+
+    def broken(pipe, params):
+        raise TypeError("forward() got an unexpected keyword argument 'added_cond_kwargs'")
+
+    monkeypatch.setitem(peers.PEERS, "deepcache",
+                        peers.Peer("deepcache", "DeepCache", "json", {"cache_interval": 3},
+                                   ("cache_interval",), broken))
+    result = runner.invoke(app, ["bench", *sum((["--set", s] for s in TINY), []), "--peer",
+                                 "deepcache", "--iters", "1", "--warmup", "0"])
+    assert result.exit_code == 1
+    lines = [line for line in result.stderr.splitlines() if line.startswith("Error")]
+    assert lines == [
+        f"Error: peer 'deepcache' (DeepCache {peers.package_version('DeepCache')}) failed with "
+        f"diffusers {diffusers.__version__}: TypeError: forward() got an unexpected keyword "
+        "argument 'added_cond_kwargs'"]
+    assert "Traceback" not in result.output

@@ -1,0 +1,167 @@
+"""The rows' runners, loaded once and called many times: our Engine for a configuration, a plain
+diffusers StableDiffusionPipeline for a baseline, the same pipeline patched by a peer package.
+
+A Contestant only knows how to make one call and what it has measured so far; the order of calls,
+the clock and the statistics live in `runner.py`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sdaccel.bench.configs import BenchConfig, call_plan, device_of, plan_steps
+from sdaccel.bench.peers import PeerSpec, apply_peer, peer_failure
+from sdaccel.settings import Settings
+
+# One call: (PIL images, step timestamps, per-image cost or None where the runner cannot say).
+CallResult = tuple[list, list[float], list[float] | None]
+
+
+@dataclass
+class Contestant:
+    label: str
+    kind: str  # "baseline" | "config" | "peer" | "equal-cost"
+    baseline: str  # label of the row it is compared with (its own for a main baseline)
+    settings: Settings
+    device: str
+    steps: int
+    batch: int
+    nfe: float  # per image, as planned; engine rows replace it by the measured mean
+    precision: str
+    compile: str
+    call: Callable[[str, int], CallResult]
+    plan: list[tuple[str, int]] = field(default_factory=list)  # (prompt, seed) of call i
+    unet: Any = None  # the module whose FLOPs make a pipeline row's cost
+    passes: str = ""
+    cache_entries: int = 0
+    notes: list[str] = field(default_factory=list)
+    cost_source: str = ""
+    equal_cost_of: str | None = None
+    peer: PeerSpec | None = None
+    # What the runner measured.
+    load_seconds: float = 0.0
+    load_bytes: int = 0
+    memory_kind: str = ""
+    working_bytes: int = 0  # largest rise above resident memory during one of its calls
+    first_call_seconds: float | None = None
+    warmup_costs: list[float] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)  # one per timed round, whole call
+    rates: list[float] = field(default_factory=list)
+    images: list = field(default_factory=list)  # timed calls only, in call order
+    costs: list[float] = field(default_factory=list)  # per timed image
+    nfes: list[float] = field(default_factory=list)  # per timed image (engine rows)
+    unet_flops: int | None = None  # one call's, measured (pipeline rows with peers beside)
+    flops_cost: float | None = None
+
+
+def _step_clock(device: str) -> tuple[list[float], Callable[[], None]]:
+    from sdaccel.gpu_stats import synchronize
+
+    marks: list[float] = []
+
+    def mark() -> None:
+        synchronize(device)
+        marks.append(time.perf_counter())
+
+    return marks, mark
+
+
+def load_engine(config: BenchConfig, prompts, calls: int) -> Contestant:
+    """Our Engine for one configuration (kind "config"; the runner relabels equal-cost rows)."""
+    from sdaccel.bench.configs import compile_label, precision_label
+    from sdaccel.engine.engine import Engine
+    from sdaccel.events import StepDone, Warning
+
+    settings = config.settings
+    device = device_of(settings)
+    marks, mark = _step_clock(device)
+    notes: list[str] = []
+
+    def on_event(event) -> None:
+        if isinstance(event, StepDone):
+            mark()
+        elif isinstance(event, Warning) and event.message not in notes:
+            notes.append(event.message)
+
+    engine = Engine(settings, on_event=on_event)
+    contestant: Contestant
+
+    def call(prompt: str, seed: int) -> CallResult:
+        marks.clear()
+        results = engine.generate([prompt], seed=seed)
+        contestant.nfes.extend(float(r.nfe) for r in results)
+        costs = [getattr(r, "cost", None) for r in results]
+        return ([r.image for r in results], list(marks),
+                None if any(c is None for c in costs) else [float(c) for c in costs])
+
+    guided = settings.generation.guidance_scale > 1.0
+    contestant = Contestant(
+        label=config.label, kind="config", baseline="", settings=settings, device=device,
+        steps=plan_steps(settings), batch=settings.generation.num_images_per_prompt,
+        nfe=float(plan_steps(settings) * (2 if guided else 1)),
+        precision=precision_label(settings), compile=compile_label(settings), call=call,
+        plan=call_plan(settings, prompts, calls), passes=", ".join(getattr(engine, "passes", [])),
+        cache_entries=len(getattr(engine, "compile_cache", [])), notes=notes,
+        cost_source="engine",
+    )
+    return contestant
+
+
+def load_pipeline(settings: Settings, dtype: str, prompts, calls: int,
+                  peer: PeerSpec | None = None) -> Contestant:
+    """A plain StableDiffusionPipeline on its own fp32 copy of the model (cast to `dtype`) with
+    the configuration's scheduler class; patched by `peer` when given."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from sdaccel.engine.models import load_components
+    from sdaccel.engine.precision import DTYPES, resolve_device
+    from sdaccel.engine.samplers import build_scheduler
+
+    device = resolve_device(settings.device)
+    parts = load_components(settings.model_id, device=str(device))  # its own fp32 copy
+    pipe = StableDiffusionPipeline(
+        vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
+        unet=parts.unet, scheduler=build_scheduler(settings.sampler.name,
+                                                   parts.scheduler_config),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    ).to(device=device, dtype=DTYPES[dtype])
+    pipe.set_progress_bar_config(disable=True)
+    prepare = apply_peer(peer, pipe) if peer is not None else None
+    g = settings.generation
+    batch = g.num_images_per_prompt
+    steps = plan_steps(settings)
+    marks, mark = _step_clock(str(device))
+
+    def on_step_end(_pipe, _index, _t, kwargs):
+        mark()
+        return kwargs
+
+    def call(prompt: str, seed: int) -> CallResult:
+        marks.clear()
+        if prepare is not None:
+            prepare(seed)
+        generators = [torch.Generator("cpu").manual_seed(seed + k) for k in range(batch)]
+        try:
+            out = pipe(prompt, negative_prompt="", num_inference_steps=steps,
+                       guidance_scale=g.guidance_scale, height=g.height, width=g.width,
+                       num_images_per_prompt=batch, generator=generators,
+                       callback_on_step_end=on_step_end)
+        except Exception as exc:
+            if peer is None:
+                raise
+            raise peer_failure(peer, exc) from exc
+        return list(out.images), list(marks), None
+
+    return Contestant(
+        label="", kind="peer" if peer else "baseline", baseline="", settings=settings,
+        device=str(device), steps=steps, batch=batch,
+        nfe=float(steps * (2 if g.guidance_scale > 1.0 else 1)),
+        precision=f"{dtype} (all)", compile="eager", call=call,
+        plan=call_plan(settings, prompts, calls), unet=pipe.unet,
+        passes=peer.describe() if peer else "", cost_source="flops" if peer else "steps",
+        peer=peer,
+    )

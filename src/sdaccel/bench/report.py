@@ -1,0 +1,190 @@
+"""What a benchmark returns: one Row per baseline, configuration, peer and equal-cost run, and the
+BenchReport that holds them (JSON, CSV, plot). No torch here."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sdaccel.errors import ConfigError
+
+# The seed's three default prompts (scripts/run_benchmark.py).
+DEFAULT_PROMPTS = ("a photo of a cat", "a futuristic city at sunset", "a watercolor landscape")
+# Drift bounds on the worst image of a configuration against the baseline's image of the same
+# prompt and seed. 30 dB / 0.95 is where differences stop being invisible side by side on SD 1.5
+# (fp16 vs fp32 eager is typically above both; an int8 text encoder or a sampler change is not).
+MIN_PSNR_DB = 30.0
+MIN_SSIM = 0.95
+PSNR_CAP_DB = 100.0  # identical images (infinite PSNR) count as this in means and files
+# The speed-up's spread: this percentile range of the per-round paired ratios.
+SPREAD_PERCENTILES = (25, 75)
+
+KINDS = ("baseline", "config", "peer", "equal-cost")
+
+
+@dataclass(frozen=True)
+class BenchProgress:
+    """One step of the run, for a front end to show: `done` of `total` calls of `phase`."""
+
+    label: str
+    phase: str  # "load" | "warm-up" | "cost" (an uncounted call that measures cost) | "timed"
+    done: int
+    total: int
+
+
+@dataclass
+class Row:
+    label: str
+    kind: str  # "baseline" | "config" | "peer" | "equal-cost"
+    baseline: str  # label of the baseline it is compared with (itself for a baseline)
+    model: str
+    device: str
+    sampler: str
+    steps: int  # the solver's plan (an adaptive replan run: adaptive.max_steps)
+    height: int
+    width: int
+    guidance: float
+    batch: int
+    precision: str
+    compile: str
+    passes: str  # speed passes; for a peer: the package, its version and parameters
+    iters: int  # timed rounds
+    warmup: int
+    load_seconds: float
+    first_call_seconds: float
+    unet_steps_per_s: float | None
+    seconds_per_image_median: float
+    seconds_per_image_p90: float
+    images_per_s: float
+    # Its own footprint: what loading it added + the largest rise above resident memory during
+    # one of its own calls (see BenchReport.memory_note).
+    peak_memory_bytes: int
+    memory_kind: str
+    load_memory_bytes: int  # what loading it added (CUDA allocated, or process RSS)
+    nfe: float  # UNet evaluations per image (x2 with guidance)
+    # Mean UNet work per image in full-UNet equivalents (one full guided call = 1.0).
+    cost: float | None = None
+    cost_source: str = ""  # "steps" (plain diffusers) | "engine" (ImageResult.cost) | "flops"
+    compile_cache_entries: int = 0
+    # Median over the timed rounds of (baseline s/img in round r) / (this row's s/img in round r)
+    speedup: float | None = None
+    speedup_p25: float | None = None  # spread: 25th and 75th percentile of those ratios
+    speedup_p75: float | None = None
+    psnr_db: float | None = None
+    ssim: float | None = None
+    psnr_min_db: float | None = None
+    ssim_min: float | None = None
+    drift: bool = False
+    equal_cost_of: str | None = None  # equal-cost rows: the configuration whose cost it matches
+    notes: str = ""  # the engine's warnings during the run (e.g. a compile fallback)
+
+
+@dataclass
+class BenchReport:
+    rows: list[Row]
+    prompts: list[str]
+    iters: int
+    warmup: int
+    device_name: str
+    versions: dict[str, str]
+    min_psnr: float = MIN_PSNR_DB
+    min_ssim: float = MIN_SSIM
+    memory_note: str = ""
+    images: dict[str, list] = field(default_factory=dict, repr=False)  # label -> PIL images
+
+    def row(self, label: str) -> Row:
+        for row in self.rows:
+            if row.label == label:
+                return row
+        raise KeyError(f"no row {label!r}; rows: {', '.join(r.label for r in self.rows)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        low, high = SPREAD_PERCENTILES
+        return {
+            "device_name": self.device_name, "versions": self.versions,
+            "prompts": self.prompts, "iters": self.iters, "warmup": self.warmup,
+            "timing": {
+                "order": "interleaved: round r calls every row once with the same prompt and "
+                         "seed, rows in table order",
+                "speedup": "median over rounds of baseline s/img / row s/img in that round",
+                "spread": f"speedup_p{low}, speedup_p{high}: percentiles of those ratios",
+            },
+            "bounds": {"min_psnr_db": self.min_psnr, "min_ssim": self.min_ssim,
+                       "psnr_cap_db": PSNR_CAP_DB},
+            "memory_note": self.memory_note,
+            "rows": [asdict(r) for r in self.rows],
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def write_csv(self, path: Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        names = list(asdict(self.rows[0]))
+        with path.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=names)
+            writer.writeheader()
+            for row in self.rows:
+                writer.writerow(asdict(row))
+        return path
+
+    def plot(self, path: Path) -> Path:
+        """Speed-up (with its spread) against fidelity (PSNR to the baseline), one point per
+        row that is not a main baseline."""
+        try:
+            import matplotlib
+        except ImportError:
+            raise ConfigError("--plot needs matplotlib: pip install 'sdaccel[plot]'") from None
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        colours = {"config": "tab:blue", "peer": "tab:green", "equal-cost": "tab:orange",
+                   "baseline": "tab:grey"}
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for r in (r for r in self.rows if r.label != r.baseline):
+            colour = "tab:red" if r.drift else colours.get(r.kind, "tab:blue")
+            if r.speedup_p25 is not None and r.speedup_p75 is not None:
+                ax.errorbar(r.psnr_db, r.speedup, yerr=[[r.speedup - r.speedup_p25],
+                                                        [r.speedup_p75 - r.speedup]],
+                            color=colour, fmt="o", markersize=6, capsize=3, linewidth=1)
+            else:
+                ax.scatter(r.psnr_db, r.speedup, color=colour, s=40)
+            ax.annotate(r.label, (r.psnr_db, r.speedup), textcoords="offset points",
+                        xytext=(5, 4), fontsize=8)
+        ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
+        ax.axvline(self.min_psnr, color="tab:red", linewidth=0.8, linestyle=":")
+        ax.set_xlabel(f"PSNR to the diffusers baseline, dB (identical = {PSNR_CAP_DB:g})")
+        ax.set_ylabel("speed-up vs baseline\n(median of paired per-round ratios, p25-p75)")
+        ax.set_title(f"sdaccel bench on {self.device_name}: blue ours, green peers, orange "
+                     "fixed steps at equal cost, red below fidelity bound", fontsize=8)
+        fig.tight_layout()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return path
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default)."""
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q / 100
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def paired_speedup(baseline_seconds: Sequence[float], seconds: Sequence[float]
+                   ) -> tuple[float, float, float]:
+    """(median, p25, p75) of the per-round ratios baseline_seconds[r] / seconds[r] (both per
+    image): each round's two calls ran back to back, so a slow spell of the machine affects both
+    sides of a ratio and cancels."""
+    ratios = [b / s for b, s in zip(baseline_seconds, seconds, strict=True)]
+    low, high = SPREAD_PERCENTILES
+    return percentile(ratios, 50), percentile(ratios, low), percentile(ratios, high)
