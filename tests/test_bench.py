@@ -99,10 +99,9 @@ def test_measurements_are_consistent(report_and_calls):
         assert 0 < row.seconds_per_image_median <= row.seconds_per_image_p90
         assert row.images_per_s > 0 and row.first_call_seconds > 0 and row.load_seconds > 0
         assert row.unet_steps_per_s > 0
-        # Its own footprint: what loading it added + its calls' rise above resident memory.
+        # Its own footprint: its weights + its calls' rise above resident memory.
         assert row.memory_kind == "cpu rss"
-        assert 0 <= row.load_memory_bytes <= row.peak_memory_bytes
-        assert row.peak_memory_bytes > 2**20
+        assert 2**20 < row.load_memory_bytes <= row.peak_memory_bytes
         assert row.nfe == 3 * 2  # 3 steps, guided: conditional + unconditional
         assert row.steps == 3 and (row.height, row.width) == (32, 32)
         # Plain 3-step runs: three full guided UNet calls per image, by any count.
@@ -110,6 +109,9 @@ def test_measurements_are_consistent(report_and_calls):
         assert row.speedup_p25 <= row.speedup <= row.speedup_p75
     assert base.cost_source == "steps" and report.row("fp32").cost_source == "engine"
     assert base.speedup == base.speedup_p25 == base.speedup_p75 == 1.0
+    # On the CPU a row's load is the bytes of its weights: the same fp32 model, plus the fused
+    # QKV projections that fuse_qkv adds beside the separate ones.
+    assert report.row("tiny").load_memory_bytes > base.load_memory_bytes
 
 
 def test_speedup_is_the_median_of_paired_per_round_ratios(monkeypatch):
@@ -155,6 +157,8 @@ def test_reduced_precision_drifts_measurably_and_is_flagged():
     report = bench.benchmark([("fp32", fp32), ("bf16", bf16)], PROMPTS[:1], iters=2, warmup=0)
     a, b = report.row("fp32"), report.row("bf16")
     assert b.precision == "bf16/bf16/fp32" and b.baseline == "diffusers fp32"
+    assert a.load_memory_bytes == report.row("diffusers fp32").load_memory_bytes  # same model
+    assert b.load_memory_bytes < a.load_memory_bytes  # half-size UNet and VAE weights
     assert b.psnr_db < a.psnr_db and b.ssim <= a.ssim
     assert b.drift == (b.psnr_min_db < bench.MIN_PSNR_DB or b.ssim_min < bench.MIN_SSIM)
     strict = bench.benchmark([("bf16", bf16)], PROMPTS[:1], iters=1, warmup=0, min_psnr=200.0,
@@ -310,6 +314,7 @@ def test_deepcache_peer_row(peers_report):
     assert row.psnr_db < bench.PSNR_CAP_DB  # reused deep features change the image
     assert row.speedup_p25 <= row.speedup <= row.speedup_p75
     assert len(peers_report.images["deepcache"]) == 2
+    assert peers_report.versions["DeepCache"] in row.passes  # the report names the version
 
 
 def test_tomesd_peer_row(peers_report):

@@ -35,6 +35,7 @@ class Contestant:
     call: Callable[[str, int], CallResult]
     plan: list[tuple[str, int]] = field(default_factory=list)  # (prompt, seed) of call i
     unet: Any = None  # the module whose FLOPs make a pipeline row's cost
+    modules: list = field(default_factory=list)  # its models (UNet, VAE, text encoder)
     passes: str = ""
     cache_entries: int = 0
     notes: list[str] = field(default_factory=list)
@@ -67,6 +68,18 @@ def _step_clock(device: str) -> tuple[list[float], Callable[[], None]]:
         marks.append(time.perf_counter())
 
     return marks, mark
+
+
+def weight_bytes(modules) -> int:
+    """Bytes of the parameters and buffers of `modules`, each storage counted once."""
+    seen, total = set(), 0
+    for module in modules:
+        for tensor in (*module.parameters(), *module.buffers()):
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+    return total
 
 
 def load_engine(config: BenchConfig, prompts, calls: int) -> Contestant:
@@ -106,6 +119,8 @@ def load_engine(config: BenchConfig, prompts, calls: int) -> Contestant:
         plan=call_plan(settings, prompts, calls), passes=", ".join(getattr(engine, "passes", [])),
         cache_entries=len(getattr(engine, "compile_cache", [])), notes=notes,
         cost_source="engine",
+        modules=[m for m in (getattr(engine, name, None) for name in
+                             ("unet", "vae", "text_encoder")) if m is not None],
     )
     return contestant
 
@@ -162,6 +177,7 @@ def load_pipeline(settings: Settings, dtype: str, prompts, calls: int,
         nfe=float(steps * (2 if g.guidance_scale > 1.0 else 1)),
         precision=f"{dtype} (all)", compile="eager", call=call,
         plan=call_plan(settings, prompts, calls), unet=pipe.unet,
+        modules=[pipe.unet, pipe.vae, pipe.text_encoder],
         passes=peer.describe() if peer else "", cost_source="flops" if peer else "steps",
         peer=peer,
     )

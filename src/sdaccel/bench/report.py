@@ -61,11 +61,11 @@ class Row:
     seconds_per_image_median: float
     seconds_per_image_p90: float
     images_per_s: float
-    # Its own footprint: what loading it added + the largest rise above resident memory during
-    # one of its own calls (see BenchReport.memory_note).
+    # Its own footprint: its weights + the largest rise above resident memory during one of its
+    # own calls (see BenchReport.memory_note).
     peak_memory_bytes: int
     memory_kind: str
-    load_memory_bytes: int  # what loading it added (CUDA allocated, or process RSS)
+    load_memory_bytes: int  # CUDA: what loading it allocated; CPU: its models' weight bytes
     nfe: float  # UNet evaluations per image (x2 with guidance)
     # Mean UNet work per image in full-UNet equivalents (one full guided call = 1.0).
     cost: float | None = None

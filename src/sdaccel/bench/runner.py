@@ -14,8 +14,9 @@
    back, so a slow spell of a shared machine hits both and cancels.
 
 Memory cannot be read per row from a process peak once every row is resident, so each row gets
-its own footprint: what loading it added, plus the largest rise above resident memory during any
-one of its own calls (the peak is reset before each call).
+its own footprint: its weights (on CUDA: what loading it allocated; on the CPU: the bytes of its
+models' parameters and buffers), plus the largest rise above resident memory during any one of
+its own calls (the peak is reset before each call).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from sdaccel.bench.configs import (
     resolve_configs,
 )
 from sdaccel.bench.contestants import Contestant, load_engine, load_pipeline
-from sdaccel.bench.peers import PeerSpec, parse_peers
+from sdaccel.bench.peers import PeerSpec, package_version, parse_peers
 from sdaccel.bench.report import (
     DEFAULT_PROMPTS,
     MIN_PSNR_DB,
@@ -136,12 +137,13 @@ def benchmark(
 
     device = device_of(configs[0].settings)
     resettable = gpu_stats.reset_peak(device)
-    del field, by_label
+    del field, by_label, c  # every loaded model goes with them
     _free(device)
+    versions = {"torch": torch.__version__, "diffusers": diffusers.__version__}
+    versions.update({s.peer.package: package_version(s.peer.package) for s in peer_specs})
     return BenchReport(
         rows=rows, prompts=prompts, iters=iters, warmup=warmup,
-        device_name=gpu_stats.device_name(device),
-        versions={"torch": torch.__version__, "diffusers": diffusers.__version__},
+        device_name=gpu_stats.device_name(device), versions=versions,
         min_psnr=min_psnr, min_ssim=min_ssim, memory_note=_memory_note(device, resettable),
         images=images,
     )
@@ -180,16 +182,19 @@ def _load_field(configs: list[BenchConfig], prompts, calls, baseline_dtype, also
 
 def _load(label: str, kind: str, baseline: str, progress, loader: Callable[[], Contestant]
           ) -> Contestant:
+    from sdaccel.bench.contestants import weight_bytes
+
     progress(BenchProgress(label, "load", 0, 1))
     gc.collect()
-    # The device is only known once loaded: read both, keep the one that applies.
-    before = {"cpu": _resident("cpu"), "cuda": _resident("cuda")}
+    before = _resident("cuda")
     started = time.perf_counter()
     contestant = loader()
     contestant.load_seconds = time.perf_counter() - started
     gc.collect()
-    kind_of_device = "cuda" if contestant.device.startswith("cuda") else "cpu"
-    contestant.load_bytes = max(0, _resident(contestant.device) - before[kind_of_device])
+    if contestant.device.startswith("cuda"):  # exact: what loading it allocated
+        contestant.load_bytes = max(0, _resident(contestant.device) - before)
+    else:  # RSS barely moves where the allocator reuses freed memory: count the weights
+        contestant.load_bytes = weight_bytes(contestant.modules)
     contestant.label, contestant.kind, contestant.baseline = label, kind, baseline
     progress(BenchProgress(label, "load", 1, 1))
     return contestant
@@ -367,10 +372,10 @@ def _memory_note(device: str, resettable: bool) -> str:
         return ("each row's own footprint: CUDA memory allocated by loading it + the largest "
                 "rise of peak allocated memory above what was allocated before one of its calls")
     if resettable:
-        return ("each row's own footprint: process RSS added by loading it + the largest rise "
-                "of peak RSS above the RSS before one of its calls (a lower bound: memory the "
-                "allocator kept from other rows' calls is reused without raising RSS)")
-    return ("process RSS added by loading each row + its calls' rise of the process' lifetime "
+        return ("each row's own footprint: the bytes of its models' weights + the largest rise "
+                "of the process' peak RSS above its RSS before one of its calls (a lower bound: "
+                "memory the allocator kept from earlier calls is reused without raising RSS)")
+    return ("the bytes of each row's models' weights + its calls' rise of the process' lifetime "
             "peak RSS (this platform cannot reset the peak: the call part is unreliable)")
 
 
