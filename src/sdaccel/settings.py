@@ -120,23 +120,31 @@ class SkipSettings(_Section):
 class CacheSettings(_Section):
     """mode per_step: DeepCache-style feature caching (engine/feature_cache.py): a full UNet
     call every `interval` steps, in between only the shallow branch at skip level `level`
-    (0: conv_in and the last up layer; higher: more layers, closer to the full UNet)."""
+    (0: conv_in and the last up layer; higher: more layers, closer to the full UNet), on deep
+    features extrapolated from the last two full calls (or reused as they are). Risk: the
+    shallow branch's output drifts from the full UNet's as the features age."""
 
     interval: int = Field(1, ge=1)  # 1: no caching
     level: int = Field(0, ge=0)
     # Refresh before `interval` when the skip test's scaled error exceeds this (null: never).
     threshold: float | None = Field(None, ge=0)
+    # Extrapolate the deep features from the last two full calls (TaylorSeer's first order)
+    # rather than reuse the last ones as they are (DeepCache's rule: false).
+    forecast: bool = True
 
 
 class GuidanceSettings(_Section):
     """mode per_step: fewer unconditional UNet halves. Between refreshes every `interval` steps
-    the last guidance direction (cond - uncond) is reused; after `cutoff` (a fraction of the
-    steps) or once |cond - uncond| / |cond| < `agree_threshold` the unconditional half stops and
-    the conditional prediction is used alone (guidance 1 from there, as diffusers' callback)."""
+    the guidance direction (cond - uncond) is extrapolated from the last two (or reused); after
+    `cutoff` (a fraction of the steps) or once |cond - uncond| / |cond| < `agree_threshold` the
+    unconditional half stops and the conditional prediction is used alone (guidance 1 from
+    there, as diffusers' callback). Risk: guidance reuse drifts where the direction turns."""
 
     interval: int = Field(1, ge=1)  # 1: the unconditional half at every step
     cutoff: float = Field(1.0, ge=0, le=1)  # 1: never cut off
     agree_threshold: float = Field(0.0, ge=0)  # 0: never
+    # Between refreshes, extrapolate cond - uncond from the last two (false: reuse the last).
+    forecast: bool = True
 
 
 class AdaptiveSettings(_Section):

@@ -4,11 +4,12 @@ every step how much of the UNet it needs.
 At each step an image takes one of these, shown by one letter in its decision string:
 
 - `F` full UNet (both halves with guidance);
-- `C` the shallow branch only, on deep features cached at an earlier full call (feature_cache);
+- `C` the shallow branch only, on deep features from earlier full calls (feature_cache.py),
+  extrapolated from the last two (TaylorSeer, 2025) or reused as they are (DeepCache);
 - `f` / `c` the same for the conditional half alone, the unconditional half not evaluated:
-  between refreshes the guidance direction (cond - uncond) of the last refresh is reused; after
-  the guidance cut-off the conditional prediction is taken alone (guidance 1, as diffusers'
-  CFG cut-off callback does);
+  between refreshes the guidance direction (cond - uncond) is extrapolated from the last two
+  refreshes (or reused); after the guidance cut-off the conditional prediction is taken alone
+  (guidance 1, as diffusers' CFG cut-off callback does);
 - `-` no UNet call: the step is filled from the solver's own history. The predicted clean image
   x0 is extrapolated linearly in lambda = log(alpha / sigma) from the last two evaluated steps and
   handed to the scheduler as the model output that gives that x0, so every sampler takes its
@@ -49,9 +50,11 @@ class StepPolicy:
     cache_interval: int = 1  # 1: no feature caching
     cache_level: int = 0
     cache_threshold: float = math.inf  # refresh early when the scaled skip error exceeds it
+    cache_forecast: bool = True  # extrapolate the deep features (False: reuse, as DeepCache)
     guidance_interval: int = 1  # 1: the unconditional half at every step
     guidance_cutoff: float = 1.0  # fraction of the steps after which it stops; 1: never
     guidance_agree: float = 0.0  # stop it once |cond - uncond| / |cond| is below; 0: never
+    guidance_forecast: bool = True  # extrapolate cond - uncond (False: reuse the last)
 
     @classmethod
     def from_settings(cls, adaptive) -> StepPolicy:
@@ -61,8 +64,10 @@ class StepPolicy:
             cache_interval=adaptive.cache.interval, cache_level=adaptive.cache.level,
             cache_threshold=(math.inf if adaptive.cache.threshold is None
                              else adaptive.cache.threshold),
+            cache_forecast=adaptive.cache.forecast,
             guidance_interval=adaptive.guidance.interval, guidance_cutoff=adaptive.guidance.cutoff,
             guidance_agree=adaptive.guidance.agree_threshold,
+            guidance_forecast=adaptive.guidance.forecast,
         )
 
     @property
@@ -80,25 +85,36 @@ class _Image:
     skips: int = 0  # consecutive skipped steps
     since_uncond: int = 0
     cut: bool = False  # guidance cut off: conditional half only from now on
-    delta: torch.Tensor | None = None  # cond - uncond at the last unconditional evaluation
+    # (lambda, cond - uncond) of the last two unconditional evaluations
+    deltas: list[tuple[float, torch.Tensor]] = field(default_factory=list)
     codes: list[str] = field(default_factory=list)
     cost: float = 0.0
 
     def scaled_error(self, lam: float) -> float:
+        """The miss of a linear extrapolation to `lam`, from the last one measured (a linear
+        extrapolation's error grows with the square of the step)."""
         if len(self.history) < 2:
             return math.inf
         step = lam - self.history[-1][0]
         return self.error * (step / self.error_step) ** 2
 
     def extrapolate(self, lam: float) -> torch.Tensor:
-        (lam_b, x_b), (lam_a, x_a) = self.history[-2:]
-        return x_a + (x_a - x_b) * ((lam - lam_a) / (lam_a - lam_b))
+        return _linear(self.history, lam)
 
     def record(self, lam: float, x0: torch.Tensor) -> None:
         if len(self.history) >= 2:
             miss = (x0 - self.extrapolate(lam)).norm() / x0.norm().clamp_min(1e-12)
             self.error, self.error_step = float(miss), lam - self.history[-1][0]
         self.history = [*self.history[-1:], (lam, x0)]
+
+
+def _linear(points: list[tuple[float, torch.Tensor]], at: float) -> torch.Tensor:
+    """The line through the last two (position, value) points, at `at`; the last value alone
+    when there is one point."""
+    if len(points) < 2:
+        return points[-1][1]
+    (p_b, v_b), (p_a, v_a) = points[-2:]
+    return v_a + (v_a - v_b) * ((at - p_a) / (p_a - p_b))
 
 
 def lambda_of(scheduler, timestep) -> float:
@@ -137,7 +153,8 @@ class StepwiseDenoiser:
         batch = latents.shape[0]
         guided = embeddings.shape[0] == 2 * batch
         images = [_Image() for _ in range(batch)]
-        self._deep: dict[tuple[int, int], tuple[int, torch.Tensor]] = {}  # slot -> (step, h)
+        # slot -> [(step, deep features)] of its last two full calls
+        self._deep: dict[tuple[int, int], list[tuple[int, torch.Tensor]]] = {}
         timesteps = scheduler.timesteps
         for index, t in enumerate(timesteps):
             lam = lambda_of(scheduler, t)
@@ -185,7 +202,7 @@ class StepwiseDenoiser:
     def _needs_full(self, slot: tuple[int, int], index: int, error: float) -> bool:
         if not self.policy.caches or slot not in self._deep:
             return True
-        age = index - self._deep[slot][0]
+        age = index - self._deep[slot][-1][0]
         return age >= self.policy.cache_interval or error > self.policy.cache_threshold
 
     # ------------------------------------------------------------------ UNet calls
@@ -205,17 +222,22 @@ class StepwiseDenoiser:
             context = torch.stack([embeddings[_row(s, batch, embeddings)] for s in chosen])
             x = model_input[rows]
             if not full:
-                deep = torch.cat([self._deep[s][1] for s in chosen])
+                deep = torch.cat([self._forecast(self._deep[s], index) for s in chosen])
                 out = self.layered.shallow(x, t, context, self.policy.cache_level, deep)
             elif self.policy.caches:
                 out, deep = self.layered.full(x, t, context, self.policy.cache_level)
                 for j, slot in enumerate(chosen):
-                    self._deep[slot] = (index, deep[j:j + 1])
+                    self._deep[slot] = [*self._deep.get(slot, [])[-1:], (index, deep[j:j + 1])]
             else:
                 out = self.unet(x, t, encoder_hidden_states=context, return_dict=False)[0]
             for j, slot in enumerate(chosen):
                 outputs[slot] = out[j].float()
         return outputs
+
+    def _forecast(self, history: list[tuple[int, torch.Tensor]], index: int) -> torch.Tensor:
+        """Deep features for step `index`: the last full call's, or (cache.forecast) the line
+        through the last two, in step numbers (TaylorSeer's first order)."""
+        return _linear(history, index) if self.policy.cache_forecast else history[-1][1]
 
     def _noise(self, image: _Image, k: int, slots: dict, outputs: dict, scheduler,
                sample: torch.Tensor, t, lam: float, guidance_scale: float,
@@ -233,15 +255,16 @@ class StepwiseDenoiser:
         full = slots[(k, COND)]
         if len(parts) == 2:
             uncond = parts[1]
-            image.delta = cond - uncond
+            image.deltas = [*image.deltas[-1:], (lam, cond - uncond)]
             image.since_uncond = 0
-            noise = uncond + guidance_scale * image.delta
-            if (self.policy.guidance_agree > 0 and image.delta.norm()
+            noise = uncond + guidance_scale * (cond - uncond)
+            if (self.policy.guidance_agree > 0 and (cond - uncond).norm()
                     < self.policy.guidance_agree * cond.norm()):
                 image.cut = True
         elif guided and not image.cut:
             image.since_uncond += 1
-            noise = cond + (guidance_scale - 1) * image.delta
+            deltas = image.deltas if self.policy.guidance_forecast else image.deltas[-1:]
+            noise = cond + (guidance_scale - 1) * _linear(deltas, lam)
         else:
             noise = cond
         letter = "F" if full else "C"
