@@ -9,7 +9,15 @@ from types import SimpleNamespace
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.text import Text
 
 from sdaccel.events import BatchDone, BatchStarted, Event, PlanDecided, StepDone, Warning
 from sdaccel.outputs import describe_compute, describe_plan
@@ -44,7 +52,7 @@ class ProgressRenderer:
             return
         if not self._rows:
             self._codes = [""] * len(event.decisions)
-            self._rows = [self._progress.add_task(f"  image {k}", total=None, codes="",
+            self._rows = [self._progress.add_task(f"  image {k}", total=None, image_row=True,
                                                   start=False)
                           for k in range(len(event.decisions))]
         for k, (letter, cost) in enumerate(zip(event.decisions, event.costs, strict=True)):
@@ -57,8 +65,10 @@ class ProgressRenderer:
         label = event.prompts[0] if len(event.prompts) == 1 else f"{len(event.prompts)} prompts"
         self._rows = []
         self._progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("steps"), TimeElapsedColumn(), console=self.console, transient=True,
+            TextColumn("{task.description}"),
+            *(_BatchOnly(c) for c in (BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
+                                      TimeElapsedColumn())),
+            console=self.console, transient=True,
         )
         self._progress.start()
         self._task = self._progress.add_task(
@@ -100,6 +110,17 @@ class ProgressRenderer:
             self._progress.stop()
             self._progress = None
         self._rows = []
+
+
+class _BatchOnly(ProgressColumn):
+    """A column drawn for the batch's bar only, blank on the per-image decision lines."""
+
+    def __init__(self, column: ProgressColumn) -> None:
+        super().__init__()
+        self.column = column
+
+    def render(self, task):
+        return Text("") if task.fields.get("image_row") else self.column.render(task)
 
 
 def print_notice(console: Console, event: Event) -> bool:
