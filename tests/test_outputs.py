@@ -14,7 +14,8 @@ def fake_result(seed=5, steps=4, prompt="a red circle", negative=""):
     import torch
 
     return ImageResult(prompt=prompt, negative_prompt=negative, seed=seed, steps=steps, nfe=steps,
-                       cost=float(steps), decisions="F" * steps, image=Image.new("RGB", (32, 32), "red"), latents=torch.zeros(4, 16, 16),
+                       cost=float(steps), decisions="F" * steps,
+                       image=Image.new("RGB", (32, 32), "red"), latents=torch.zeros(4, 16, 16),
                        seconds=0.5)
 
 
