@@ -215,3 +215,20 @@ def test_forecast_deep_features_stay_closer_to_the_plain_run_than_reusing_them()
                                 f"adaptive.cache.forecast={forecast}"))
         psnr[forecast] = metrics.psnr([r.image for r in engine.generate(prompts, seed=5)], plain)
     assert psnr["true"] > psnr["false"] + 1.0 and psnr["false"] > 30
+
+
+def test_packaged_fast_setting_halves_the_work_and_keeps_the_pictures():
+    """tiny-fast (the setting examples/frontier.py chose): on six held-out captions it costs at
+    most 60% of the plain 20-step run and draws what the plain run draws."""
+    from sdaccel.shapes import dataset
+
+    captions = dataset.held_out_captions()[::6]
+    fast = Engine(resolve_settings("tiny-fast", environ={}).settings).generate(captions, seed=1)
+    plain = Engine(bundled()).generate(captions, seed=1)
+    assert all(r.cost <= 0.6 * 20 for r in fast) and len({r.cost for r in fast}) > 1
+    assert metrics.alignment([r.image for r in fast], captions)["aligned"] >= \
+        metrics.alignment([r.image for r in plain], captions)["aligned"] - 1 / len(captions)
+    # base (SD 1.5) defaults to the same decisions.
+    base = resolve_settings("base", environ={}).settings
+    tiny_fast = resolve_settings("tiny-fast", environ={}).settings
+    assert base.adaptive == tiny_fast.adaptive and base.sampler == tiny_fast.sampler
