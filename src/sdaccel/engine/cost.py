@@ -4,8 +4,9 @@ are charged for what actually ran.
 Counts come from `torch.utils.flop_counter.FlopCounterMode` (matrix multiplications,
 convolutions, attention, the CPU's fused attention kernel included) over one call on fake
 tensors: shapes only, no arithmetic, about a second even for SD 1.5 at 512x512. FLOPs grow
-linearly with the batch, so one row is counted and calls are charged per row. The unit of cost is one full call for one image of the plain loop: both
-halves with guidance, the conditional one alone without.
+linearly with the batch, so one row is counted and calls are charged per row. The unit of cost
+is one full call for one image of the plain loop: both halves with guidance, the conditional one
+alone without.
 """
 
 from __future__ import annotations
