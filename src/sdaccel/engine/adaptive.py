@@ -82,8 +82,8 @@ def solver_error(x0_history: Sequence[torch.Tensor], scheduler, timesteps: Seque
     if len(x0_history) < 2:
         return torch.zeros(latest.shape[0])
     previous = x0_history[-2].float()
-    lam = [_lambda(scheduler, t) for t in timesteps[-2:]]
-    lam_next = _lambda(scheduler, next_timestep) if next_timestep is not None else lam[-1] + 5.0
+    lam = [lambda_of(scheduler, t) for t in timesteps[-2:]]
+    lam_next = lambda_of(scheduler, next_timestep) if next_timestep is not None else lam[-1] + 5.0
     h, h_prev = lam_next - lam[-1], lam[-1] - lam[0]
     alpha_next = alpha_sigma(scheduler, next_timestep)[0] if next_timestep is not None else 1.0
     factor = 0.5 * alpha_next * abs(np.expm1(-h)) * h / max(h_prev, 1e-8)
@@ -91,7 +91,8 @@ def solver_error(x0_history: Sequence[torch.Tensor], scheduler, timesteps: Seque
     return correction / latest.flatten(1).norm(dim=1).clamp_min(1e-12)
 
 
-def _lambda(scheduler, timestep) -> float:
+def lambda_of(scheduler, timestep) -> float:
+    """log(alpha_t / sigma_t): the time variable of DPM-Solver, and of step skipping's lines."""
     alpha, sigma = alpha_sigma(scheduler, timestep)
     return float(np.log(alpha / max(sigma, 1e-12)))
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sdaccel.engine.adaptive import alpha_sigma, predicted_x0
+from sdaccel.engine.adaptive import alpha_sigma, lambda_of, predicted_x0
 from sdaccel.engine.denoise import DenoiseOutput
 
 COND, UNCOND = 1, 0
@@ -115,11 +115,6 @@ def _linear(points: list[tuple[float, torch.Tensor]], at: float) -> torch.Tensor
         return points[-1][1]
     (p_b, v_b), (p_a, v_a) = points[-2:]
     return v_a + (v_a - v_b) * ((at - p_a) / (p_a - p_b))
-
-
-def lambda_of(scheduler, timestep) -> float:
-    alpha, sigma = alpha_sigma(scheduler, timestep)
-    return math.log(alpha / max(sigma, 1e-12))
 
 
 def model_output_for(scheduler, sample: torch.Tensor, x0: torch.Tensor,
