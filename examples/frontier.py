@@ -39,12 +39,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 
 from sdaccel import metrics  # noqa: E402
+from sdaccel.bench import PSNR_CAP_DB  # noqa: E402
 from sdaccel.engine.engine import Engine  # noqa: E402
 from sdaccel.settings import resolve_settings  # noqa: E402
 from sdaccel.shapes import dataset  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-PSNR_CAP = 100.0
 PER_STEP = ("adaptive.enabled=true", "adaptive.mode=per_step")
 
 # label -> settings overrides (on top of DPM-Solver++ 20 steps, the tiny preset's guidance).
@@ -102,7 +102,7 @@ def run(engine: Engine, captions: list[str], seeds: list[int]):
 
 
 def _psnr(a, b) -> float:
-    return min(metrics.psnr(a, b), PSNR_CAP)
+    return min(metrics.psnr(a, b), PSNR_CAP_DB)
 
 
 def score(label, results, reference, captions, judge, overrides=(), plain=None) -> Point:

@@ -6,13 +6,13 @@ import torch
 from conftest import tiny_settings
 
 from sdaccel import metrics
-from sdaccel.engine.adaptive import predicted_x0
+from sdaccel.engine.adaptive import model_output_for, predicted_x0
 from sdaccel.engine.cost import flop_counter
 from sdaccel.engine.engine import Engine
 from sdaccel.engine.feature_cache import LayeredUNet
 from sdaccel.engine.models import load_components
 from sdaccel.engine.samplers import SAMPLER_NAMES, build_scheduler
-from sdaccel.engine.stepwise import StepwiseDenoiser, model_output_for
+from sdaccel.engine.stepwise import StepwiseDenoiser
 from sdaccel.errors import ConfigError
 from sdaccel.settings import resolve_settings
 

@@ -62,6 +62,20 @@ def predicted_x0(scheduler, sample: torch.Tensor, model_output: torch.Tensor,
     return model_output  # "sample"
 
 
+def model_output_for(scheduler, sample: torch.Tensor, x0: torch.Tensor,
+                     timestep) -> torch.Tensor:
+    """The model output from which `predicted_x0` gives back `x0` (its inverse)."""
+    alpha, sigma = alpha_sigma(scheduler, timestep)
+    if _is_sigma_space(scheduler):
+        sample = sample * alpha
+    prediction = scheduler.config.prediction_type
+    if prediction == "epsilon":
+        return (sample - alpha * x0) / sigma
+    if prediction == "v_prediction":
+        return (alpha * sample - x0) / sigma
+    return x0
+
+
 def _is_sigma_space(scheduler) -> bool:
     return type(scheduler).__name__.startswith("Euler")
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sdaccel.engine.adaptive import alpha_sigma, lambda_of, predicted_x0
+from sdaccel.engine.adaptive import lambda_of, model_output_for, predicted_x0
 from sdaccel.engine.denoise import DenoiseOutput
 
 COND, UNCOND = 1, 0
@@ -115,20 +115,6 @@ def _linear(points: list[tuple[float, torch.Tensor]], at: float) -> torch.Tensor
         return points[-1][1]
     (p_b, v_b), (p_a, v_a) = points[-2:]
     return v_a + (v_a - v_b) * ((at - p_a) / (p_a - p_b))
-
-
-def model_output_for(scheduler, sample: torch.Tensor, x0: torch.Tensor,
-                     timestep) -> torch.Tensor:
-    """The model output from which `predicted_x0` gives back `x0` (its inverse)."""
-    alpha, sigma = alpha_sigma(scheduler, timestep)
-    if type(scheduler).__name__.startswith("Euler"):
-        sample = sample * alpha
-    prediction = scheduler.config.prediction_type
-    if prediction == "epsilon":
-        return (sample - alpha * x0) / sigma
-    if prediction == "v_prediction":
-        return (alpha * sample - x0) / sigma
-    return x0
 
 
 class StepwiseDenoiser:
