@@ -21,6 +21,7 @@ from typing import Any
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from sdaccel.catalogue import a1111_label
 from sdaccel.errors import SdaccelError
 
 IMAGE_NAME = re.compile(r"^img_(\d{3,})_steps\d+\.png$")
@@ -164,7 +165,6 @@ class RunWriter:
         With `index` the image gets exactly that index (a prompts-file run's global index), and
         an existing file of that name is an error."""
         from sdaccel import __version__
-        from sdaccel.engine.samplers import a1111_label
         from sdaccel.settings import settings_as_dict
 
         s, g = self.settings, self.settings.generation

@@ -20,7 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 
-from sdaccel.engine.samplers import REPLANNABLE, SAMPLER_NAMES
+from sdaccel.catalogue import ESTIMATORS, REPLANNABLE, SAMPLER_NAMES
 from sdaccel.errors import ConfigError
 
 DEFAULT_PRESET = "tiny"
@@ -39,6 +39,7 @@ PRESET_ALIASES = {
 Precision = Literal["fp32", "fp16", "bf16"]
 TextEncoderPrecision = Literal["fp32", "fp16", "bf16", "int8"]
 SamplerName = Literal[SAMPLER_NAMES]  # type: ignore[valid-type]
+EstimatorName = Literal[ESTIMATORS]  # type: ignore[valid-type]
 
 
 class _Section(BaseModel):
@@ -92,7 +93,7 @@ class SamplerSettings(_Section):
 class UncertaintySettings(_Section):
     # pred_var: spread of the predicted clean image over the warm-up; solver_error: the
     # multistep solver's local error estimate (see engine/adaptive.py).
-    method: Literal["pred_var", "solver_error"] = "pred_var"
+    method: EstimatorName = "pred_var"
     threshold_low: float = Field(0.10, ge=0)
     threshold_high: float = Field(0.25, ge=0)
 

@@ -33,8 +33,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-ESTIMATORS = ("pred_var", "solver_error")  # settings.UncertaintySettings.method
-
+from sdaccel.catalogue import ESTIMATORS  # settings.UncertaintySettings.method
 
 # --------------------------------------------------------------------------- x0 and scores
 
