@@ -7,6 +7,8 @@ from typing import Annotated, Any
 
 import typer
 
+from sdaccel.catalogue import SAMPLER_NAMES
+
 Preset = Annotated[
     str | None,
     typer.Option("--preset", "-p", help="Packaged preset (see inspect-config --list-presets); "
@@ -28,7 +30,7 @@ Model = Annotated[str | None, typer.Option(
 Steps = Annotated[int | None, typer.Option(
     "--steps", help="sampler.steps", show_default=False, rich_help_panel="Shorthand settings")]
 Sampler = Annotated[str | None, typer.Option(
-    "--sampler", help="sampler.name: ddpm, ddim, dpm_solver++, euler, euler_a",
+    "--sampler", help=f"sampler.name: {', '.join(SAMPLER_NAMES)}",
     show_default=False, rich_help_panel="Shorthand settings")]
 Seed = Annotated[int | None, typer.Option(
     "--seed", help="seed (image k of a run uses seed + k)", show_default=False,
