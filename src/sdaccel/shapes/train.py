@@ -177,6 +177,32 @@ def _log_progress(stage: str, step: int, recent: list[float], opt, budget: _Budg
     )
 
 
+def _train_loop(stage: str, cfg: TrainConfig, params: list, opt, budget: _Budget,
+                base_lr: float, warmup: int, loss_of, clip: bool = True,
+                after_step=None) -> tuple[int, list[float]]:
+    """The loop every stage shares: warm-up then cosine learning rate, a step budget and a
+    time budget, optional gradient clipping, logging. `loss_of(progress)` draws a batch and
+    returns its loss; `after_step(step)` runs after each optimiser step (the UNet's EMA)."""
+    step, losses = 0, []
+    while step < budget.steps and budget.elapsed() < budget.seconds:
+        progress = budget.progress(step)
+        for group in opt.param_groups:
+            group["lr"] = base_lr * _lr_factor(progress, step, warmup)
+        loss = loss_of(progress)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if after_step is not None:
+            after_step(step)
+        losses.append(loss.item())
+        step += 1
+        if step % cfg.log_every == 0:
+            _log_progress(stage, step, losses[-cfg.log_every :], opt, budget)
+    return step, losses
+
+
 def make_data(n: int, seed: int) -> tuple[torch.Tensor, list[str]]:
     images = np.empty((n, dataset.IMAGE_SIZE, dataset.IMAGE_SIZE, 3), dtype=np.uint8)
     captions: list[str] = []
@@ -201,27 +227,20 @@ def _random_crop(x: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tens
 
 def train_vae(cfg: TrainConfig, images: torch.Tensor, gen: torch.Generator) -> tuple[object, dict]:
     vae = make_vae().train()
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    params = list(vae.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.vae_lr, weight_decay=0.0)
     budget = _Budget(cfg.vae_steps, cfg.vae_minutes)
-    n, step, losses = images.shape[0], 0, []
-    while step < cfg.vae_steps and budget.elapsed() < budget.seconds:
-        progress = budget.progress(step)
-        for g in opt.param_groups:
-            g["lr"] = cfg.vae_lr * _lr_factor(progress, step, warmup=30)
+    n = images.shape[0]
+
+    def loss_of(progress: float) -> torch.Tensor:
         x = _to_float(images[torch.randint(0, n, (cfg.vae_batch,), generator=gen)])
         if progress < 1.0 - cfg.vae_full_fraction:
             x = _random_crop(x, cfg.vae_crop, gen)
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample(generator=gen)).sample
-        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-6 * post.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        losses.append(loss.item())
-        step += 1
-        if step % cfg.log_every == 0:
-            _log_progress("vae", step, losses[-cfg.log_every :], opt, budget)
+        return F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-6 * post.kl().mean()
+
+    step, losses = _train_loop("vae", cfg, params, opt, budget, cfg.vae_lr, 30, loss_of)
     vae.eval()
     return vae, {
         "steps": step,
@@ -329,20 +348,14 @@ def train_text_encoder(
     params = list(text_encoder.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.text_lr, weight_decay=1e-2)
     budget = _Budget(cfg.text_steps, cfg.text_minutes)
-    step, losses = 0, []
-    while step < cfg.text_steps and budget.elapsed() < budget.seconds:
-        for g in opt.param_groups:
-            g["lr"] = cfg.text_lr * _lr_factor(budget.progress(step), step, warmup=50)
+
+    def loss_of(progress: float) -> torch.Tensor:
         idx = torch.randint(0, len(unique), (cfg.text_batch,), generator=gen)
         logits = _attribute_logits(heads, text_encoder, ids_all[idx])
-        loss = sum(F.cross_entropy(lg, labels_all[idx, k]) for k, lg in enumerate(logits))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        step += 1
-        if step % cfg.log_every == 0:
-            _log_progress("text", step, losses[-cfg.log_every :], opt, budget)
+        return sum(F.cross_entropy(lg, labels_all[idx, k]) for k, lg in enumerate(logits))
+
+    step, losses = _train_loop("text", cfg, params, opt, budget, cfg.text_lr, 50, loss_of,
+                               clip=False)
     text_encoder.eval().requires_grad_(False)
     held = dataset.held_out_captions()
     with torch.no_grad():
@@ -402,10 +415,9 @@ def train_unet(
     ema = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-2)
     budget = _Budget(cfg.unet_steps, cfg.unet_minutes)
-    n, step, losses = means.shape[0], 0, []
-    while step < cfg.unet_steps and budget.elapsed() < budget.seconds:
-        for g in opt.param_groups:
-            g["lr"] = cfg.unet_lr * _lr_factor(budget.progress(step), step, warmup=cfg.unet_warmup)
+    n = means.shape[0]
+
+    def loss_of(progress: float) -> torch.Tensor:
         idx = torch.randint(0, n, (cfg.unet_batch,), generator=gen)
         cond = states[caption_index[idx]]
         drop = torch.rand(cfg.unet_batch, generator=gen) < cfg.uncond_prob
@@ -419,19 +431,16 @@ def train_unet(
         )
         noisy = noise_sched.add_noise(z, noise, t)
         pred = unet(noisy, t, cond).sample
-        loss = (F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3)) * weight[t]).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        return (F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3)) * weight[t]).mean()
+
+    def update_ema(step: int) -> None:
         d = min(cfg.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
             torch._foreach_mul_(ema, d)
             torch._foreach_add_(ema, [p.detach() for p in params], alpha=1 - d)
-        losses.append(loss.item())
-        step += 1
-        if step % cfg.log_every == 0:
-            _log_progress("unet", step, losses[-cfg.log_every :], opt, budget)
+
+    step, losses = _train_loop("unet", cfg, params, opt, budget, cfg.unet_lr, cfg.unet_warmup,
+                               loss_of, after_step=update_ema)
     with torch.no_grad():
         for p, e in zip(params, ema, strict=True):
             p.copy_(e)
