@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import tiny_settings
+from helpers import tiny_settings
 
 from sdaccel.engine.adaptive import (
     decide_total,

@@ -10,8 +10,8 @@ import json
 import re
 
 import pytest
-from conftest import TINY, tiny_settings
 from diffusers import StableDiffusionPipeline
+from helpers import TINY, tiny_settings
 from typer.testing import CliRunner
 
 from sdaccel import bench, gpu_stats

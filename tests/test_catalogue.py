@@ -11,7 +11,7 @@ from importlib import resources
 from pathlib import Path
 
 import pytest
-from conftest import tiny_settings
+from helpers import tiny_settings
 
 from sdaccel import catalogue
 from sdaccel.catalogue import ESTIMATORS, REPLANNABLE, SAMPLER_NAMES, SAMPLER_TABLE

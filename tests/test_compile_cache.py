@@ -9,7 +9,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import TINY, tiny_settings
+from helpers import TINY, tiny_settings
 from typer.testing import CliRunner
 
 from sdaccel.cli import app
@@ -117,7 +117,7 @@ def test_warm_refuses_settings_that_compile_nothing_and_bad_sizes(cache):
 SECOND_PROCESS = textwrap.dedent("""
     import json, sys, time
     sys.path.insert(0, {tests!r})
-    from conftest import tiny_settings
+    from helpers import tiny_settings
     from torch._dynamo.utils import counters
     from sdaccel.engine.engine import Engine
     events = []

@@ -5,7 +5,7 @@ import json
 import os
 
 import pytest
-from conftest import tiny_settings
+from helpers import tiny_settings
 from typer.testing import CliRunner
 
 from sdaccel.cli import app

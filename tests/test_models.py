@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from conftest import tiny_settings
 from diffusers import StableDiffusionPipeline
+from helpers import tiny_settings
 
 from sdaccel.engine.engine import Engine
 from sdaccel.engine.models import arch_dir, load_components, parse_model_ref

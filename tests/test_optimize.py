@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import tiny_settings
+from helpers import tiny_settings
 
 from sdaccel.engine import optimize
 from sdaccel.engine.engine import Engine

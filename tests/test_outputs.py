@@ -3,7 +3,7 @@
 import json
 import re
 
-from conftest import tiny_settings
+from helpers import tiny_settings
 from PIL import Image
 
 from sdaccel.engine.engine import ImageResult

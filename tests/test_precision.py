@@ -1,7 +1,7 @@
 """Reduced precision runs and stays close to fp32; compile falls back to eager visibly."""
 
 import torch
-from conftest import tiny_settings
+from helpers import tiny_settings
 
 from sdaccel.engine.engine import Engine
 from sdaccel.events import Warning

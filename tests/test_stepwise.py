@@ -3,7 +3,7 @@ their rules row by row, cost figures that agree with a FLOP-counting UNet, plain
 
 import pytest
 import torch
-from conftest import tiny_settings
+from helpers import tiny_settings
 
 from sdaccel import metrics
 from sdaccel.engine.adaptive import model_output_for, predicted_x0
