@@ -112,7 +112,7 @@ def main() -> int:
 
     from sdaccel.bench import BenchReport, benchmark
     from sdaccel.cli.bench import report_table
-    from sdaccel.cli.render import quiet_library_logs
+    from sdaccel.cli.command import quiet_library_logs
 
     quiet_library_logs()
     console = Console(stderr=True)

@@ -149,6 +149,7 @@ def test_tool_environment_variables_are_not_settings():
     ("sampler.stepz=3", "--set: sampler.stepz: unknown key"),
     ("seed.x=3", "--set: seed: Input should be a valid integer"),
     ("sampler.steps=0", "--set: sampler.steps"),
+    ("model_id=[a", "the value is not valid YAML"),
 ])
 def test_bad_set(assignment, expected):
     with pytest.raises(ConfigError, match=expected.replace(".", r"\.")):
@@ -171,3 +172,16 @@ def test_several_errors_reported_together(tmp_path):
     with pytest.raises(ConfigError) as info:
         resolve(config=write(tmp_path, "seed: -1\nsampler:\n  steps: 0\n"))
     assert "seed" in str(info.value) and "sampler.steps" in str(info.value)
+
+
+def test_layer_over_changes_only_the_named_keys():
+    from sdaccel.settings import layer_over
+
+    base = resolve(preset="tiny", overrides=["seed=5", "generation.guidance_scale=2"]).settings
+    layered = layer_over(base, {"sampler.steps": 7, "seed": None}, ["generation.width=48"])
+    assert (layered.settings.sampler.steps, layered.settings.generation.width) == (7, 48)
+    assert layered.settings.seed == 5 and layered.settings.generation.guidance_scale == 2
+    assert layered.sources["sampler.steps"] == "command-line flag"
+    assert layered.sources["generation.width"] == "--set"
+    assert layered.sources["seed"] == "given settings"
+    assert base.sampler.steps != 7  # the given settings are not changed

@@ -12,24 +12,16 @@ from rich.markup import escape
 from rich.table import Table
 
 from sdaccel.cli import options as opt
-from sdaccel.cli.errors import reported_errors
-
-Presets = Annotated[
-    list[str] | None,
-    typer.Option("--preset", "-p", help="Preset to measure; repeat to compare several (the "
-                 "seed's file names work too).  [default: tiny]", show_default=False),
-]
-Configs = Annotated[
-    list[Path] | None,
-    typer.Option("--config", "--cfg", "-c", help="YAML settings file to measure (layered over "
-                 "the default preset); repeatable.", show_default=False),
-]
+from sdaccel.cli.command import SettingsFlags, command
+from sdaccel.errors import ConfigError
 
 
+@command(settings="flags", presets="many",
+         shorthand=("model", "steps", "sampler", "seed", "height", "width", "guidance",
+                    "num_images"), engine=True)
 def bench(
-    presets: Presets = None,
-    configs: Configs = None,
-    overrides: opt.Overrides = None,
+    console: Console,
+    settings: SettingsFlags,
     iters: Annotated[int, typer.Option("--iters", help="Timed calls per configuration.")] = 20,
     warmup: Annotated[int, typer.Option("--warmup", help="Uncounted calls before timing "
                                         "(compilation happens here).")] = 3,
@@ -61,14 +53,6 @@ def bench(
     plot_file: Annotated[Path | None, typer.Option(
         "--plot", help="Also plot speed-up against fidelity (PNG; needs matplotlib).",
         show_default=False)] = None,
-    model: opt.Model = None,
-    steps: opt.Steps = None,
-    sampler: opt.Sampler = None,
-    seed: opt.Seed = None,
-    height: opt.Height = None,
-    width: opt.Width = None,
-    guidance: opt.Guidance = None,
-    num_images: opt.NumImages = None,
     as_json: opt.Json = False,
 ) -> None:
     """Measure presets: speed, memory and fidelity to a diffusers baseline run beside them.
@@ -79,42 +63,33 @@ def bench(
     median of the per-round paired ratios to the baseline, shown with their 25th-75th
     percentile. Shorthand flags and --set apply to every configuration.
     """
-    console = Console(stderr=True, soft_wrap=True)
-    with reported_errors(console):
-        from sdaccel.errors import ConfigError
-
-        specs: list = list(presets or []) + list(configs or [])
-        if not specs:
-            specs = ["tiny"]
-        prompts = _read_prompts(prompts_file) if prompts_file else None
-        flags = opt.shorthand(model, steps, sampler, seed, height, width, guidance, num_images)
-        if csv_file is not None and csv_file.suffix.lower() != ".csv":
-            raise ConfigError(f"--csv {str(csv_file)!r}: expected a .csv file name")
-        if plot_file is not None and plot_file.suffix.lower() != ".png":
-            raise ConfigError(f"--plot {str(plot_file)!r}: expected a .png file name")
-        report = _run(specs, prompts, iters, warmup, overrides or [], flags, baseline_dtype,
-                      also_baselines or [], peers or [], equal_cost, min_psnr, min_ssim,
-                      console)
-        if as_json:
-            typer.echo(report.to_json())
-        else:
-            out = Console()
-            if not out.is_terminal:  # files and pipes get every column unwrapped
-                out = Console(width=240)
-            out.print(report_table(report))
-        if csv_file is not None:
-            console.print(f"[green]csv[/] {report.write_csv(csv_file)}", highlight=False)
-        if plot_file is not None:
-            console.print(f"[green]plot[/] {report.plot(plot_file)}", highlight=False)
-        for row in report.rows:
-            if row.notes:
-                console.print(f"[yellow]Note:[/] {escape(row.label)}: {escape(row.notes)}",
-                              highlight=False)
+    specs: list = list(settings.preset or []) + list(settings.config or []) or ["tiny"]
+    prompts = _read_prompts(prompts_file) if prompts_file else None
+    if csv_file is not None and csv_file.suffix.lower() != ".csv":
+        raise ConfigError(f"--csv {str(csv_file)!r}: expected a .csv file name")
+    if plot_file is not None and plot_file.suffix.lower() != ".png":
+        raise ConfigError(f"--plot {str(plot_file)!r}: expected a .png file name")
+    report = _run(specs, prompts, iters, warmup, settings.overrides, settings.shorthand,
+                  baseline_dtype, also_baselines or [], peers or [], equal_cost, min_psnr,
+                  min_ssim, console)
+    if as_json:
+        typer.echo(report.to_json())
+    else:
+        out = Console()
+        if not out.is_terminal:  # files and pipes get every column unwrapped
+            out = Console(width=240)
+        out.print(report_table(report))
+    if csv_file is not None:
+        console.print(f"[green]csv[/] {report.write_csv(csv_file)}", highlight=False)
+    if plot_file is not None:
+        console.print(f"[green]plot[/] {report.plot(plot_file)}", highlight=False)
+    for row in report.rows:
+        if row.notes:
+            console.print(f"[yellow]Note:[/] {escape(row.label)}: {escape(row.notes)}",
+                          highlight=False)
 
 
 def _read_prompts(path: Path) -> list[str]:
-    from sdaccel.errors import ConfigError
-
     if not path.is_file():
         raise ConfigError(f"--prompts {str(path)!r}: no such file")
     prompts = [line.strip() for line in path.read_text().splitlines()
@@ -128,9 +103,6 @@ def _run(specs, prompts, iters, warmup, overrides, flags, baseline_dtype, also_b
          peers, equal_cost, min_psnr, min_ssim, console: Console):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from sdaccel.cli.render import quiet_library_logs
-
-    quiet_library_logs()
     from sdaccel.bench import benchmark
 
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),

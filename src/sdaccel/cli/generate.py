@@ -5,16 +5,23 @@ from __future__ import annotations
 import json
 import threading
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 
 from sdaccel.cli import options as opt
-from sdaccel.cli.errors import EXIT_INTERRUPTED, reported_errors
+from sdaccel.cli.command import EXIT_INTERRUPTED, command
+from sdaccel.errors import ConfigError
+
+if TYPE_CHECKING:
+    from sdaccel.settings import ResolvedSettings
 
 
+@command(engine=True)
 def generate(
+    console: Console,
+    settings: ResolvedSettings,
     prompts: Annotated[list[str] | None, typer.Argument(
         help="One or more prompts (or --prompts-file).", show_default=False)] = None,
     prompts_file: Annotated[Path | None, typer.Option(
@@ -25,18 +32,6 @@ def generate(
     negative_prompt: Annotated[str, typer.Option("--negative-prompt", help="Negative prompt "
                                                  "for every image (--prompts-file: for every "
                                                  "line without its own).")] = "",
-    preset: opt.Preset = None,
-    config: opt.ConfigFile = None,
-    overrides: opt.Overrides = None,
-    model: opt.Model = None,
-    steps: opt.Steps = None,
-    sampler: opt.Sampler = None,
-    seed: opt.Seed = None,
-    height: opt.Height = None,
-    width: opt.Width = None,
-    guidance: opt.Guidance = None,
-    num_images: opt.NumImages = None,
-    out_dir: opt.OutDir = None,
     as_json: opt.Json = False,
 ) -> None:
     """Generate images: files img_{index:03d}_steps{steps}.png in io.out_dir, never overwriting.
@@ -46,22 +41,14 @@ def generate(
     the number of processes, each listed in io.out_dir/manifest.jsonl; re-running the same
     command makes only what is missing.
     """
-    console = Console(stderr=True, soft_wrap=True)
-    with reported_errors(console):
-        from sdaccel.errors import ConfigError
-
-        if (prompts_file is None) == (not prompts):
-            raise ConfigError("give prompts as arguments or --prompts-file FILE, not both"
-                              if prompts else "no prompts: give them as arguments or "
-                              "--prompts-file FILE")
-
-        resolved = opt.resolve(preset, config, overrides, model=model, steps=steps,
-                               sampler=sampler, seed=seed, height=height, width=width,
-                               guidance=guidance, num_images=num_images, out_dir=out_dir)
-        if prompts_file is not None:
-            _run_jobs(resolved, prompts_file, negative_prompt, as_json, console)
-        else:
-            _run(resolved, prompts, negative_prompt, as_json, console)
+    if (prompts_file is None) == (not prompts):
+        raise ConfigError("give prompts as arguments or --prompts-file FILE, not both"
+                          if prompts else "no prompts: give them as arguments or "
+                          "--prompts-file FILE")
+    if prompts_file is not None:
+        _run_jobs(settings, prompts_file, negative_prompt, as_json, console)
+    else:
+        _run(settings, prompts, negative_prompt, as_json, console)
 
 
 def _describe(resolved) -> str:
@@ -80,15 +67,15 @@ def _describe(resolved) -> str:
 
 def _run(resolved, prompts: list[str], negative_prompt: str, as_json: bool,
          console: Console) -> None:
-    from sdaccel.cli.render import ProgressRenderer, quiet_library_logs
-
-    quiet_library_logs()
+    from sdaccel.cli.render import ProgressRenderer
+    from sdaccel.compile_cache import load_matching
     from sdaccel.engine.engine import Engine
     from sdaccel.outputs import RunWriter
 
     settings = resolved.settings
     renderer = ProgressRenderer(console)
     console.print(_describe(resolved), highlight=False)
+    load_matching(settings, renderer)  # compile-cache entries, before the compiling first call
     engine = Engine(settings, on_event=renderer)
     writer = RunWriter(settings, model_name=engine.components.name)
     per_prompt = settings.generation.num_images_per_prompt
@@ -116,10 +103,9 @@ def _run_jobs(resolved, prompts_file: Path, negative_prompt: str, as_json: bool,
               console: Console) -> None:
     """--prompts-file: this process's share of the jobs; the main process draws the progress
     of all of them (read from the per-process manifests) and merges the manifests."""
-    from sdaccel.cli.render import JobsProgress, ProgressRenderer, quiet_library_logs
-
-    quiet_library_logs()
     from sdaccel import jobs
+    from sdaccel.cli.render import JobsProgress, ProgressRenderer
+    from sdaccel.compile_cache import load_matching
     from sdaccel.engine.engine import Engine
     from sdaccel.engine.precision import resolve_device
     from sdaccel.events import ignore
@@ -130,7 +116,8 @@ def _run_jobs(resolved, prompts_file: Path, negative_prompt: str, as_json: bool,
     state = jobs.process_state(cpu=resolve_device(settings.device).type == "cpu")
     main = state.is_main_process
     if state.num_processes > 1 and state.device.type == "cuda":
-        settings.device = str(state.device)  # cuda:{local rank}, whatever device said
+        # cuda:{local rank}, whatever device said; a copy, so resolved.sources stay true
+        settings = settings.model_copy(update={"device": str(state.device)})
     if main:
         console.print(_describe(resolved) + f"[dim], {len(job_list)} jobs from {prompts_file}, "
                       f"{state.num_processes} process(es)[/]", highlight=False)
@@ -139,6 +126,7 @@ def _run_jobs(resolved, prompts_file: Path, negative_prompt: str, as_json: bool,
                           highlight=False)
     # Notices go through a plain renderer until the progress display exists.
     notices = ProgressRenderer(console) if main else ignore
+    load_matching(settings, lambda event: notices(event))  # compile-cache entries
     engine = Engine(settings, on_event=lambda event: notices(event))
     jobs.check_sizes(job_list, engine.check_size, prompts_file)
     writer = RunWriter(settings, model_name=engine.components.name)

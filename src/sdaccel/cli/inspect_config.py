@@ -10,22 +10,13 @@ import yaml
 from rich.console import Console
 
 from sdaccel.cli import options as opt
-from sdaccel.cli.errors import reported_errors
+from sdaccel.cli.command import SettingsFlags, command
 
 
+@command(settings="flags")
 def inspect_config(
-    preset: opt.Preset = None,
-    config: opt.ConfigFile = None,
-    overrides: opt.Overrides = None,
-    model: opt.Model = None,
-    steps: opt.Steps = None,
-    sampler: opt.Sampler = None,
-    seed: opt.Seed = None,
-    height: opt.Height = None,
-    width: opt.Width = None,
-    guidance: opt.Guidance = None,
-    num_images: opt.NumImages = None,
-    out_dir: opt.OutDir = None,
+    console: Console,
+    settings: SettingsFlags,
     as_json: opt.Json = False,
     list_presets: Annotated[bool, typer.Option("--list-presets", help="List the packaged "
                                                "presets and exit.")] = False,
@@ -37,27 +28,23 @@ def inspect_config(
 
     Layers, lowest first: preset < --config < SDACCEL_* environment < flags < --set.
     """
-    console = Console(stderr=True, soft_wrap=True)
-    with reported_errors(console):
-        if list_presets:
-            _print_presets(as_json)
-            return
-        from sdaccel.settings import settings_as_dict
+    if list_presets:
+        _print_presets(as_json)
+        return
+    from sdaccel.settings import settings_as_dict
 
-        resolved = opt.resolve(preset, config, overrides, model=model, steps=steps,
-                               sampler=sampler, seed=seed, height=height, width=width,
-                               guidance=guidance, num_images=num_images, out_dir=out_dir)
-        if not skip_device_check:
-            from sdaccel.engine.precision import device_for
+    resolved = settings.resolve()
+    if not skip_device_check:
+        from sdaccel.engine.precision import device_for
 
-            device_for(resolved.settings)
-        values = settings_as_dict(resolved.settings)
-        if as_json:
-            typer.echo(json.dumps({"preset": resolved.preset, "settings": values,
-                                   "sources": resolved.sources}, indent=2))
-        else:
-            typer.echo(f"# preset: {resolved.preset}")
-            typer.echo(annotated_yaml(values, resolved.sources))
+        device_for(resolved.settings)
+    values = settings_as_dict(resolved.settings)
+    if as_json:
+        typer.echo(json.dumps({"preset": resolved.preset, "settings": values,
+                               "sources": resolved.sources}, indent=2))
+    else:
+        typer.echo(f"# preset: {resolved.preset}")
+        typer.echo(annotated_yaml(values, resolved.sources))
 
 
 def annotated_yaml(values: dict[str, Any], sources: dict[str, str], prefix: str = "",

@@ -1,9 +1,9 @@
-"""Option aliases shared by every command, and the mapping of shorthand flags to settings keys."""
+"""Option aliases shared by the commands (`cli/command.py` adds the settings ones to each)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -18,6 +18,16 @@ ConfigFile = Annotated[
     Path | None,
     typer.Option("--config", "--cfg", "-c", help="YAML settings file (the seed's schema), "
                  "layered over the preset.", show_default=False),
+]
+Presets = Annotated[
+    list[str] | None,
+    typer.Option("--preset", "-p", help="Preset to measure; repeat to compare several (the "
+                 "seed's file names work too).  [default: tiny]", show_default=False),
+]
+Configs = Annotated[
+    list[Path] | None,
+    typer.Option("--config", "--cfg", "-c", help="YAML settings file to measure (layered over "
+                 "the default preset); repeatable.", show_default=False),
 ]
 Overrides = Annotated[
     list[str] | None,
@@ -52,24 +62,3 @@ OutDir = Annotated[Path | None, typer.Option(
 Json = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout; "
                                     "everything else goes to stderr.")]
 
-
-def resolve(preset: str | None, config: Path | None, overrides: list[str] | None,
-            **flags: Any):
-    """Settings from the layers every command takes; `flags` are shorthand()'s arguments."""
-    from sdaccel.settings import resolve_settings
-
-    return resolve_settings(preset, config, shorthand(**flags), overrides)
-
-
-def shorthand(
-    model: str | None = None, steps: int | None = None, sampler: str | None = None,
-    seed: int | None = None, height: int | None = None, width: int | None = None,
-    guidance: float | None = None, num_images: int | None = None, out_dir: Path | None = None,
-) -> dict[str, Any]:
-    """Shorthand flags as {dotted settings key: value}."""
-    return {
-        "model_id": model, "sampler.steps": steps, "sampler.name": sampler, "seed": seed,
-        "generation.height": height, "generation.width": width,
-        "generation.guidance_scale": guidance, "generation.num_images_per_prompt": num_images,
-        "io.out_dir": str(out_dir) if out_dir is not None else None,
-    }

@@ -3,7 +3,6 @@ always (so logs and CI output stay readable)."""
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -175,16 +174,3 @@ class JobsProgress:
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
-
-
-def quiet_library_logs() -> None:
-    """Libraries' notices that a user cannot act on stay out of the output (errors still show):
-    bitsandbytes' note on an optional 4-bit kernel, diffusers' remarks on dtype casts. The
-    libraries set their own loggers' levels when first imported, hence their own API here."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    for library in (diffusers_logging, transformers_logging):
-        library.set_verbosity_error()
-        library.disable_progress_bar()  # "Loading weights" bars: our own progress is enough

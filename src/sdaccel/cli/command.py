@@ -1,0 +1,163 @@
+"""The scaffold every command runs in: the stderr console, errors as one line and an exit code,
+quiet library logs, and the settings flags declared once.
+
+A command is written as `def name(console, settings, <its own options>)` under
+`@command(...)`; the decorator adds the shared settings options to the signature Typer reads,
+resolves them (so every command layers settings the same way) and maps errors, so a command
+body holds only what is particular to it.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from sdaccel.cli import options as opt
+from sdaccel.errors import SdaccelError
+
+EXIT_INTERRUPTED = 130
+
+# Shorthand flag parameter -> (its option alias, the settings key it sets).
+SHORTHAND: dict[str, tuple[Any, str]] = {
+    "model": (opt.Model, "model_id"),
+    "steps": (opt.Steps, "sampler.steps"),
+    "sampler": (opt.Sampler, "sampler.name"),
+    "seed": (opt.Seed, "seed"),
+    "height": (opt.Height, "generation.height"),
+    "width": (opt.Width, "generation.width"),
+    "guidance": (opt.Guidance, "generation.guidance_scale"),
+    "num_images": (opt.NumImages, "generation.num_images_per_prompt"),
+    "out_dir": (opt.OutDir, "io.out_dir"),
+}
+_LAYERS = {"one": {"preset": opt.Preset, "config": opt.ConfigFile},
+           "many": {"preset": opt.Presets, "config": opt.Configs}}
+
+
+@dataclass(frozen=True)
+class SettingsFlags:
+    """What the command line said about settings, before layering.
+
+    `preset`/`config` are single values for most commands and lists for `bench` (one row
+    each); `shorthand` maps settings keys to flag values (None: not given)."""
+
+    preset: Any = None
+    config: Any = None
+    overrides: list[str] = field(default_factory=list)
+    shorthand: dict[str, Any] = field(default_factory=dict)
+
+    def resolve(self):
+        """The settings in force: preset < --config < environment < flags < --set."""
+        from sdaccel.settings import resolve_settings
+
+        return resolve_settings(self.preset, self.config, self.shorthand, self.overrides)
+
+
+@contextmanager
+def reported_errors(console: Console) -> Iterator[None]:
+    """Show a user error as `Error: ...` and exit with its code; never a traceback."""
+    try:
+        yield
+    except SdaccelError as exc:
+        console.print(f"[bold red]Error:[/] {escape(str(exc))}", highlight=False)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        console.print("[yellow]Interrupted.[/]")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+
+
+def quiet_library_logs() -> None:
+    """Libraries' notices that a user cannot act on stay out of the output (errors still show):
+    bitsandbytes' note on an optional 4-bit kernel, diffusers' remarks on dtype casts. The
+    libraries set their own loggers' levels when first imported, hence their own API here."""
+    import logging
+
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    for library in (diffusers_logging, transformers_logging):
+        library.set_verbosity_error()
+        library.disable_progress_bar()  # "Loading weights" bars: our own progress is enough
+
+
+def command(
+    settings: Literal["resolved", "flags"] | None = "resolved",
+    *,
+    presets: Literal["one", "many"] = "one",
+    shorthand: tuple[str, ...] = tuple(SHORTHAND),
+    aliases: dict[str, Any] | None = None,
+    engine: bool = False,
+) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Make `func(console, [settings,] **own_options)` a Typer command.
+
+    settings: "resolved" hands the command a ResolvedSettings, "flags" the SettingsFlags (for
+    commands that resolve several configurations), None adds no settings options. presets:
+    "many" takes --preset/--config as lists. shorthand: which shorthand flags the command
+    takes; aliases: a different option alias for one of them (e.g. compile-cache's --batch).
+    engine: the command loads models, so library notices are silenced first.
+    """
+
+    def decorate(func: Callable[..., None]) -> Callable[..., None]:
+        added = _settings_parameters(presets, shorthand, aliases or {}) if settings else []
+        names = [p.name for p in added]
+
+        @functools.wraps(func)
+        def run(**kwargs: Any) -> None:
+            console = Console(stderr=True, soft_wrap=True)
+            with reported_errors(console):
+                arguments: dict[str, Any] = {"console": console}
+                if settings:
+                    flags = _flags({name: kwargs.pop(name) for name in names})
+                    arguments["settings"] = flags.resolve() if settings == "resolved" else flags
+                if engine:
+                    quiet_library_logs()
+                func(**arguments, **kwargs)
+
+        parameters = _own_parameters(func) + added
+        run.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+        run.__annotations__ = {p.name: p.annotation for p in parameters}
+        return run
+
+    return decorate
+
+
+def _own_parameters(func: Callable[..., None]) -> list[inspect.Parameter]:
+    """The command's own options with their annotations evaluated (the module may postpone
+    them); `console` and `settings` are supplied by the scaffold, not by Typer."""
+    own = []
+    for name, parameter in inspect.signature(func).parameters.items():
+        if name in ("console", "settings"):
+            continue
+        annotation = parameter.annotation
+        if isinstance(annotation, str):
+            annotation = eval(annotation, func.__globals__)  # noqa: S307 - our own source
+        own.append(parameter.replace(annotation=annotation))
+    return own
+
+
+def _settings_parameters(presets: str, shorthand: tuple[str, ...],
+                         aliases: dict[str, Any]) -> list[inspect.Parameter]:
+    declared = {**_LAYERS[presets], "overrides": opt.Overrides,
+                **{name: aliases.get(name, SHORTHAND[name][0]) for name in shorthand}}
+    return [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                              annotation=alias) for name, alias in declared.items()]
+
+
+def _flags(values: dict[str, Any]) -> SettingsFlags:
+    shorthand = {SHORTHAND[name][1]: _plain(value) for name, value in values.items()
+                 if name in SHORTHAND}
+    return SettingsFlags(values["preset"], values["config"], list(values["overrides"] or []),
+                         shorthand)
+
+
+def _plain(value: Any) -> Any:
+    return str(value) if isinstance(value, Path) else value
