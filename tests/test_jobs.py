@@ -5,7 +5,7 @@ import json
 import os
 
 import pytest
-from helpers import tiny_settings
+from helpers import TINY_FLAGS, tiny_settings
 from typer.testing import CliRunner
 
 from sdaccel.cli import app
@@ -13,7 +13,6 @@ from sdaccel.errors import ConfigError
 from sdaccel.jobs import MANIFEST, check_sizes, read_jobs, read_manifest
 from sdaccel.outputs import read_metadata
 
-TINY_FLAGS = ["--model", "random:tiny", "--height", "32", "--width", "32", "--steps", "2"]
 runner = CliRunner()
 
 
@@ -190,3 +189,23 @@ def test_unrecorded_file_of_another_job_is_never_adopted(tmp_path):
     assert "img_000_steps2.png (not in manifest.jsonl) was made with prompt 'something else'" in (
         result.stderr.replace("\n", ""))
     assert os.listdir(out) == ["img_000_steps2.png"]  # nothing written, nothing touched
+
+
+def test_a_line_s_size_and_guidance_reach_its_image_and_metadata_only(tmp_path):
+    """Per-job settings are handed to Engine.generate; the run's settings stay as resolved."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text('{"prompt": "a red circle", "height": 48, "guidance_scale": 1}\n'
+                       'a blue square\n')
+    out = tmp_path / "out"
+    result, records = generate(prompts, out)
+    assert result.exit_code == 0, result.output
+    first, second = sorted(records, key=lambda r: r["index"])
+    assert (first["height"], first["guidance_scale"], first["nfe"]) == (48, 1.0, 2)
+    assert (second["height"], second["guidance_scale"], second["nfe"]) == (32, 4.0, 4)
+    from PIL import Image
+
+    assert Image.open(out / first["file"]).size == (32, 48)
+    saved = json.loads(read_metadata(out / first["file"])["sdaccel"])["settings"]["generation"]
+    assert (saved["height"], saved["guidance_scale"]) == (48, 1.0)
+    saved = json.loads(read_metadata(out / second["file"])["sdaccel"])["settings"]["generation"]
+    assert (saved["height"], saved["guidance_scale"]) == (32, 4.0)

@@ -8,15 +8,18 @@ from PIL import Image
 
 from sdaccel.engine.engine import ImageResult
 from sdaccel.outputs import RunWriter, next_index, png_metadata, read_metadata, save_image
+from sdaccel.settings import GenerationSettings
 
 
 def fake_result(seed=5, steps=4, prompt="a red circle", negative=""):
+    """An image as the engine returns it, made at 32x32 with guidance 4 (tiny_settings')."""
     import torch
 
     return ImageResult(prompt=prompt, negative_prompt=negative, seed=seed, steps=steps, nfe=steps,
                        cost=float(steps), decisions="F" * steps,
                        image=Image.new("RGB", (32, 32), "red"), latents=torch.zeros(4, 16, 16),
-                       seconds=0.5)
+                       seconds=0.5, generation=GenerationSettings(height=32, width=32,
+                                                                   guidance_scale=4.0))
 
 
 def test_index_continues_after_existing_files(tmp_path):

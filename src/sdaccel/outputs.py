@@ -167,7 +167,7 @@ class RunWriter:
         from sdaccel import __version__
         from sdaccel.settings import settings_as_dict
 
-        s, g = self.settings, self.settings.generation
+        s, g = self.settings, result.generation
         image_info = {
             "prompt": result.prompt, "negative_prompt": result.negative_prompt,
             "seed": result.seed, "steps": result.steps, "nfe": result.nfe,
@@ -183,7 +183,8 @@ class RunWriter:
             describe_compute(result.cost, result.steps, result.decisions),
         )
         metadata = png_metadata(parameters, {
-            "version": __version__, "image": image_info, "settings": settings_as_dict(s),
+            "version": __version__, "image": image_info,
+            "settings": {**settings_as_dict(s), "generation": g.model_dump(mode="json")},
         })
         index, path = save_image(self.out_dir, self._next if index is None else index,
                                  result.steps, result.image, metadata, exact=index is not None)

@@ -349,8 +349,10 @@ def set_layer(assignments: list[str]) -> Layer:
             raise ConfigError(f"--set {item!r}: expected dotted.key=value, e.g. sampler.steps=12")
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
+        except yaml.YAMLError as exc:
+            problem = str(exc).splitlines()[0]
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({problem}); "
+                              f"quote a string, e.g. {key.strip()}='\"{raw}\"'") from None
         _set_dotted(values, key.strip(), value)
     return Layer("--set", values)
 
@@ -410,6 +412,19 @@ def resolve_settings(
     if config is not None:
         layers.append(config_layer(Path(config)))
     layers += [env_layer(environ), flags_layer(flags or {}), set_layer(overrides or [])]
+    return _validated(layers, preset)
+
+
+def layer_over(settings: Settings, flags: dict[str, Any] | None = None,
+               overrides: list[str] | None = None) -> ResolvedSettings:
+    """Shorthand flags and --set values over settings built in code (bench's Settings rows):
+    the same layering, with `settings` in place of preset, config file and environment."""
+    layers = [Layer("given settings", settings_as_dict(settings)), flags_layer(flags or {}),
+              set_layer(overrides or [])]
+    return _validated(layers, "settings")
+
+
+def _validated(layers: list[Layer], preset: str) -> ResolvedSettings:
     merged, sources = _merge(layers)
     try:
         settings = Settings(**merged)

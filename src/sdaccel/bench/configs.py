@@ -9,7 +9,13 @@ from pathlib import Path
 from typing import Any
 
 from sdaccel.errors import ConfigError
-from sdaccel.settings import ResolvedSettings, Settings, canonical_preset, resolve_settings
+from sdaccel.settings import (
+    ResolvedSettings,
+    Settings,
+    canonical_preset,
+    layer_over,
+    resolve_settings,
+)
 
 
 @dataclass
@@ -48,14 +54,7 @@ def _resolve_one(spec, overrides: list[str], flags) -> BenchConfig:
     if isinstance(spec, ResolvedSettings):
         spec = spec.settings
     if isinstance(spec, Settings):
-        settings = spec.model_copy(deep=True)
-        if overrides or flags:
-            base = resolve_settings(overrides=overrides, flags=flags, environ={})
-            # Only the keys the overrides name change the given settings.
-            for key, source in base.sources.items():
-                if source in ("--set", "command-line flag"):
-                    _assign(settings, key, _get(base.settings, key))
-        return BenchConfig("settings", settings)
+        return BenchConfig("settings", layer_over(spec, flags, overrides).settings)
     path = Path(spec)
     if path.suffix in (".yaml", ".yml") and path.is_file():
         resolved = resolve_settings(config=path, flags=flags, overrides=overrides)
@@ -69,21 +68,6 @@ def _resolve_one(spec, overrides: list[str], flags) -> BenchConfig:
         raise
     resolved = resolve_settings(preset, flags=flags, overrides=overrides)
     return BenchConfig(preset, resolved.settings)
-
-
-def _get(settings: Settings, dotted: str) -> Any:
-    value: Any = settings
-    for part in dotted.split("."):
-        value = getattr(value, part)
-    return value
-
-
-def _assign(settings: Settings, dotted: str, value: Any) -> None:
-    *parents, leaf = dotted.split(".")
-    target: Any = settings
-    for part in parents:
-        target = getattr(target, part)
-    setattr(target, leaf, value)
 
 
 def plan_steps(settings: Settings) -> int:

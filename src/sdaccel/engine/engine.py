@@ -10,7 +10,7 @@ import torch
 from diffusers.image_processor import VaeImageProcessor
 
 from sdaccel.engine.adaptive import Planner
-from sdaccel.engine.compile import compile_callable, load_matching
+from sdaccel.engine.compile import EagerFallback, compile_callable
 from sdaccel.engine.cost import UNetCost
 from sdaccel.engine.denoise import denoise, step_kwargs
 from sdaccel.engine.feature_cache import LayeredUNet
@@ -28,7 +28,7 @@ from sdaccel.events import (
     StepDone,
     ignore,
 )
-from sdaccel.settings import Settings
+from sdaccel.settings import GenerationSettings, Settings
 
 
 @dataclass
@@ -44,6 +44,7 @@ class ImageResult:
     image: object  # PIL.Image.Image
     latents: torch.Tensor  # final latents (before VAE decode), fp32, on the CPU
     seconds: float  # wall time of its batch divided by the batch size
+    generation: GenerationSettings  # the size, guidance and batch it was made with
     plan: PlanDecided | None = None  # the adaptive decision, when adaptive steps are on
 
 
@@ -84,17 +85,19 @@ class Engine:
         self.passes = apply_passes(self.unet, self.vae, s, self.device, self.on_event)
         self._unet_forward = self.unet
         self._vae_decode = self._decode_eager
-        self.compile_cache: list = []  # compile-cache entries loaded for this engine
+        # Compiled lazily, on the first call. The compile cache (sdaccel.compile_cache) is loaded
+        # by the front end before that call, never from here.
+        self._compiled: list[EagerFallback] = []
         if s.compile.enabled:
-            if s.compile.cache:
-                self.compile_cache = load_matching(s, self.on_event)
             flags = s.optimize.inductor_flags
             self._unet_forward = compile_callable(self.unet, s.compile, "UNet", self.on_event,
                                                   flags)
+            self._compiled.append(self._unet_forward)
             if s.compile.compile_vae:
                 self._vae_decode = compile_callable(
                     self._decode_eager, s.compile, "VAE decode", self.on_event, flags
                 )
+                self._compiled.append(self._vae_decode)
         self._unet_forward = with_attention(self._unet_forward, s.optimize.attention)
         self._vae_decode = with_attention(self._vae_decode, s.optimize.attention)
         self.layered = None  # the UNet layer by layer, for feature caching
@@ -115,24 +118,36 @@ class Engine:
                     f"{self.settings.model_id!r} needs (nearest: {nearest})"
                 )
 
-    # ------------------------------------------------------------------ generation
+    @property
+    def compile_fallbacks(self) -> tuple[str, ...]:
+        """The compiled parts ("UNet", "VAE decode") running eagerly because compiling them
+        failed (each told once by a Warning event); empty when nothing fell back."""
+        return tuple(part.what for part in self._compiled if part.fell_back)
 
     @property
-    def guided(self) -> bool:
-        # As diffusers: guidance <= 1 means no unconditional pass at all.
-        return self.settings.generation.guidance_scale > 1.0
+    def compile_fell_back(self) -> bool:
+        """True when a torch.compile failed and its part now runs eagerly."""
+        return bool(self.compile_fallbacks)
+
+    # ------------------------------------------------------------------ generation
 
     @torch.inference_mode()
     def generate(
-        self, prompts: Sequence[str], negative_prompt: str = "", seed: int | None = None
+        self, prompts: Sequence[str], negative_prompt: str = "", seed: int | None = None,
+        generation: GenerationSettings | None = None,
     ) -> list[ImageResult]:
         """One batch: every prompt x num_images_per_prompt, ordered prompt-major as diffusers.
 
         Image k of the batch is drawn from its own generator seeded `seed + k`, so any image can
-        be regenerated alone from the seed in its metadata.
+        be regenerated alone from the seed in its metadata. `generation` (size, guidance,
+        images per prompt) replaces the settings' own for this batch (a prompts-file line's).
         """
         s = self.settings
-        per_prompt = s.generation.num_images_per_prompt
+        g = s.generation if generation is None else generation
+        if generation is not None:
+            self.check_size(g.height, g.width)
+        guided = g.guidance_scale > 1.0  # as diffusers: <= 1 means no unconditional pass
+        per_prompt = g.num_images_per_prompt
         batch = len(prompts) * per_prompt
         base_seed = s.seed if seed is None else seed
         seeds = [base_seed + k for k in range(batch)]
@@ -145,8 +160,8 @@ class Engine:
 
         self.on_event(BatchStarted(batch, planned, tuple(prompts)))
         started = time.perf_counter()
-        embeddings = self._encode(list(prompts), negative_prompt, per_prompt)
-        latents = self._initial_latents(generators, scheduler.init_noise_sigma)
+        embeddings = self._encode(list(prompts), negative_prompt, per_prompt, guided)
+        latents = self._initial_latents(generators, scheduler.init_noise_sigma, g)
         def on_step(step: int, total: int, size: int, decisions: str,
                     costs: tuple[float, ...] = ()) -> None:
             self.on_event(StepDone(step, total, size, decisions, costs))
@@ -154,11 +169,11 @@ class Engine:
         if self.policy is not None:
             stepwise = StepwiseDenoiser(self._unet_forward, self.layered, self.unet_dtype,
                                         self.policy, self._shallow_cost(latents, embeddings))
-            out = stepwise(scheduler, latents, embeddings, s.generation.guidance_scale,
+            out = stepwise(scheduler, latents, embeddings, g.guidance_scale,
                            step_kwargs(scheduler, generators), on_step)
         else:
             out = denoise(self._unet_forward, self.unet_dtype, scheduler, latents, embeddings,
-                          s.generation.guidance_scale, generators, on_step, self.planner)
+                          g.guidance_scale, generators, on_step, self.planner)
         plans = [None] * batch
         for d in out.decisions:
             plans[d.position] = PlanDecided(
@@ -168,14 +183,14 @@ class Engine:
         images = self._decode(out.latents)
         seconds = time.perf_counter() - started
         self.on_event(BatchDone(batch, max(out.steps), seconds))
-        evaluations = 2 if self.guided else 1
+        evaluations = 2 if guided else 1
         return [
             ImageResult(
                 prompt=image_prompts[k], negative_prompt=negative_prompt, seed=seeds[k],
                 steps=out.steps[k], nfe=_nfe(out.codes[k], evaluations), cost=out.costs[k],
                 decisions=out.codes[k], image=images[k],
                 latents=out.latents[k].detach().float().cpu(), seconds=seconds / batch,
-                plan=plans[k],
+                generation=g, plan=plans[k],
             )
             for k in range(batch)
         ]
@@ -190,10 +205,11 @@ class Engine:
                                         tuple(embeddings.shape[1:]), self.unet_dtype)
         return self._costs[key].fraction(self.policy.cache_level)
 
-    def _encode(self, prompts: list[str], negative_prompt: str, per_prompt: int) -> torch.Tensor:
+    def _encode(self, prompts: list[str], negative_prompt: str, per_prompt: int,
+                guided: bool) -> torch.Tensor:
         """Text embeddings in the UNet's dtype, repeated per image; [uncond; cond] if guided."""
         cond = self._embed(prompts)
-        if self.guided:
+        if guided:
             cond = torch.cat([self._embed([negative_prompt] * len(prompts)), cond])
         return cond.repeat_interleave(per_prompt, dim=0)  # prompt-major, as diffusers
 
@@ -205,8 +221,8 @@ class Engine:
         hidden = self.text_encoder(tokens.input_ids.to(self.device))[0]
         return hidden.to(self.unet_dtype)
 
-    def _initial_latents(self, generators: list[torch.Generator], sigma: float) -> torch.Tensor:
-        g = self.settings.generation
+    def _initial_latents(self, generators: list[torch.Generator], sigma: float,
+                         g: GenerationSettings) -> torch.Tensor:
         shape = (self.unet.config.in_channels, g.height // self.vae_scale_factor,
                  g.width // self.vae_scale_factor)
         # One draw per image from its own CPU generator: same noise on every device.

@@ -1,19 +1,11 @@
-"""Batch jobs from a prompts file: parsing, global indices and seeds, the manifest, resume, and
-the split of the work across processes (Hugging Face Accelerate's `PartialState`).
-
-A prompts file holds one job per non-blank line: a plain prompt, or a JSON object (a line that
-starts with `{`) with a "prompt" and optional per-job overrides (JOB_KEYS). Job i (0-based, blank
-lines not counted) makes num_images_per_prompt images with global indices i*n .. i*n+n-1, seeds
-`seed + j` from the job's own "seed", else settings.seed + i*n + j, and files
-img_{index:03d}_steps{steps}.png. Nothing depends on the rank or the number of processes, so the
-same job list gives the same files on 1, 2 or 8 processes.
+"""The manifest of a batch run, and resume.
 
 Each process appends one line per saved image to its own manifest.rank{R}.jsonl in io.out_dir;
 the main process merges them into manifest.jsonl (ordered by index) before the work starts (what
 an earlier, interrupted run left) and after it ends. A run skips every image that the manifest
 records and whose file exists; a complete image file that no record names (the run died between
 the two writes) is adopted if its PNG metadata matches the job, else the run stops with an error
-naming it. Nothing is overwritten. Nothing here imports torch or prints.
+naming it. Nothing is overwritten.
 """
 
 from __future__ import annotations
@@ -22,145 +14,21 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
-
 from sdaccel.errors import ConfigError, SdaccelError
+from sdaccel.jobs.prompts_file import Job
 from sdaccel.outputs import IMAGE_NAME, read_metadata
-from sdaccel.settings import GenerationSettings, Settings
+from sdaccel.settings import Settings
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.jsonl"
 PART_GLOB = "manifest.rank*.jsonl"
 PARTIAL_GLOB = ".partial-*"  # temporary files of outputs._write_new and of the manifest merge
-JOB_KEYS = ("prompt", "negative_prompt", "seed", "height", "width", "guidance_scale")
-GENERATION_KEYS = ("height", "width", "guidance_scale")
-# The end-of-run barrier waits for the slowest process; the default (10-30 min) is too short for
-# a long, unevenly split job list. A failed process still ends the run: the launcher stops all.
-BARRIER_TIMEOUT = timedelta(hours=24)
-
-
-@dataclass(frozen=True)
-class Job:
-    index: int  # global job index: position among the prompts file's non-blank lines
-    line: int  # 1-based line number in the prompts file
-    prompt: str
-    negative_prompt: str
-    seed: int  # seed of the job's first image; image j uses seed + j
-    generation: GenerationSettings  # the run's generation settings with this job's overrides
-
-    def image_indices(self, per_prompt: int) -> range:
-        return range(self.index * per_prompt, (self.index + 1) * per_prompt)
-
-
-# --------------------------------------------------------------------------- the prompts file
-
-
-def read_jobs(path: Path, settings: Settings, negative_prompt: str = "") -> list[Job]:
-    """Every job of a prompts file, validated up front (errors name the file, line and key)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"prompts file {str(path)!r} does not exist")
-    try:
-        text = path.read_text(encoding="utf-8-sig")  # a BOM is not part of line 1
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    per_prompt = settings.generation.num_images_per_prompt
-    jobs: list[Job] = []
-    for number, raw in enumerate(text.split("\n"), start=1):
-        line = raw.strip()
-        if not line:
-            continue
-        where = f"{path}:{number}"
-        fields = _parse_line(line, where)
-        index = len(jobs)
-        seed = fields.get("seed", settings.seed + index * per_prompt)
-        jobs.append(Job(
-            index=index, line=number, prompt=fields["prompt"],
-            negative_prompt=fields.get("negative_prompt", negative_prompt), seed=seed,
-            generation=_generation(settings, fields, where),
-        ))
-    if not jobs:
-        raise ConfigError(f"{path}: no prompts (one per line, or one JSON object per line "
-                          f"with a \"prompt\")")
-    return jobs
-
-
-def _parse_line(line: str, where: str) -> dict[str, Any]:
-    if not line.startswith("{"):
-        return {"prompt": line}
-    try:
-        fields = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{where}: not valid JSON: {exc.msg} (column {exc.colno})") from None
-    if not isinstance(fields, dict):
-        raise ConfigError(f"{where}: expected one JSON object per line")
-    valid = ", ".join(JOB_KEYS)
-    for key in fields:
-        if key not in JOB_KEYS:
-            raise ConfigError(f"{where}: unknown key {key!r}; valid keys: {valid}")
-    if "prompt" not in fields:
-        raise ConfigError(f"{where}: missing key 'prompt' (valid keys: {valid})")
-    for key in ("prompt", "negative_prompt"):
-        if key in fields and not isinstance(fields[key], str):
-            raise ConfigError(f"{where}: {key}: must be a string (got {fields[key]!r})")
-    if not fields["prompt"].strip():
-        raise ConfigError(f"{where}: prompt: must not be empty")
-    if "seed" in fields:
-        seed = fields["seed"]
-        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
-            raise ConfigError(f"{where}: seed: must be an integer from 0 to 2**63-1 "
-                              f"(got {seed!r})")
-    return fields
-
-
-def _generation(settings: Settings, fields: dict[str, Any], where: str) -> GenerationSettings:
-    """The run's generation settings with this line's size/guidance, by the settings' rules."""
-    updates = {key: fields[key] for key in GENERATION_KEYS if key in fields}
-    if not updates:
-        return settings.generation
-    try:
-        return GenerationSettings.model_validate(
-            {**settings.generation.model_dump(), **updates}, strict=True)
-    except ValidationError as exc:
-        error = exc.errors()[0]
-        key = ".".join(str(part) for part in error["loc"])
-        message = error["msg"].removeprefix("Value error, ")
-        if error["type"] != "value_error":
-            message += f" (got {error['input']!r})"
-        raise ConfigError(f"{where}: {key}: {message}") from None
-
-
-def check_sizes(jobs: list[Job], check: Callable[[int, int], None], source: Path) -> None:
-    """Run the model's own size check (e.g. Engine.check_size) on every job's size."""
-    seen: set[tuple[int, int]] = set()
-    for job in jobs:
-        size = (job.generation.height, job.generation.width)
-        if size in seen:
-            continue
-        try:
-            check(*size)
-        except ConfigError as exc:
-            raise ConfigError(f"{source}:{job.line}: {exc}") from None
-        seen.add(size)
-
-
-@contextmanager
-def job_settings(settings: Settings, job: Job) -> Iterator[None]:
-    """The engine reads size and guidance from settings.generation: the job's, for a while."""
-    saved = settings.generation
-    settings.generation = job.generation
-    try:
-        yield
-    finally:
-        settings.generation = saved
 
 
 # --------------------------------------------------------------------------- records
@@ -376,65 +244,3 @@ def read_manifest(out_dir: Path) -> list[dict[str, Any]]:
     return [record for _, record in _read_lines(path, False)] if path.is_file() else []
 
 
-# --------------------------------------------------------------------------- the run
-
-
-def process_state(cpu: bool):
-    """Accelerate's PartialState: this process's rank, device and the world it belongs to
-    (launched by `accelerate launch` or `torchrun`; a single process otherwise)."""
-    from accelerate import PartialState
-
-    state = PartialState(cpu=cpu, timeout=BARRIER_TIMEOUT)
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched != state.num_processes:
-        raise SdaccelError(f"launched as {launched} processes but Accelerate set up "
-                           f"{state.num_processes}; check the launcher's settings")
-    return state
-
-
-@dataclass
-class RunReport:
-    total_images: int  # images in the job list
-    done_before: int  # images already made when this run started
-    made_here: int  # images this process made
-    records: list[dict[str, Any]]  # the merged manifest at the end (main process only)
-
-
-def run_jobs(engine, writer, jobs: list[Job], state, source: Path,
-             on_ready: Callable[[Plan], None] | None = None,
-             on_finished: Callable[[], None] | None = None) -> RunReport:
-    """Make every missing image of `jobs`, this process's share of them.
-
-    `engine` generates (sdaccel.engine.Engine), `writer` saves (sdaccel.outputs.RunWriter, on
-    the same Settings object), `state` is Accelerate's PartialState. `on_ready(plan)` runs on the
-    main process once the work is known; `on_finished()` once every process is done, before the
-    manifests are merged.
-    """
-    settings = engine.settings
-    per_prompt = settings.generation.num_images_per_prompt
-    if state.is_main_process:
-        consolidate(jobs, settings, source)
-    state.wait_for_everyone()
-    out_dir = Path(settings.io.out_dir)
-    plan = Plan.of(jobs, per_prompt, {record["index"] for record in read_manifest(out_dir)})
-    if state.is_main_process and on_ready is not None:
-        on_ready(plan)
-    manifest = ManifestWriter(out_dir, state.process_index)
-    made = 0
-    with state.split_between_processes(plan.pending) as mine:
-        for job in mine:
-            with job_settings(settings, job):
-                results = engine.generate([job.prompt], job.negative_prompt, seed=job.seed)
-                for index, result in zip(job.image_indices(per_prompt), results, strict=True):
-                    if index in plan.done:
-                        continue
-                    manifest.append(manifest_record(writer.save(result, index=index), job))
-                    made += 1
-    state.wait_for_everyone()
-    records: list[dict[str, Any]] = []
-    if state.is_main_process:
-        if on_finished is not None:
-            on_finished()
-        consolidate(jobs, settings, source)
-        records = read_manifest(out_dir)
-    return RunReport(plan.total_images, len(plan.done), made, records)

@@ -1,0 +1,125 @@
+"""The prompts file: one job per non-blank line, a plain prompt or a JSON object (a line that
+starts with `{`) with a "prompt" and optional per-job overrides (JOB_KEYS); every line validated
+up front, errors naming the file, line and key."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from sdaccel.errors import ConfigError
+from sdaccel.settings import GenerationSettings, Settings
+
+JOB_KEYS = ("prompt", "negative_prompt", "seed", "height", "width", "guidance_scale")
+GENERATION_KEYS = ("height", "width", "guidance_scale")
+
+
+@dataclass(frozen=True)
+class Job:
+    index: int  # global job index: position among the prompts file's non-blank lines
+    line: int  # 1-based line number in the prompts file
+    prompt: str
+    negative_prompt: str
+    seed: int  # seed of the job's first image; image j uses seed + j
+    generation: GenerationSettings  # the run's generation settings with this job's overrides
+
+    def image_indices(self, per_prompt: int) -> range:
+        return range(self.index * per_prompt, (self.index + 1) * per_prompt)
+
+
+
+
+def read_jobs(path: Path, settings: Settings, negative_prompt: str = "") -> list[Job]:
+    """Every job of a prompts file, validated up front (errors name the file, line and key)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"prompts file {str(path)!r} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # a BOM is not part of line 1
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    per_prompt = settings.generation.num_images_per_prompt
+    jobs: list[Job] = []
+    for number, raw in enumerate(text.split("\n"), start=1):
+        line = raw.strip()
+        if not line:
+            continue
+        where = f"{path}:{number}"
+        fields = _parse_line(line, where)
+        index = len(jobs)
+        seed = fields.get("seed", settings.seed + index * per_prompt)
+        jobs.append(Job(
+            index=index, line=number, prompt=fields["prompt"],
+            negative_prompt=fields.get("negative_prompt", negative_prompt), seed=seed,
+            generation=_generation(settings, fields, where),
+        ))
+    if not jobs:
+        raise ConfigError(f"{path}: no prompts (one per line, or one JSON object per line "
+                          f"with a \"prompt\")")
+    return jobs
+
+
+def _parse_line(line: str, where: str) -> dict[str, Any]:
+    if not line.startswith("{"):
+        return {"prompt": line}
+    try:
+        fields = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{where}: not valid JSON: {exc.msg} (column {exc.colno})") from None
+    if not isinstance(fields, dict):
+        raise ConfigError(f"{where}: expected one JSON object per line")
+    valid = ", ".join(JOB_KEYS)
+    for key in fields:
+        if key not in JOB_KEYS:
+            raise ConfigError(f"{where}: unknown key {key!r}; valid keys: {valid}")
+    if "prompt" not in fields:
+        raise ConfigError(f"{where}: missing key 'prompt' (valid keys: {valid})")
+    for key in ("prompt", "negative_prompt"):
+        if key in fields and not isinstance(fields[key], str):
+            raise ConfigError(f"{where}: {key}: must be a string (got {fields[key]!r})")
+    if not fields["prompt"].strip():
+        raise ConfigError(f"{where}: prompt: must not be empty")
+    if "seed" in fields:
+        seed = fields["seed"]
+        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
+            raise ConfigError(f"{where}: seed: must be an integer from 0 to 2**63-1 "
+                              f"(got {seed!r})")
+    return fields
+
+
+def _generation(settings: Settings, fields: dict[str, Any], where: str) -> GenerationSettings:
+    """The run's generation settings with this line's size/guidance, by the settings' rules."""
+    updates = {key: fields[key] for key in GENERATION_KEYS if key in fields}
+    if not updates:
+        return settings.generation
+    try:
+        return GenerationSettings.model_validate(
+            {**settings.generation.model_dump(), **updates}, strict=True)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        key = ".".join(str(part) for part in error["loc"])
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] != "value_error":
+            message += f" (got {error['input']!r})"
+        raise ConfigError(f"{where}: {key}: {message}") from None
+
+
+def check_sizes(jobs: list[Job], check: Callable[[int, int], None], source: Path) -> None:
+    """Run the model's own size check (e.g. Engine.check_size) on every job's size."""
+    seen: set[tuple[int, int]] = set()
+    for job in jobs:
+        size = (job.generation.height, job.generation.width)
+        if size in seen:
+            continue
+        try:
+            check(*size)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}:{job.line}: {exc}") from None
+        seen.add(size)
+
+
