@@ -185,3 +185,36 @@ def test_every_command_takes_the_same_settings_flags(command):
     for flag in ("--preset", "--config", "--set", "--model", "--steps", "--sampler", "--seed",
                  "--height", "--width", "--guidance", "--num-images"):
         assert flag in out, (command, flag)
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_images_already_saved(tmp_path, monkeypatch):
+    import errno
+
+    from PIL import Image
+
+    save, calls = Image.Image.save, []
+
+    def fills_up(image, fp, *args, **kwargs):
+        calls.append(fp)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save(image, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", fills_up)
+    out = tmp_path / "out"
+    result = invoke("generate", "a red circle", "a blue square", *TINY_FLAGS,
+                    "--out-dir", str(out))
+    assert result.exit_code == 1
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith(f"Error: cannot write {out / 'img_001_steps2.png'}: No space")
+    assert "Traceback" not in result.output
+    assert sorted(p.name for p in out.iterdir()) == ["img_000_steps2.png"]  # no partial file
+
+
+def test_out_dir_naming_a_file_is_an_error_before_anything_loads(tmp_path):
+    existing = tmp_path / "notes.txt"
+    existing.write_text("keep me")
+    result = invoke("generate", "a red circle", *TINY_FLAGS, "--out-dir", str(existing))
+    assert result.exit_code == 2
+    assert f"io.out_dir: {str(existing)!r} is a file" in result.stderr
+    assert existing.read_text() == "keep me"

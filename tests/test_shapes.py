@@ -219,3 +219,21 @@ def test_bundled_model_draws_what_the_caption_says():
     readings = [s.reading for s in scores[8:]]
     followed = [r.position == where for r, (_, _, where, _) in zip(readings, placed, strict=True)]
     assert sum(followed) >= 3, readings
+
+
+def test_words_the_bundled_model_never_saw_are_named_once():
+    from sdaccel.engine.engine import Engine
+    from sdaccel.events import Warning
+    from sdaccel.settings import resolve_settings
+
+    assert dataset.unknown_words("A Black circle, on a red background; black!") == ["black"]
+    assert dataset.unknown_words("two big red squares in the top left") == []
+    seen = []
+    settings = resolve_settings("tiny", overrides=["sampler.steps=1"], environ={}).settings
+    engine = Engine(settings, on_event=seen.append)
+    engine.generate(["a black circle"], negative_prompt="blurry")
+    engine.generate(["a black square"])  # already said
+    warnings = [e.message for e in seen if isinstance(e, Warning)]
+    assert len(warnings) == 1
+    assert "never saw the word(s) 'black', 'blurry'" in warnings[0]
+    assert "It knows: a, and, background" in warnings[0]

@@ -1,5 +1,11 @@
 """Exceptions a user can cause and fix; the CLI turns each into one line and an exit code."""
 
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
 
 class SdaccelError(Exception):
     """Base class: the message is shown to the user as is."""
@@ -23,3 +29,18 @@ class DeviceError(SdaccelError):
     """The requested device or precision is not available on this machine."""
 
     exit_code = 4
+
+
+class OutputError(SdaccelError):
+    """A file could not be written (disk full, no permission, a file where a folder should be);
+    what was saved before stays."""
+
+
+@contextmanager
+def writing(path: str | Path) -> Iterator[None]:
+    """Turn an OSError while writing `path` into an OutputError naming the file and the cause."""
+    try:
+        yield
+    except OSError as exc:
+        where = exc.filename or path
+        raise OutputError(f"cannot write {where}: {exc.strerror or exc}") from exc

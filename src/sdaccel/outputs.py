@@ -22,7 +22,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from sdaccel.catalogue import a1111_label
-from sdaccel.errors import SdaccelError
+from sdaccel.errors import SdaccelError, writing
 
 IMAGE_NAME = re.compile(r"^img_(\d{3,})_steps\d+\.png$")
 
@@ -90,24 +90,25 @@ def _write_new(out_dir: Path, name_for: Callable[[int], str], index: int,
                write: Callable[[Path], None], exact: bool = False) -> tuple[int, Path]:
     """Write via `write(tmp_path)`, then claim the first free name from `index` on (only
     `index` itself where `exact`: a taken name is then an error)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=out_dir, prefix=".partial-", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        while True:
-            final = out_dir / name_for(index)
-            try:
-                os.link(tmp, final)
-                return index, final
-            except FileExistsError:
-                if exact:
-                    raise SdaccelError(f"{final} already exists; refusing to overwrite it "
-                                       f"(another run writes to {out_dir}?)") from None
-                index += 1
-    finally:
-        tmp.unlink(missing_ok=True)
+    with writing(out_dir / name_for(index)):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=out_dir, prefix=".partial-", suffix=".tmp")
+        os.close(fd)
+        tmp = Path(tmp_name)
+        try:
+            write(tmp)
+            while True:
+                final = out_dir / name_for(index)
+                try:
+                    os.link(tmp, final)
+                    return index, final
+                except FileExistsError:
+                    if exact:
+                        raise SdaccelError(f"{final} already exists; refusing to overwrite "
+                                           f"it (another run writes to {out_dir}?)") from None
+                    index += 1
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 def _numbered(stem: str, attempt: int, suffix: str) -> str:

@@ -198,6 +198,15 @@ class IOSettings(_Section):
     save_latents: bool = False
     save_grid: bool = False
 
+    @field_validator("out_dir")
+    @classmethod
+    def _a_folder(cls, out_dir: Path) -> Path:
+        # Found before a model loads, not when the first image is written.
+        if out_dir.exists() and not out_dir.is_dir():
+            raise ValueError(f"{str(out_dir)!r} is a file; give a folder (it is created if "
+                             "missing)")
+        return out_dir
+
 
 class Settings(BaseSettings):
     """Everything one generation run needs; the seed's YAML schema, key for key."""

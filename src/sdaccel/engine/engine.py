@@ -26,6 +26,7 @@ from sdaccel.events import (
     EventHandler,
     PlanDecided,
     StepDone,
+    Warning,
     ignore,
 )
 from sdaccel.settings import GenerationSettings, Settings
@@ -66,6 +67,7 @@ class Engine:
         self.planner = Planner.from_settings(adaptive) if replan else None
         self.policy = StepPolicy.from_settings(adaptive) if per_step else None
         self.components = load_components(settings.model_id, device=str(self.device))
+        self._warned: set[str] = set()  # unknown prompt words already reported
         self._prepare(self.components)
 
     # ------------------------------------------------------------------ set-up
@@ -158,6 +160,7 @@ class Engine:
         scheduler.set_timesteps(planned, device=self.device)
         image_prompts = [prompts[k // per_prompt] for k in range(batch)]
 
+        self._warn_unknown_words([*prompts, negative_prompt])
         self.on_event(BatchStarted(batch, planned, tuple(prompts)))
         started = time.perf_counter()
         embeddings = self._encode(list(prompts), negative_prompt, per_prompt, guided)
@@ -194,6 +197,21 @@ class Engine:
             )
             for k in range(batch)
         ]
+
+    def _warn_unknown_words(self, texts: list[str]) -> None:
+        """The bundled model knows only its training captions' words: say so once per word
+        instead of drawing, say, "black" silently as purple."""
+        if self.components.name != "bundled:shapes":
+            return
+        from sdaccel.shapes.dataset import unknown_words, vocabulary
+
+        new = [w for text in texts for w in unknown_words(text) if w not in self._warned]
+        if new:
+            self._warned.update(new)
+            self.on_event(Warning(
+                f"{self.components.name} never saw the word(s) {', '.join(map(repr, new))}: it "
+                f"ignores them or draws a word it knows instead. It knows: "
+                f"{', '.join(vocabulary())}"))
 
     def _shallow_cost(self, latents: torch.Tensor, embeddings: torch.Tensor) -> float:
         """FLOPs of a shallow call as a fraction of a full one, counted once per size."""

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sdaccel.errors import ConfigError, SdaccelError
+from sdaccel.errors import ConfigError, SdaccelError, writing
 from sdaccel.jobs.prompts_file import Job
 from sdaccel.outputs import IMAGE_NAME, read_metadata
 from sdaccel.settings import Settings
@@ -69,12 +69,13 @@ class ManifestWriter:
 
     def append(self, record: dict[str, Any]) -> None:
         data = (json.dumps(record, sort_keys=True) + "\n").encode()
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        with writing(self.path):
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
 
 class ManifestFollower:
@@ -226,16 +227,17 @@ def _adopt(path: Path, index: int, job: Job, wanted: dict[str, Any],
 
 def _write_manifest(path: Path, records: dict[int, dict[str, Any]]) -> None:
     """All records ordered by index, replacing manifest.jsonl in one rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".partial-manifest-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            for index in sorted(records):
-                f.write(json.dumps(records[index], sort_keys=True) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    with writing(path):
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".partial-manifest-", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                for index in sorted(records):
+                    f.write(json.dumps(records[index], sort_keys=True) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
 
 
 def read_manifest(out_dir: Path) -> list[dict[str, Any]]:
