@@ -42,6 +42,15 @@ def test_every_pass_applies_and_the_image_stays_the_same(plain):
     assert torch.allclose(ours.latents, reference.latents, rtol=1e-4, atol=1e-4)
 
 
+def test_every_switch_of_the_settings_is_a_registered_pass():
+    """A pass added to OptimizeSettings but not to the registry would silently do nothing."""
+    from sdaccel.settings import OptimizeSettings
+
+    switches = {k for k, f in OptimizeSettings.model_fields.items() if f.annotation is bool}
+    handled_elsewhere = {"inductor_flags"}  # travels with the compile call
+    assert switches - handled_elsewhere == set(optimize.MODULE_PASSES)
+
+
 def test_attention_choice_is_a_context_around_each_call():
     seen = []
 

@@ -26,18 +26,6 @@ from sdaccel.errors import SdaccelError
 
 EXIT_INTERRUPTED = 130
 
-# Shorthand flag parameter -> (its option alias, the settings key it sets).
-SHORTHAND: dict[str, tuple[Any, str]] = {
-    "model": (opt.Model, "model_id"),
-    "steps": (opt.Steps, "sampler.steps"),
-    "sampler": (opt.Sampler, "sampler.name"),
-    "seed": (opt.Seed, "seed"),
-    "height": (opt.Height, "generation.height"),
-    "width": (opt.Width, "generation.width"),
-    "guidance": (opt.Guidance, "generation.guidance_scale"),
-    "num_images": (opt.NumImages, "generation.num_images_per_prompt"),
-    "out_dir": (opt.OutDir, "io.out_dir"),
-}
 _LAYERS = {"one": {"preset": opt.Preset, "config": opt.ConfigFile},
            "many": {"preset": opt.Presets, "config": opt.Configs}}
 
@@ -93,7 +81,7 @@ def command(
     settings: Literal["resolved", "flags"] | None = "resolved",
     *,
     presets: Literal["one", "many"] = "one",
-    shorthand: tuple[str, ...] = tuple(SHORTHAND),
+    shorthand: tuple[str, ...] = tuple(opt.SHORTHAND),
     aliases: dict[str, Any] | None = None,
     engine: bool = False,
 ) -> Callable[[Callable[..., None]], Callable[..., None]]:
@@ -147,14 +135,14 @@ def _own_parameters(func: Callable[..., None]) -> list[inspect.Parameter]:
 def _settings_parameters(presets: str, shorthand: tuple[str, ...],
                          aliases: dict[str, Any]) -> list[inspect.Parameter]:
     declared = {**_LAYERS[presets], "overrides": opt.Overrides,
-                **{name: aliases.get(name, SHORTHAND[name][0]) for name in shorthand}}
+                **{name: aliases.get(name, opt.SHORTHAND[name][1]) for name in shorthand}}
     return [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
                               annotation=alias) for name, alias in declared.items()]
 
 
 def _flags(values: dict[str, Any]) -> SettingsFlags:
-    shorthand = {SHORTHAND[name][1]: _plain(value) for name, value in values.items()
-                 if name in SHORTHAND}
+    shorthand = {opt.SHORTHAND[name][0]: _plain(value) for name, value in values.items()
+                 if name in opt.SHORTHAND}
     return SettingsFlags(values["preset"], values["config"], list(values["overrides"] or []),
                          shorthand)
 

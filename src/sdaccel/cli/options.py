@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -34,31 +34,32 @@ Overrides = Annotated[
     typer.Option("--set", "-s", help="dotted.key=value, highest priority; repeatable "
                  "(e.g. --set sampler.steps=12).", show_default=False),
 ]
-Model = Annotated[str | None, typer.Option(
-    "--model", "-m", help="Model: hub id, folder, .safetensors file, random:tiny|sd15, "
-    "bundled:shapes.", show_default=False, rich_help_panel="Shorthand settings")]
-Steps = Annotated[int | None, typer.Option(
-    "--steps", help="sampler.steps", show_default=False, rich_help_panel="Shorthand settings")]
-Sampler = Annotated[str | None, typer.Option(
-    "--sampler", help=f"sampler.name: {', '.join(SAMPLER_NAMES)}",
-    show_default=False, rich_help_panel="Shorthand settings")]
-Seed = Annotated[int | None, typer.Option(
-    "--seed", help="seed (image k of a run uses seed + k)", show_default=False,
-    rich_help_panel="Shorthand settings")]
-Height = Annotated[int | None, typer.Option(
-    "--height", help="generation.height", show_default=False,
-    rich_help_panel="Shorthand settings")]
-Width = Annotated[int | None, typer.Option(
-    "--width", help="generation.width", show_default=False, rich_help_panel="Shorthand settings")]
-Guidance = Annotated[float | None, typer.Option(
-    "--guidance", help="generation.guidance_scale (<= 1: no unconditional pass)",
-    show_default=False, rich_help_panel="Shorthand settings")]
-NumImages = Annotated[int | None, typer.Option(
-    "--num-images", "-n", help="generation.num_images_per_prompt", show_default=False,
-    rich_help_panel="Shorthand settings")]
-OutDir = Annotated[Path | None, typer.Option(
-    "--out-dir", "-o", help="io.out_dir", show_default=False,
-    rich_help_panel="Shorthand settings")]
+
+
+def shorthand(kind: type, *names: str, help: str) -> Any:  # noqa: A002 - Typer's own name
+    """The option alias of a shorthand flag: `kind` or None (None: the flag was not given)."""
+    return Annotated[kind | None, typer.Option(*names, help=help, show_default=False,
+                                               rich_help_panel="Shorthand settings")]
+
+
+# Shorthand flag (parameter name) -> (the settings key it sets, its option). Adding one is one
+# line here: every command that reads settings takes it (cli/command.py).
+SHORTHAND: dict[str, tuple[str, Any]] = {
+    "model": ("model_id", shorthand(str, "--model", "-m", help="Model: hub id, folder, "
+                                    ".safetensors file, random:tiny|sd15, bundled:shapes.")),
+    "steps": ("sampler.steps", shorthand(int, "--steps", help="sampler.steps")),
+    "sampler": ("sampler.name", shorthand(str, "--sampler",
+                                          help=f"sampler.name: {', '.join(SAMPLER_NAMES)}")),
+    "seed": ("seed", shorthand(int, "--seed", help="seed (image k of a run uses seed + k)")),
+    "height": ("generation.height", shorthand(int, "--height", help="generation.height")),
+    "width": ("generation.width", shorthand(int, "--width", help="generation.width")),
+    "guidance": ("generation.guidance_scale", shorthand(
+        float, "--guidance", help="generation.guidance_scale (<= 1: no unconditional pass)")),
+    "num_images": ("generation.num_images_per_prompt", shorthand(
+        int, "--num-images", "-n", help="generation.num_images_per_prompt")),
+    "out_dir": ("io.out_dir", shorthand(Path, "--out-dir", "-o", help="io.out_dir")),
+}
+
 Json = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout; "
                                     "everything else goes to stderr.")]
 
