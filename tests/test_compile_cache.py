@@ -1,6 +1,8 @@
 """compile-cache: where entries live, what identifies them, mismatches skipped with a warning,
-and (one real CPU compile) a second process that starts from the stored artifacts."""
+and (one real CPU compile) a second process that starts from the stored artifacts. Also the
+compile wrapper under it: a failed compile falls back to eager."""
 
+import ast
 import json
 import os
 import subprocess
@@ -9,11 +11,12 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import TINY, tiny_settings
 from typer.testing import CliRunner
 
+from sdaccel import compile_cache as cc
 from sdaccel.cli import app
-from sdaccel.engine import compile as cc
 from sdaccel.engine.engine import Engine
 from sdaccel.events import Warning
 
@@ -69,9 +72,8 @@ def test_mismatched_damaged_and_unreadable_entries_are_reported_and_skipped(cach
     fake_entry(cache, tiny_settings(*COMPILED, "unet_dtype=bf16"), here, key="other-graph")
 
     events = []
-    engine = Engine(settings, on_event=events.append)  # compiles lazily: nothing compiled yet
+    assert cc.load_matching(settings, events.append) == []
     warnings = [e.message for e in events if isinstance(e, Warning)]
-    assert engine.compile_cache == []
     assert any(w.startswith("compile cache entry old-torch was made with torch 1.0.0 (here "
                             f"{here['torch']})") for w in warnings), warnings
     assert any("entry damaged could not be loaded" in w for w in warnings), warnings
@@ -79,39 +81,50 @@ def test_mismatched_damaged_and_unreadable_entries_are_reported_and_skipped(cach
     assert not any("other-graph" in w for w in warnings)  # another graph: not ours to judge
     assert len(warnings) == 3
 
-
-def test_list_and_clear(cache):
-    empty = runner.invoke(app, ["compile-cache", "list"])
-    assert empty.exit_code == 0 and "is empty" in empty.stderr
-    settings = tiny_settings(*COMPILED)
-    fake_entry(cache, settings, {**cc.environment("cpu"), "triton": "0.1"}, key="a-32x32-b1")
-    fake_entry(cache, settings, cc.environment("cpu"), key="b-32x32-b1")
-
-    listed = runner.invoke(app, ["compile-cache", "list", "--json"])
-    assert listed.exit_code == 0, listed.output
-    records = {r["key"]: r for r in json.loads(listed.stdout)}
-    assert records["b-32x32-b1"]["usable"] and records["b-32x32-b1"]["size_bytes"] > 0
-    assert not records["a-32x32-b1"]["usable"]
-    assert records["a-32x32-b1"]["mismatch"][0].startswith("triton 0.1 (here ")
-    assert records["a-32x32-b1"]["model_id"] == "random:tiny"
-
-    wrong = runner.invoke(app, ["compile-cache", "clear", "nope"])
-    assert wrong.exit_code == 2 and "no entry 'nope'" in wrong.stderr
-    assert "a-32x32-b1, b-32x32-b1" in wrong.stderr
-    one = runner.invoke(app, ["compile-cache", "clear", "a-32x32-b1"])
-    assert one.exit_code == 0 and "removed 1 entry" in one.stderr
-    assert [e.key for e in cc.list_entries()] == ["b-32x32-b1"]
-    assert runner.invoke(app, ["compile-cache", "clear"]).exit_code == 0
-    assert cc.list_entries() == []
+    # Settings that do not compile, or compile without the cache, load nothing and judge nothing.
+    for off in ("compile.cache=false", "compile.enabled=false"):
+        events.clear()
+        assert cc.load_matching(tiny_settings(*COMPILED, off), events.append) == []
+        assert events == [], off
 
 
-def test_warm_refuses_settings_that_compile_nothing_and_bad_sizes(cache):
-    args = ["compile-cache", "warm", *sum((["--set", s] for s in TINY), [])]
-    eager = runner.invoke(app, args)
-    assert eager.exit_code == 2 and "compile.enabled=false" in eager.stderr
-    bad = runner.invoke(app, [*args, "--set", "compile.enabled=true", "--size", "30x32"])
-    assert bad.exit_code == 2 and "--size '30x32'" in bad.stderr
-    assert not cache.exists()
+def test_the_engine_never_imports_the_compile_cache():
+    """The cache sits above the engine: no module of the engine imports it, even in a function."""
+    engine_dir = Path(cc.__file__).parent / "engine"
+    for path in engine_dir.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            assert not any(n.startswith("sdaccel.compile_cache") for n in names), path.name
+
+
+# --------------------------------------------------------------------------- eager fallback
+
+
+def test_compile_failure_falls_back_to_eager_with_a_warning(monkeypatch):
+    def broken_compile(fn, **_options):
+        def fails(*_args, **_kwargs):
+            raise RuntimeError("inductor exploded")
+        return fails
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    events = []
+    engine = Engine(tiny_settings("compile.enabled=true", "compile.compile_vae=true"),
+                    on_event=events.append)
+    assert not engine.compile_fell_back and engine.compile_fallbacks == ()
+    result = engine.generate(["a red circle"])[0]
+    assert engine.compile_fell_back and engine.compile_fallbacks == ("UNet", "VAE decode")
+    warnings = [e.message for e in events if isinstance(e, Warning)]
+    assert warnings == [
+        "torch.compile of the UNet failed (RuntimeError: inductor exploded); running it eagerly",
+        "torch.compile of the VAE decode failed (RuntimeError: inductor exploded); running it "
+        "eagerly"]
+    assert torch.equal(result.latents, Engine(tiny_settings()).generate(["a red circle"])[0]
+                       .latents)
 
 
 SECOND_PROCESS = textwrap.dedent("""
@@ -119,17 +132,19 @@ SECOND_PROCESS = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     from helpers import tiny_settings
     from torch._dynamo.utils import counters
+    from sdaccel.compile_cache import load_matching
     from sdaccel.engine.engine import Engine
     events = []
     started = time.perf_counter()
-    engine = Engine(tiny_settings("compile.enabled=true", "compile.mode=default"),
-                    on_event=events.append)
+    settings = tiny_settings("compile.enabled=true", "compile.mode=default")
+    loaded = load_matching(settings, events.append)
+    engine = Engine(settings, on_event=events.append)
     engine.generate(["a red circle"], seed=1)
     first = time.perf_counter() - started
     graphs = counters["stats"]["unique_graphs"]
     engine.generate(["two blue squares in the top left corner"], seed=9)
     print(json.dumps({{
-        "loaded": [e.key for e in engine.compile_cache], "first_seconds": first,
+        "loaded": [e.key for e in loaded], "first_seconds": first,
         "hits": counters["inductor"]["fxgraph_cache_hit"],
         "misses": counters["inductor"]["fxgraph_cache_miss"],
         "graphs": graphs, "graphs_after": counters["stats"]["unique_graphs"],
@@ -193,3 +208,4 @@ def test_cuda_graph_modes_compile_once_for_any_prompt_and_seed(mode):
     engine.generate([""], seed=12345)
     assert graphs >= 1 and counters["stats"]["unique_graphs"] == graphs
     assert not [e for e in events if isinstance(e, Warning)]  # no eager fallback either
+    assert not engine.compile_fell_back

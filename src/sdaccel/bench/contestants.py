@@ -85,6 +85,7 @@ def weight_bytes(modules) -> int:
 def load_engine(config: BenchConfig, prompts, calls: int) -> Contestant:
     """Our Engine for one configuration (kind "config"; the runner relabels equal-cost rows)."""
     from sdaccel.bench.configs import compile_label, precision_label
+    from sdaccel.compile_cache import load_matching
     from sdaccel.engine.engine import Engine
     from sdaccel.events import StepDone, Warning
 
@@ -99,6 +100,7 @@ def load_engine(config: BenchConfig, prompts, calls: int) -> Contestant:
         elif isinstance(event, Warning) and event.message not in notes:
             notes.append(event.message)
 
+    cache_entries = load_matching(settings, on_event)  # before the first call, which compiles
     engine = Engine(settings, on_event=on_event)
     contestant: Contestant
 
@@ -117,7 +119,7 @@ def load_engine(config: BenchConfig, prompts, calls: int) -> Contestant:
         nfe=float(plan_steps(settings) * (2 if guided else 1)),
         precision=precision_label(settings), compile=compile_label(settings), call=call,
         plan=call_plan(settings, prompts, calls), passes=", ".join(getattr(engine, "passes", [])),
-        cache_entries=len(getattr(engine, "compile_cache", [])), notes=notes,
+        cache_entries=len(cache_entries), notes=notes,
         cost_source="engine",
         modules=[m for m in (getattr(engine, name, None) for name in
                              ("unet", "vae", "text_encoder")) if m is not None],

@@ -17,7 +17,7 @@ import torch
 
 from sdaccel.errors import DeviceError
 from sdaccel.events import EventHandler, Warning, ignore
-from sdaccel.settings import CompileSettings, Settings
+from sdaccel.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -119,25 +119,13 @@ def check_attention(name: str, device: torch.device, dtype: torch.dtype) -> None
         ) from None
 
 
-def compile_options(options: CompileSettings, inductor_flags: bool) -> dict[str, Any]:
-    """Keyword arguments for torch.compile: the seed's mode, plus diffusers' inductor flags when
-    asked (torch.compile takes `mode` or `options`, not both: the mode becomes its options)."""
-    kwargs: dict[str, Any] = {"fullgraph": options.fullgraph, "dynamic": options.dynamic}
-    if not inductor_flags:
-        return {**kwargs, "mode": options.mode}
-    from torch._inductor import list_mode_options
-
-    mode_options = list_mode_options(options.mode, options.dynamic)
-    return {**kwargs, "options": {**mode_options, **INDUCTOR_FLAGS}}
-
-
 def apply_passes(unet: torch.nn.Module, vae: torch.nn.Module, settings: Settings,
                  device: torch.device, on_event: EventHandler = ignore) -> list[str]:
     """Run the module passes `settings.optimize` switches on (in place); return their names.
 
     Call after casting. SDPA attention is always set first (fuse_qkv then swaps in the fused
     SDPA processors). The attention kernel choice is applied around calls (`with_attention`),
-    the inductor flags with the compile call (`compile_options`)."""
+    the inductor flags with the compile call (`sdaccel.engine.compile.compile_options`)."""
     options = settings.optimize
     applied = []
     check_attention(options.attention, device, unet.dtype)
