@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -86,6 +87,27 @@ def test_mismatched_damaged_and_unreadable_entries_are_reported_and_skipped(cach
         events.clear()
         assert cc.load_matching(tiny_settings(*COMPILED, off), events.append) == []
         assert events == [], off
+
+
+def test_device_auto_on_a_cuda_machine_records_the_gpu(cache, monkeypatch):
+    """`device: auto` is resolved before the environment is read: on a CUDA machine the entry
+    names the GPU, not the CPU. CUDA is only pretended here; nothing runs on it."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    monkeypatch.setattr(torch.compiler, "save_cache_artifacts",
+                        lambda: (b"artifacts", SimpleNamespace(fx_graph_artifacts=[1])))
+    settings = tiny_settings(*COMPILED, "device=auto")
+    assert cc.environment("auto")["device_name"] == "NVIDIA H200"
+    assert cc.environment()["device_name"] == "NVIDIA H200"
+    entry = cc.save_entry(settings, "tiny", 1, 1.0)
+    assert entry.meta["environment"]["device_name"] == "NVIDIA H200"
+    assert entry.meta["graph_settings"]["device"] == "cuda"
+    assert entry.meta["graph_hash"] == cc.graph_hash(tiny_settings(*COMPILED, "device=cuda"))
+    # ... and on that machine the entry is found and judged usable for device: auto.
+    monkeypatch.setattr("sdaccel.compile_cache._load_artifacts", lambda data: None)
+    events = []
+    assert [e.key for e in cc.load_matching(settings, events.append)] == [entry.key]
+    assert events == []
 
 
 def test_the_engine_never_imports_the_compile_cache():

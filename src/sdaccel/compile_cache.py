@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from sdaccel.engine.engine import Engine
+from sdaccel.engine.precision import resolve_device
 from sdaccel.errors import ConfigError, SdaccelError
 from sdaccel.events import EventHandler, Warning, ignore
 from sdaccel.settings import Settings
@@ -72,14 +73,18 @@ def compile_dir(environ: dict[str, str] | None = None) -> Path:
     return cache_root(environ) / "compile"
 
 
+def _resolved(device: str | None) -> str:
+    """`device`, with "auto" (or None) resolved as the engine resolves it."""
+    if device is None or device == "auto":
+        return resolve_device("auto").type
+    return device
+
+
 def graph_settings(settings: Settings) -> dict[str, Any]:
     """The settings that change what torch.compile builds (not prompts, seeds, steps, paths)."""
-    device = settings.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     return {
         "model_id": settings.model_id,
-        "device": device.split(":")[0],
+        "device": _resolved(settings.device).split(":")[0],
         "unet_dtype": settings.unet_dtype,
         "vae_dtype": settings.vae_dtype,
         "compile": settings.compile.model_dump(exclude={"cache"}),
@@ -94,7 +99,8 @@ def graph_hash(settings: Settings) -> str:
 
 
 def environment(device: str | None = None) -> dict[str, str | None]:
-    """Versions and the device name an entry is only valid for."""
+    """Versions and the device name an entry is only valid for (`device` as in the settings,
+    "auto" included; None: the device "auto" picks)."""
     import diffusers
 
     try:
@@ -103,8 +109,7 @@ def environment(device: str | None = None) -> dict[str, str | None]:
         triton_version: str | None = triton.__version__
     except ImportError:
         triton_version = None
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = _resolved(device)
     if device.startswith("cuda") and torch.cuda.is_available():
         name = torch.cuda.get_device_name(torch.device(device))
     else:
