@@ -1,6 +1,6 @@
 """compile-cache: where entries live, what identifies them, mismatches skipped with a warning,
 and (one real CPU compile) a second process that starts from the stored artifacts. Also the
-compile wrapper under it: a failed compile falls back to eager."""
+compile wrapper under it: only a failed compile falls back to eager."""
 
 import ast
 import json
@@ -18,8 +18,10 @@ from typer.testing import CliRunner
 
 from sdaccel import compile_cache as cc
 from sdaccel.cli import app
+from sdaccel.engine.compile import compile_callable
 from sdaccel.engine.engine import Engine
 from sdaccel.events import Warning
+from sdaccel.settings import CompileSettings
 
 runner = CliRunner()
 COMPILED = ["compile.enabled=true", "compile.mode=default"]
@@ -147,6 +149,95 @@ def test_compile_failure_falls_back_to_eager_with_a_warning(monkeypatch):
         "eagerly"]
     assert torch.equal(result.latents, Engine(tiny_settings()).generate(["a red circle"])[0]
                        .latents)
+
+
+def test_a_runtime_error_after_a_successful_compile_propagates(monkeypatch):
+    def flaky_compile(fn, **_options):
+        calls = []
+
+        def compiled(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 2:
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+            return fn(*args, **kwargs)
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", flaky_compile)
+    events = []
+    engine = Engine(tiny_settings("compile.enabled=true"), on_event=events.append)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        engine.generate(["a red circle"])
+    assert not engine.compile_fell_back
+    assert not [e for e in events if isinstance(e, Warning)]
+
+
+def test_a_failed_recompile_on_a_later_call_falls_back(monkeypatch):
+    """A later call that compiles again (a new shape) and fails there is still a compile."""
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    def recompile_fails(fn, **_options):
+        def compiled(x):
+            if x.shape[0] > 1:
+                raise BackendCompilerFailed(fn, RuntimeError("C++ compile error"), None)
+            return fn(x)
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", recompile_fails)
+    events = []
+    call = compile_callable(lambda x: x + 1, CompileSettings(mode="default"), "UNet",
+                            events.append)
+    assert call(torch.zeros(1)).tolist() == [1.0]
+    assert call(torch.zeros(2)).tolist() == [1.0, 1.0] and call.fell_back
+    assert len(events) == 1 and "C++ compile error" in events[0].message
+    assert call(torch.zeros(1)).tolist() == [1.0]  # eager from then on
+
+
+def test_out_of_memory_while_compiling_propagates(monkeypatch):
+    def out_of_memory(fn, **_options):
+        def compiled(*_args):
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", out_of_memory)
+    events = []
+    call = compile_callable(lambda x: x, CompileSettings(mode="default"), "UNet", events.append)
+    with pytest.raises(torch.OutOfMemoryError):
+        call(torch.zeros(1))
+    assert not call.fell_back and events == []
+
+
+def test_list_and_clear(cache):
+    empty = runner.invoke(app, ["compile-cache", "list"])
+    assert empty.exit_code == 0 and "is empty" in empty.stderr
+    settings = tiny_settings(*COMPILED)
+    fake_entry(cache, settings, {**cc.environment("cpu"), "triton": "0.1"}, key="a-32x32-b1")
+    fake_entry(cache, settings, cc.environment("cpu"), key="b-32x32-b1")
+
+    listed = runner.invoke(app, ["compile-cache", "list", "--json"])
+    assert listed.exit_code == 0, listed.output
+    records = {r["key"]: r for r in json.loads(listed.stdout)}
+    assert records["b-32x32-b1"]["usable"] and records["b-32x32-b1"]["size_bytes"] > 0
+    assert not records["a-32x32-b1"]["usable"]
+    assert records["a-32x32-b1"]["mismatch"][0].startswith("triton 0.1 (here ")
+    assert records["a-32x32-b1"]["model_id"] == "random:tiny"
+
+    wrong = runner.invoke(app, ["compile-cache", "clear", "nope"])
+    assert wrong.exit_code == 2 and "no entry 'nope'" in wrong.stderr
+    assert "a-32x32-b1, b-32x32-b1" in wrong.stderr
+    one = runner.invoke(app, ["compile-cache", "clear", "a-32x32-b1"])
+    assert one.exit_code == 0 and "removed 1 entry" in one.stderr
+    assert [e.key for e in cc.list_entries()] == ["b-32x32-b1"]
+    assert runner.invoke(app, ["compile-cache", "clear"]).exit_code == 0
+    assert cc.list_entries() == []
+
+
+def test_warm_refuses_settings_that_compile_nothing_and_bad_sizes(cache):
+    args = ["compile-cache", "warm", *sum((["--set", s] for s in TINY), [])]
+    eager = runner.invoke(app, args)
+    assert eager.exit_code == 2 and "compile.enabled=false" in eager.stderr
+    bad = runner.invoke(app, [*args, "--set", "compile.enabled=true", "--size", "30x32"])
+    assert bad.exit_code == 2 and "--size '30x32'" in bad.stderr
+    assert not cache.exists()
 
 
 SECOND_PROCESS = textwrap.dedent("""

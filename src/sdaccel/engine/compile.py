@@ -1,7 +1,9 @@
 """torch.compile of the UNet and VAE decode, with an eager fallback when compiling fails.
 
-The compile cache (stored artifacts loaded before compiling) lives above the engine, in
-`sdaccel.compile_cache`.
+Only a compile may fall back: the first call (where torch compiles, lazily) or a later call that
+makes dynamo or inductor compile again (a new shape) and fails there. Once a compiled call has
+run, an error in a later call is a runtime error of the model and propagates. The compile cache
+(stored artifacts loaded before compiling) lives above the engine, in `sdaccel.compile_cache`.
 """
 
 from __future__ import annotations
@@ -42,10 +44,21 @@ def compile_callable(
     return EagerFallback(compiled, fn, what, on_event, cudagraphs)
 
 
+def _compile_error(exc: Exception) -> bool:
+    """An error of dynamo or inductor compiling (BackendCompilerFailed, Unsupported, ...)."""
+    from torch._dynamo.exc import TorchDynamoException
+
+    return isinstance(exc, TorchDynamoException)
+
+
 class EagerFallback:
     """Calls the compiled function; compilation happens lazily on a call, so that is where a
-    failure shows. One failure switches to eager for good and tells the user why (a Warning
+    failure shows. A failed compile switches to eager for good and tells the user why (a Warning
     event); `fell_back` says it happened.
+
+    What counts as a failed compile: any error (but running out of memory) of the first call,
+    which compiles, and a dynamo/inductor error of a later call, which compiles again for a new
+    shape. Any other error of a later call propagates: the compiled function already ran.
 
     With CUDA graphs (reduce-overhead, max-autotune) every call starts a new graph step: the
     denoising loop never keeps a previous call's raw output, so its memory may be reused."""
@@ -57,6 +70,7 @@ class EagerFallback:
         self.what = what
         self._on_event = on_event
         self._cudagraphs = cudagraphs
+        self._ran = False  # a compiled call has completed
         self.fell_back = False
 
     def __call__(self, *args, **kwargs):
@@ -65,15 +79,27 @@ class EagerFallback:
         try:
             if self._cudagraphs:
                 torch.compiler.cudagraph_mark_step_begin()
-            return self._active(*args, **kwargs)
-        except Exception as exc:  # any compiler failure: keep generating, eagerly
-            if isinstance(exc, torch.OutOfMemoryError):
+            out = self._active(*args, **kwargs)
+        except Exception as exc:
+            if isinstance(exc, torch.OutOfMemoryError) or (self._ran and not _compile_error(exc)):
                 raise
-            self.fell_back = True
-            reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-            message = (f"torch.compile of the {self.what} failed ({type(exc).__name__}: "
-                       f"{reason}); running it eagerly")
-            log.warning(message)
-            self._on_event(Warning(message))
+            self._fall_back(exc)
             return self._eager(*args, **kwargs)
+        self._ran = True
+        return out
 
+    def _fall_back(self, exc: Exception) -> None:
+        self.fell_back = True
+        message = (f"torch.compile of the {self.what} failed ({_describe(exc)}); running it "
+                   "eagerly")
+        log.warning(message)
+        self._on_event(Warning(message))
+
+
+def _describe(exc: Exception) -> str:
+    """'Type: first line', with the backend's own error for dynamo's BackendCompilerFailed
+    (whose first line only says "backend='inductor' raised:")."""
+    text = str(exc).strip()
+    described = f"{type(exc).__name__}: {text.splitlines()[0][:300] if text else ''}"
+    inner = getattr(exc, "inner_exception", None)
+    return f"{described} {_describe(inner)}" if isinstance(inner, Exception) else described
