@@ -26,3 +26,31 @@ def tiny_settings(*overrides: str, preset: str = "tiny"):
 def set_flags(assignments: Iterable[str]) -> list[str]:
     """`--set KEY=VALUE` for each assignment: settings overrides as command-line arguments."""
     return [arg for assignment in assignments for arg in ("--set", assignment)]
+
+
+def pipeline_latents(engine, prompts: list[str], seed: int, **call):
+    """diffusers' StableDiffusionPipeline on `engine`'s own components and sampler: the final
+    latents for `prompts`, image k drawn from a CPU generator seeded `seed + k` as the engine
+    does. Size, steps, guidance and images per prompt default to the engine's settings; `call`
+    overrides them or adds pipeline arguments (`timesteps=[...]`)."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from sdaccel.engine.samplers import build_scheduler
+
+    s, parts = engine.settings, engine.components
+    pipe = StableDiffusionPipeline(
+        vae=engine.vae, text_encoder=engine.text_encoder, tokenizer=parts.tokenizer,
+        unet=engine.unet, scheduler=build_scheduler(s.sampler.name, parts.scheduler_config),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    options = {"height": s.generation.height, "width": s.generation.width,
+               "guidance_scale": s.generation.guidance_scale,
+               "num_images_per_prompt": s.generation.num_images_per_prompt, **call}
+    if "timesteps" not in options:
+        options.setdefault("num_inference_steps", s.sampler.steps)
+    generators = [torch.Generator("cpu").manual_seed(seed + k)
+                  for k in range(len(prompts) * options["num_images_per_prompt"])]
+    return pipe(prompts, negative_prompt=[""] * len(prompts), generator=generators,
+                output_type="latent", **options).images

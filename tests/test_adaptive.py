@@ -1,9 +1,11 @@
 """Adaptive steps: sound re-planning, the seed's decision rule, batches, honest NFE."""
 
+import diffusers
 import pytest
 import torch
-from helpers import tiny_settings
+from helpers import pipeline_latents, tiny_settings
 
+import sdaccel.engine.adaptive as adaptive_module
 from sdaccel.engine.adaptive import (
     decide_total,
     pred_var,
@@ -12,7 +14,8 @@ from sdaccel.engine.adaptive import (
     tail_timesteps,
 )
 from sdaccel.engine.engine import Engine
-from sdaccel.engine.samplers import REPLANNABLE
+from sdaccel.engine.models import arch_dir
+from sdaccel.engine.samplers import REPLANNABLE, SAMPLER_NAMES, build_scheduler
 from sdaccel.errors import ConfigError
 from sdaccel.events import PlanDecided
 
@@ -40,9 +43,37 @@ def test_replan_with_the_old_tail_is_bit_identical(sampler, height, width, seed)
         assert torch.equal(a.latents, b.latents)
 
 
-def test_min_steps_when_certain():
-    results = Engine(adaptive(low=10, high=20)).generate(["a"])
+# dpm_solver++ on the 9-step plan (max_steps) of the tiny model's scheduler config.
+PLAN_9 = [999, 888, 777, 666, 555, 444, 333, 222, 111]
+
+
+def test_min_steps_when_certain(unet_calls):
+    engine = Engine(adaptive(low=10, high=20))
+    calls = unet_calls(engine)
+    results = engine.generate(["a"])
     assert results[0].steps == 4 and results[0].plan.total_steps == 4
+    # The warm-up's 3 steps of the 9-step plan, then the one step left at its final timestep.
+    assert [c.timestep for c in calls] == [999, 888, 777, 111]
+
+
+@pytest.mark.parametrize(("score", "timesteps"), [
+    (0.0, [999, 888, 777, 111]),  # min_steps
+    (0.16, [999, 888, 777, 555, 333, 111]),  # 6 of 9: 3 steps evenly spread below 777 to 111
+    (1.0, PLAN_9),  # max_steps: the plan as it was
+])
+def test_a_shortened_plan_runs_its_timesteps_as_diffusers_would(monkeypatch, unet_calls, score,
+                                                                 timesteps):
+    """The re-planned run visits exactly the warm-up's timesteps and then the new tail, and draws
+    what diffusers draws when given that timestep list from the start."""
+    monkeypatch.setattr(adaptive_module, "pred_var",
+                        lambda history: torch.full((history[0].shape[0],), score))
+    engine = Engine(adaptive())
+    calls = unet_calls(engine)
+    result = engine.generate(["a red circle"], seed=3)[0]
+    assert [c.timestep for c in calls] == timesteps
+    assert result.steps == result.plan.total_steps == len(timesteps)
+    theirs = pipeline_latents(engine, ["a red circle"], seed=3, timesteps=timesteps)
+    assert (result.latents - theirs[0]).abs().max().item() <= 1e-4
 
 
 def test_warmup_equal_to_min_steps_finishes_in_warmup():
@@ -74,27 +105,22 @@ def test_pred_var_is_zero_when_the_prediction_stops_moving():
     assert (moving > 0).all()
 
 
-def test_batch_images_get_their_own_plans_and_honest_nfe(monkeypatch):
+def test_batch_images_get_their_own_plans_and_honest_nfe(monkeypatch, unet_calls):
     """Two images deciding different totals: each keeps its own steps and file-name steps,
     and the UNet work adds up to exactly the reported NFE."""
-    import sdaccel.engine.adaptive as adaptive_module
-
     monkeypatch.setattr(adaptive_module, "pred_var",
                         lambda history: torch.tensor([0.0, 1.0][: history[0].shape[0]]))
     events = []
     engine = Engine(adaptive("generation.num_images_per_prompt=2"), on_event=events.append)
-    images_per_call = []
     real_unet = engine._unet_forward
-
-    def counting_unet(sample, *args, **kwargs):
-        images_per_call.append(sample.shape[0])
-        return real_unet(sample, *args, **kwargs)
-
-    engine._unet_forward = counting_unet
+    calls = unet_calls(engine)
     results = engine.generate(["a red circle"], seed=3)
     assert [r.steps for r in results] == [4, 9]
     assert [r.nfe for r in results] == [8, 18]  # guided: two evaluations per step
-    assert sum(images_per_call) == sum(r.nfe for r in results)
+    assert sum(c.rows for c in calls) == sum(r.nfe for r in results)
+    # The warm-up together (2 images, guided: 4 rows), then each group on its own timesteps.
+    assert [(c.rows, c.timestep) for c in calls] == [
+        (4, 999), (4, 888), (4, 777), (2, 111), *((2, t) for t in PLAN_9[3:])]
     plans = [e for e in events if isinstance(e, PlanDecided)]
     assert [(p.seed, p.total_steps, p.warmup_steps) for p in plans] == [(3, 4, 3), (4, 9, 3)]
 
@@ -104,7 +130,7 @@ def test_batch_images_get_their_own_plans_and_honest_nfe(monkeypatch):
     engine._unet_forward = real_unet
     alone = engine.generate(["a red circle"], seed=4)[0]
     assert alone.steps == 9
-    assert torch.allclose(alone.latents, results[1].latents, rtol=1e-4, atol=1e-4)
+    assert (alone.latents - results[1].latents).abs().max().item() <= 1e-4
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "euler_a"])
@@ -123,14 +149,36 @@ def test_solver_error_estimator_runs():
 def test_estimators_stay_finite_on_a_zero_terminal_snr_schedule(scheduler_name):
     """A model trained with `rescale_betas_zero_snr`: alpha_bar(999) = 0 (DDPM) or 2**-24
     (DPM-Solver). At t=999 the model's v is -x0, and the solver-error score must stay finite."""
-    import diffusers
-
     scheduler = getattr(diffusers, scheduler_name)(
         beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
         rescale_betas_zero_snr=True, prediction_type="v_prediction", timestep_spacing="trailing")
     sample, v = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
     x0_first = predicted_x0(scheduler, sample, v, 999)
-    assert torch.allclose(x0_first, -v, atol=1e-3)
+    # x0 = alpha * sample - sigma * v with alpha_bar floored at 2**-24: alpha = 2**-12 and
+    # 1 - sigma ~ 2**-25, so x0 + v = 2**-12 * sample up to float32 rounding of both products.
+    assert ((x0_first + v).abs() <= 2**-12 * sample.abs() + 2**-22 * v.abs()).all()
+    assert not torch.equal(x0_first, -v)  # the sample's small share is there
     x0_next = predicted_x0(scheduler, sample, torch.randn_like(v), 949)
     score = solver_error([x0_first, x0_next], scheduler, [999, 949], 899)
     assert torch.isfinite(score).all() and (score > 0).all()
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("sampler", SAMPLER_NAMES)
+def test_predicted_x0_is_the_schedulers_own(sampler, prediction):
+    """predicted_x0 (the estimators' and step skipping's x0) against the x0 each diffusers
+    scheduler computes itself: step()'s pred_original_sample, DPM-Solver++'s converted output."""
+    config = diffusers.DDPMScheduler.load_config(arch_dir("tiny") / "scheduler")
+    scheduler = build_scheduler(sampler, {**config, "prediction_type": prediction})
+    scheduler.set_timesteps(10)
+    sample, output = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    for t in scheduler.timesteps[[1, 5, 9]]:
+        ours = predicted_x0(scheduler, sample, output, t)
+        scheduler._step_index = None  # the scheduler finds t's index in its plan
+        if isinstance(scheduler, diffusers.DPMSolverMultistepScheduler):
+            scheduler._init_step_index(t)
+            theirs = scheduler.convert_model_output(output, sample=sample)
+        else:
+            theirs = scheduler.step(output, t, sample, generator=torch.Generator().manual_seed(0),
+                                    return_dict=True).pred_original_sample
+        assert torch.allclose(ours, theirs, rtol=1e-5, atol=1e-5), (sampler, float(t))
