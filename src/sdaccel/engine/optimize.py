@@ -119,6 +119,15 @@ def check_attention(name: str, device: torch.device, dtype: torch.dtype) -> None
         ) from None
 
 
+# `optimize.<key>` -> the pass and the modules it rewrites, run in this order (after SDPA
+# attention). Adding a module pass: its function above, one entry here, one OptimizeSettings key.
+MODULE_PASSES: dict[str, tuple[Callable[[torch.nn.Module], torch.nn.Module], tuple[str, ...]]] = {
+    "fuse_qkv": (fuse_qkv, ("unet", "vae")),
+    "channels_last": (channels_last, ("unet", "vae")),
+    "vae_tiling": (vae_tiling, ("vae",)),
+}
+
+
 def apply_passes(unet: torch.nn.Module, vae: torch.nn.Module, settings: Settings,
                  device: torch.device, on_event: EventHandler = ignore) -> list[str]:
     """Run the module passes `settings.optimize` switches on (in place); return their names.
@@ -131,17 +140,12 @@ def apply_passes(unet: torch.nn.Module, vae: torch.nn.Module, settings: Settings
     check_attention(options.attention, device, unet.dtype)
     sdpa_attention(unet)
     sdpa_attention(vae)
-    if options.fuse_qkv:
-        fuse_qkv(unet)
-        fuse_qkv(vae)
-        applied.append("fuse_qkv")
-    if options.channels_last:
-        channels_last(unet)
-        channels_last(vae)
-        applied.append("channels_last")
-    if options.vae_tiling:
-        vae_tiling(vae)
-        applied.append("vae_tiling")
+    modules = {"unet": unet, "vae": vae}
+    for key, (apply, targets) in MODULE_PASSES.items():
+        if getattr(options, key):
+            for target in targets:
+                apply(modules[target])
+            applied.append(key)
     if options.attention != "sdpa":
         applied.append(f"attention={options.attention}")
     if options.inductor_flags:
