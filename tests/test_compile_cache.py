@@ -112,6 +112,25 @@ def test_device_auto_on_a_cuda_machine_records_the_gpu(cache, monkeypatch):
     assert events == []
 
 
+def test_a_full_disk_while_storing_an_entry_is_one_error_and_leaves_nothing(cache, monkeypatch):
+    import errno
+
+    from sdaccel.errors import OutputError
+
+    monkeypatch.setattr(torch.compiler, "save_cache_artifacts",
+                        lambda: (b"artifacts", SimpleNamespace(fx_graph_artifacts=[1])))
+
+    def disk_full(self, text, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    settings = tiny_settings(*COMPILED)
+    with pytest.raises(OutputError, match=r"^cannot write .*: No space left on device$") as error:
+        cc.save_entry(settings, "tiny", 1, 1.0)
+    assert cc.entry_key(settings, 1) in str(error.value)
+    assert list(cc.compile_dir().iterdir()) == []  # no staging folder left behind
+
+
 def test_the_engine_never_imports_the_compile_cache():
     """The cache sits above the engine: no module of the engine imports it, even in a function."""
     engine_dir = Path(cc.__file__).parent / "engine"

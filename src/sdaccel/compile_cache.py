@@ -36,7 +36,7 @@ import torch
 
 from sdaccel.engine.engine import Engine
 from sdaccel.engine.precision import resolve_device
-from sdaccel.errors import ConfigError, SdaccelError
+from sdaccel.errors import ConfigError, SdaccelError, writing
 from sdaccel.events import EventHandler, Warning, ignore
 from sdaccel.settings import Settings
 
@@ -201,7 +201,6 @@ def save_entry(settings: Settings, preset: str, batch: int, cold_seconds: float,
     data, info = saved
     key = entry_key(settings, batch)
     root = compile_dir(environ)
-    root.mkdir(parents=True, exist_ok=True)
     meta = {
         "key": key, "preset": preset, "graph_hash": graph_hash(settings),
         "graph_settings": graph_settings(settings),
@@ -211,15 +210,20 @@ def save_entry(settings: Settings, preset: str, batch: int, cold_seconds: float,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "artifacts": {kind: len(items) for kind, items in _info_items(info)},
     }
-    staging = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root))
-    (staging / ARTIFACTS).write_bytes(data)
-    if kernels_from is not None:
-        meta["kernel_files"] = _bundle_kernels(kernels_from, staging / KERNELS)
-    (staging / META).write_text(json.dumps(meta, indent=2))
     final = root / key
-    if final.exists():
-        shutil.rmtree(final)
-    staging.rename(final)
+    with writing(final):  # a full disk: one line naming the entry, and no half-written entry
+        root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root))
+        try:
+            (staging / ARTIFACTS).write_bytes(data)
+            if kernels_from is not None:
+                meta["kernel_files"] = _bundle_kernels(kernels_from, staging / KERNELS)
+            (staging / META).write_text(json.dumps(meta, indent=2))
+            if final.exists():
+                shutil.rmtree(final)
+            staging.rename(final)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return CacheEntry(key, final, meta)
 
 
