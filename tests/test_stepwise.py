@@ -73,34 +73,10 @@ def test_per_step_with_nothing_to_save_is_the_plain_run_bit_for_bit(sampler):
 # --------------------------------------------------------------------------- decisions
 
 
-class RowCounter:
-    """The UNet, wrapped to record the batch of every call (full or shallow)."""
-
-    def __init__(self, engine):
-        self.rows: list[int] = []
-        unet_forward, layered = engine._unet_forward, engine.layered
-
-        def plain(x, *args, **kwargs):
-            self.rows.append(x.shape[0])
-            return unet_forward(x, *args, **kwargs)
-
-        engine._unet_forward = plain
-        if layered is not None:
-            full, shallow = layered.full, layered.shallow
-
-            def counted(fn):
-                def call(x, *args, **kwargs):
-                    self.rows.append(x.shape[0])
-                    return fn(x, *args, **kwargs)
-                return call
-
-            layered.full, layered.shallow = counted(full), counted(shallow)
-
-
-def test_skips_follow_their_rules_and_rows_decide_alone():
+def test_skips_follow_their_rules_and_rows_decide_alone(unet_calls):
     engine = Engine(bundled(*PER_STEP, "adaptive.warmup_steps=3", "adaptive.skip.threshold=0.05",
                             "adaptive.skip.max_consecutive=2", "adaptive.skip.final_steps=2"))
-    counter = RowCounter(engine)
+    calls = unet_calls(engine)
     results = engine.generate(PROMPTS + ["a small yellow triangle in the top left"], seed=7)
     codes = [r.decisions for r in results]
     assert all(len(c) == 20 and c[:3] == "FFF" and c[-2:] == "FF" for c in codes)
@@ -108,7 +84,7 @@ def test_skips_follow_their_rules_and_rows_decide_alone():
     # Skipped steps cost nothing; the UNet saw exactly the rows that were evaluated.
     for r in results:
         assert r.cost == r.decisions.count("F") and r.nfe == 2 * r.decisions.count("F")
-    assert sum(counter.rows) == sum(r.nfe for r in results)
+    assert sum(c.rows for c in calls) == sum(r.nfe for r in results)
     assert len({c for c in codes}) > 1, "rows of a batch decide on their own"
     # Skipping 2 in a row still draws the same picture: the fill is the solver's own step.
     plain = Engine(bundled()).generate(PROMPTS + ["a small yellow triangle in the top left"],
