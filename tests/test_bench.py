@@ -11,7 +11,7 @@ import re
 
 import pytest
 from diffusers import StableDiffusionPipeline
-from helpers import TINY, tiny_settings
+from helpers import TINY, set_flags, tiny_settings
 from typer.testing import CliRunner
 
 from sdaccel import bench, gpu_stats
@@ -161,14 +161,22 @@ def test_reduced_precision_drifts_measurably_and_is_flagged():
     assert b.load_memory_bytes < a.load_memory_bytes  # half-size UNet and VAE weights
     assert b.psnr_db < a.psnr_db and b.ssim <= a.ssim
     assert b.drift == (b.psnr_min_db < bench.MIN_PSNR_DB or b.ssim_min < bench.MIN_SSIM)
-    strict = bench.benchmark([("bf16", bf16)], PROMPTS[:1], iters=1, warmup=0, min_psnr=200.0,
-                             also_baselines=["bf16"])
-    assert strict.row("bf16").drift
-    # diffusers itself in bf16, against the fp32 baseline: a row of its own, also below 200 dB.
+    # min_psnr is the line drift is judged by: one between fp32's and bf16's worst image (same
+    # prompts and seeds, so the same images) flags bf16 and only bf16. PSNR is capped at
+    # PSNR_CAP_DB, so the line must lie below the cap to mean anything.
+    assert b.psnr_min_db + 1.0 < a.psnr_min_db <= bench.PSNR_CAP_DB
+    line = (a.psnr_min_db + b.psnr_min_db) / 2
+    strict = bench.benchmark([("fp32", fp32), ("bf16", bf16)], PROMPTS[:1], iters=2, warmup=0,
+                             min_psnr=line, also_baselines=["bf16"])
+    assert strict.min_psnr == line
+    assert strict.row("bf16").psnr_min_db == b.psnr_min_db and strict.row("bf16").drift
+    assert strict.row("fp32").psnr_min_db == a.psnr_min_db and not strict.row("fp32").drift
+    # diffusers itself in bf16, against the fp32 baseline: a row of its own, judged by the line.
     other = strict.row("diffusers bf16")
     assert (other.kind, other.baseline, other.precision) == ("baseline", "diffusers fp32",
                                                              "bf16 (all)")
-    assert other.psnr_db < bench.PSNR_CAP_DB and other.drift
+    assert other.psnr_db < bench.PSNR_CAP_DB
+    assert other.drift == (other.psnr_min_db < line or other.ssim_min < bench.MIN_SSIM)
 
 
 def test_each_sampler_and_step_count_gets_its_own_baseline():
@@ -204,7 +212,7 @@ def test_config_specs_resolve_like_the_seed(tmp_path):
 def test_cli_outputs_table_json_csv_and_plot(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("# one per line\na red circle\n\n")
-    args = ["bench", *sum((["--set", s] for s in TINY), []), "--steps", "2", "--iters", "2",
+    args = ["bench", *set_flags(TINY), "--steps", "2", "--iters", "2",
             "--warmup", "0", "--prompts", str(prompts), "-p", "tiny", "-p",
             "sd15_fp32_ddpm50"]
     # The second preset is SD 1.5 on CUDA in its file: shorthand flags and --set apply to
@@ -330,7 +338,7 @@ def test_tomesd_peer_row(peers_report):
 
 def test_cli_peer_with_its_own_parameters():
     pytest.importorskip("DeepCache")
-    result = runner.invoke(app, ["bench", *sum((["--set", s] for s in TINY), []), "--iters",
+    result = runner.invoke(app, ["bench", *set_flags(TINY), "--iters",
                                  "1", "--warmup", "0", "--peer", "deepcache:cache_interval=2",
                                  "--json"])
     assert result.exit_code == 0, result.output
@@ -363,7 +371,7 @@ def test_a_missing_peer_package_is_named_before_anything_runs(monkeypatch):
         return real(name, *args)
 
     monkeypatch.setattr(importlib, "import_module", without_tomesd)
-    result = runner.invoke(app, ["bench", *sum((["--set", s] for s in TINY), []), "--peer",
+    result = runner.invoke(app, ["bench", *set_flags(TINY), "--peer",
                                  "tomesd"])
     assert result.exit_code == 1
     assert result.stderr.strip() == (
@@ -382,7 +390,7 @@ def test_a_peer_that_fails_on_this_diffusers_is_named_in_one_line(monkeypatch):
     monkeypatch.setitem(peers.PEERS, "deepcache",
                         peers.Peer("deepcache", "DeepCache", "json", {"cache_interval": 3},
                                    ("cache_interval",), broken))
-    result = runner.invoke(app, ["bench", *sum((["--set", s] for s in TINY), []), "--peer",
+    result = runner.invoke(app, ["bench", *set_flags(TINY), "--peer",
                                  "deepcache", "--iters", "1", "--warmup", "0"])
     assert result.exit_code == 1
     lines = [line for line in result.stderr.splitlines() if line.startswith("Error")]
