@@ -124,16 +124,56 @@ def test_caption_labels_name_every_stated_attribute():
     assert labels[1] == [1, colour("green"), dataset.SHAPES.index("star"), 0, 0, 0, 0]
 
 
-def test_smoke_training_runs_end_to_end(tmp_path):
+@pytest.mark.slow
+def test_smoke_training_runs_end_to_end_and_learns(tmp_path):
+    """The --smoke run with a text-encoder stage long enough to learn something (40 steps of 8
+    captions instead of 2): every stage runs, saves and reloads, and the text encoder reads the
+    colour and shape back from held-out captions it never saw far above chance (1/6 and 1/4;
+    measured over seeds 0-2: colour 0.72-0.81, shape 0.64-0.69; 2 steps: 0.14-0.19, 0.22-0.33)."""
+    import dataclasses
+
     from sdaccel.shapes import train
 
-    report = train.main(["--smoke", "--out", str(tmp_path / "m")])
+    cfg = dataclasses.replace(train._parse(["--smoke", "--out", str(tmp_path / "m")]),
+                              text_steps=40)
+    report = train.run(cfg)
     assert report["check_image_size"] == [dataset.IMAGE_SIZE, dataset.IMAGE_SIZE]
-    # the VAE's ceiling (judge on its reconstructions) is measured and reported with every run
-    assert 0.0 <= report["vae"]["held_out_judge_on_reconstructions"]["aligned"] <= 1.0
-    assert set(report["text_encoder"]["held_out_attributes_read_back"]) >= {"position", "colour"}
+    read_back = report["text_encoder"]["held_out_attributes_read_back"]
+    assert read_back["colour"] >= 0.5 and read_back["shape"] >= 0.45, read_back
+    # the VAE's ceiling (judge on its reconstructions) is reported with every run; that it
+    # measures the ceiling: test_vae_check_measures_what_the_vae_can_draw
+    ceiling = report["vae"]["held_out_judge_on_reconstructions"]
+    assert ceiling["n"] == 108 and {"aligned", "colour", "shape", "count"} <= set(ceiling)
     assert (tmp_path / "m" / "model_index.json").exists()
     assert (tmp_path / "m" / "unet" / "diffusion_pytorch_model.safetensors").exists()
+
+
+def test_vae_check_measures_what_the_vae_can_draw():
+    """A VAE that gives its input back scores the judge's own accuracy (>= 0.98, as on real
+    images); one that draws nothing scores 0: the ceiling is read from the reconstructions."""
+    import math
+    from types import SimpleNamespace
+
+    import torch
+
+    from sdaccel.shapes import train
+
+    class Perfect:
+        def encode(self, x):
+            return SimpleNamespace(latent_dist=SimpleNamespace(mean=x))
+
+        def decode(self, z):
+            return SimpleNamespace(sample=z)
+
+    class Blank(Perfect):
+        def decode(self, z):
+            return SimpleNamespace(sample=torch.zeros_like(z))  # flat grey
+
+    perfect, blank = train.vae_check(Perfect()), train.vae_check(Blank())
+    assert perfect["held_out_judge_on_reconstructions"]["aligned"] >= 0.98, perfect
+    assert math.isinf(perfect["held_out_psnr_db"])
+    assert blank["held_out_judge_on_reconstructions"]["aligned"] == 0.0, blank
+    assert blank["held_out_psnr_db"] < 15
 
 
 @pytest.mark.skipif(
