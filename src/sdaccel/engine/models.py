@@ -111,10 +111,20 @@ def load_components(ref: str, device: str = "cpu") -> Components:
 
 def _not_found_message(ref: str, model: ModelRef, exc: Exception) -> str:
     if model.kind == "hub":
+        revision = f" --revision {model.revision}" if model.revision else ""
         return (
             f"model {ref!r} is not in the local Hugging Face cache and cannot be downloaded "
             "here (offline or unreachable); download it once where the hub is reachable "
-            f"(`hf download {model.location}`), or pass a local folder with --model"
+            f"(`hf download {model.location}{revision}`), or pass a local folder with --model"
+        )
+    if model.kind == "single_file" and isinstance(exc, FileNotFoundError):
+        # The file exists (parse_model_ref checked): what is missing is the base model's
+        # configs, which diffusers' from_single_file converts the checkpoint with.
+        return (
+            f"model {ref!r}: a single-file checkpoint is converted with its base model's "
+            "configs from the Hugging Face hub, which are not in the local cache and cannot be "
+            "downloaded here (offline or unreachable); load it once where the hub is "
+            "reachable, or pass a diffusers folder with --model"
         )
     first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return f"model {ref!r} could not be loaded: {first_line}"
