@@ -3,6 +3,7 @@ UNet-call counter. Shared values and functions are in helpers.py."""
 
 import os
 import random
+import sys
 from typing import NamedTuple
 
 # Tests never reach the network.
@@ -32,6 +33,15 @@ def _seeded():
     torch.manual_seed(0)
     random.seed(0)
     np.random.seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _no_compiled_graphs_left_behind():
+    """What one test compiled must not serve the next: dynamo reuses a compiled UNet forward for
+    any UNet of the same shape in the process, so a later cold compile would compile nothing."""
+    yield
+    if "torch._dynamo" in sys.modules:
+        torch._dynamo.reset()
 
 
 class UNetCall(NamedTuple):
