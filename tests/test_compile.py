@@ -1,12 +1,15 @@
-"""torch.compile in the engine: a failed compile falls back to eager visibly, and a real
-compile gives the eager image and compiles once for any prompt and seed."""
+"""torch.compile in the engine: only a failed compile falls back to eager, visibly; a runtime
+error after it propagates; a real compile gives the eager image and compiles once for any prompt
+and seed."""
 
 import pytest
 import torch
 from helpers import tiny_settings
 
+from sdaccel.engine.compile import compile_callable
 from sdaccel.engine.engine import Engine
 from sdaccel.events import Warning
+from sdaccel.settings import CompileSettings
 
 
 def test_compile_failure_falls_back_to_eager_with_a_warning(monkeypatch):
@@ -17,15 +20,73 @@ def test_compile_failure_falls_back_to_eager_with_a_warning(monkeypatch):
 
     monkeypatch.setattr(torch, "compile", broken_compile)
     events = []
-    compiled = Engine(tiny_settings("compile.enabled=true", "compile.compile_vae=true"),
-                      on_event=events.append)
-    eager = Engine(tiny_settings())
-    result = compiled.generate(["a red circle"])[0]
+    engine = Engine(tiny_settings("compile.enabled=true", "compile.compile_vae=true"),
+                    on_event=events.append)
+    assert not engine.compile_fell_back and engine.compile_fallbacks == ()
+    result = engine.generate(["a red circle"])[0]
+    assert engine.compile_fell_back and engine.compile_fallbacks == ("UNet", "VAE decode")
     warnings = [e.message for e in events if isinstance(e, Warning)]
-    assert any("UNet failed (RuntimeError: inductor exploded); running it eagerly" in w
-               for w in warnings)
-    assert any("VAE decode failed" in w for w in warnings)
-    assert torch.equal(result.latents, eager.generate(["a red circle"])[0].latents)
+    assert warnings == [
+        "torch.compile of the UNet failed (RuntimeError: inductor exploded); running it eagerly",
+        "torch.compile of the VAE decode failed (RuntimeError: inductor exploded); running it "
+        "eagerly"]
+    assert torch.equal(result.latents, Engine(tiny_settings()).generate(["a red circle"])[0]
+                       .latents)
+
+
+def test_a_runtime_error_after_a_successful_compile_propagates(monkeypatch):
+    def flaky_compile(fn, **_options):
+        calls = []
+
+        def compiled(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 2:
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+            return fn(*args, **kwargs)
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", flaky_compile)
+    events = []
+    engine = Engine(tiny_settings("compile.enabled=true"), on_event=events.append)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        engine.generate(["a red circle"])
+    assert not engine.compile_fell_back
+    assert not [e for e in events if isinstance(e, Warning)]
+
+
+def test_a_failed_recompile_on_a_later_call_falls_back(monkeypatch):
+    """A later call that compiles again (a new shape) and fails there is still a compile."""
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    def recompile_fails(fn, **_options):
+        def compiled(x):
+            if x.shape[0] > 1:
+                raise BackendCompilerFailed(fn, RuntimeError("C++ compile error"), None)
+            return fn(x)
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", recompile_fails)
+    events = []
+    call = compile_callable(lambda x: x + 1, CompileSettings(mode="default"), "UNet",
+                            events.append)
+    assert call(torch.zeros(1)).tolist() == [1.0]
+    assert call(torch.zeros(2)).tolist() == [1.0, 1.0] and call.fell_back
+    assert len(events) == 1 and "C++ compile error" in events[0].message
+    assert call(torch.zeros(1)).tolist() == [1.0]  # eager from then on
+
+
+def test_out_of_memory_while_compiling_propagates(monkeypatch):
+    def out_of_memory(fn, **_options):
+        def compiled(*_args):
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", out_of_memory)
+    events = []
+    call = compile_callable(lambda x: x, CompileSettings(mode="default"), "UNet", events.append)
+    with pytest.raises(torch.OutOfMemoryError):
+        call(torch.zeros(1))
+    assert not call.fell_back and events == []
 
 
 @pytest.mark.slow

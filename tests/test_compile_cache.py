@@ -1,6 +1,5 @@
 """compile-cache: where entries live, what identifies them, mismatches skipped with a warning,
-and (one real CPU compile) a second process that starts from the stored artifacts. Also the
-compile wrapper under it: only a failed compile falls back to eager."""
+and (one real CPU compile) a second process that starts from the stored artifacts."""
 
 import ast
 import json
@@ -18,10 +17,8 @@ from typer.testing import CliRunner
 
 from sdaccel import compile_cache as cc
 from sdaccel.cli import app
-from sdaccel.engine.compile import compile_callable
 from sdaccel.engine.engine import Engine
 from sdaccel.events import Warning
-from sdaccel.settings import CompileSettings
 
 runner = CliRunner()
 COMPILED = ["compile.enabled=true", "compile.mode=default"]
@@ -145,86 +142,6 @@ def test_the_engine_never_imports_the_compile_cache():
             assert not any(n.startswith("sdaccel.compile_cache") for n in names), path.name
 
 
-# --------------------------------------------------------------------------- eager fallback
-
-
-def test_compile_failure_falls_back_to_eager_with_a_warning(monkeypatch):
-    def broken_compile(fn, **_options):
-        def fails(*_args, **_kwargs):
-            raise RuntimeError("inductor exploded")
-        return fails
-
-    monkeypatch.setattr(torch, "compile", broken_compile)
-    events = []
-    engine = Engine(tiny_settings("compile.enabled=true", "compile.compile_vae=true"),
-                    on_event=events.append)
-    assert not engine.compile_fell_back and engine.compile_fallbacks == ()
-    result = engine.generate(["a red circle"])[0]
-    assert engine.compile_fell_back and engine.compile_fallbacks == ("UNet", "VAE decode")
-    warnings = [e.message for e in events if isinstance(e, Warning)]
-    assert warnings == [
-        "torch.compile of the UNet failed (RuntimeError: inductor exploded); running it eagerly",
-        "torch.compile of the VAE decode failed (RuntimeError: inductor exploded); running it "
-        "eagerly"]
-    assert torch.equal(result.latents, Engine(tiny_settings()).generate(["a red circle"])[0]
-                       .latents)
-
-
-def test_a_runtime_error_after_a_successful_compile_propagates(monkeypatch):
-    def flaky_compile(fn, **_options):
-        calls = []
-
-        def compiled(*args, **kwargs):
-            calls.append(1)
-            if len(calls) == 2:
-                raise RuntimeError("CUDA error: an illegal memory access was encountered")
-            return fn(*args, **kwargs)
-        return compiled
-
-    monkeypatch.setattr(torch, "compile", flaky_compile)
-    events = []
-    engine = Engine(tiny_settings("compile.enabled=true"), on_event=events.append)
-    with pytest.raises(RuntimeError, match="illegal memory access"):
-        engine.generate(["a red circle"])
-    assert not engine.compile_fell_back
-    assert not [e for e in events if isinstance(e, Warning)]
-
-
-def test_a_failed_recompile_on_a_later_call_falls_back(monkeypatch):
-    """A later call that compiles again (a new shape) and fails there is still a compile."""
-    from torch._dynamo.exc import BackendCompilerFailed
-
-    def recompile_fails(fn, **_options):
-        def compiled(x):
-            if x.shape[0] > 1:
-                raise BackendCompilerFailed(fn, RuntimeError("C++ compile error"), None)
-            return fn(x)
-        return compiled
-
-    monkeypatch.setattr(torch, "compile", recompile_fails)
-    events = []
-    call = compile_callable(lambda x: x + 1, CompileSettings(mode="default"), "UNet",
-                            events.append)
-    assert call(torch.zeros(1)).tolist() == [1.0]
-    assert call(torch.zeros(2)).tolist() == [1.0, 1.0] and call.fell_back
-    assert len(events) == 1 and "C++ compile error" in events[0].message
-    assert call(torch.zeros(1)).tolist() == [1.0]  # eager from then on
-
-
-def test_out_of_memory_while_compiling_propagates(monkeypatch):
-    def out_of_memory(fn, **_options):
-        def compiled(*_args):
-            raise torch.OutOfMemoryError("CUDA out of memory")
-        return compiled
-
-    monkeypatch.setattr(torch, "compile", out_of_memory)
-    events = []
-    call = compile_callable(lambda x: x, CompileSettings(mode="default"), "UNet", events.append)
-    with pytest.raises(torch.OutOfMemoryError):
-        call(torch.zeros(1))
-    assert not call.fell_back and events == []
-
-
 def test_list_and_clear(cache):
     empty = runner.invoke(app, ["compile-cache", "list"])
     assert empty.exit_code == 0 and "is empty" in empty.stderr
@@ -285,6 +202,7 @@ SECOND_PROCESS = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_warm_then_a_new_process_starts_from_the_artifacts(cache, tmp_path):
     """One real inductor compile on the CPU (about a minute), then a fresh process with an empty
     torch compile cache of its own: it must load our entry, take only cache hits, and compile

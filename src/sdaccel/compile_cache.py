@@ -360,7 +360,8 @@ def warm(settings: Settings, preset: str, sizes: Sequence[tuple[int, int]], batc
         variant = settings.model_copy(deep=True)
         variant.generation.height, variant.generation.width = height, width
         variant.generation.num_images_per_prompt = batch
-        variant.compile.cache = False  # cold means cold
+        variant.compile.cache = False  # cold means cold: no stored entry, and no graph this
+        torch.compiler.reset()  # process compiled earlier (it would be reused, not recorded)
         with private_inductor_cache() as folder:
             started = time.perf_counter()
             engine = Engine(variant, on_event=on_event)
