@@ -26,7 +26,8 @@ def inspect_config(
 ) -> None:
     """Show the resolved settings as YAML (or --json), each value annotated with its source.
 
-    Layers, lowest first: preset < --config < SDACCEL_* environment < flags < --set.
+    Layers, lowest first: preset < --config < SDACCEL_* environment < flags < --set. Then checks
+    that this machine can run the device and precisions (exit code 4 when it cannot).
     """
     if list_presets:
         _print_presets(as_json)
@@ -34,10 +35,6 @@ def inspect_config(
     from sdaccel.settings import settings_as_dict
 
     resolved = settings.resolve()
-    if not skip_device_check:
-        from sdaccel.engine.precision import device_for
-
-        device_for(resolved.settings)
     values = settings_as_dict(resolved.settings)
     if as_json:
         typer.echo(json.dumps({"preset": resolved.preset, "settings": values,
@@ -45,6 +42,10 @@ def inspect_config(
     else:
         typer.echo(f"# preset: {resolved.preset}")
         typer.echo(annotated_yaml(values, resolved.sources))
+    if not skip_device_check:  # after the settings: a preset for another machine is still shown
+        from sdaccel.engine.precision import device_for
+
+        device_for(resolved.settings)
 
 
 def annotated_yaml(values: dict[str, Any], sources: dict[str, str], prefix: str = "",
