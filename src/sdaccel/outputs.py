@@ -185,7 +185,9 @@ class RunWriter:
         )
         metadata = png_metadata(parameters, {
             "version": __version__, "image": image_info,
-            "settings": {**settings_as_dict(s), "generation": g.model_dump(mode="json")},
+            "settings": {**settings_as_dict(s), "generation": g.model_dump(mode="json"),
+                         # the files in force, each with its token and sha256
+                         "embeddings": [dict(e) for e in result.embeddings]},
         })
         index, path = save_image(self.out_dir, self._next if index is None else index,
                                  result.steps, result.image, metadata, exact=index is not None)

@@ -208,6 +208,39 @@ class IOSettings(_Section):
         return out_dir
 
 
+class PromptSettings(_Section):
+    """How prompt text is read (engine/prompts.py). weighting: AUTOMATIC1111's syntax,
+    (word:1.3), (word) x1.1, [word] /1.1, \\( \\) for literal brackets, BREAK, and prompts
+    beyond the text encoder's window as chained chunks; a prompt without that syntax gives the
+    same embeddings as diffusers. false: the text as diffusers reads it, cut at the window (with
+    a warning)."""
+
+    weighting: bool = True
+
+
+class EmbeddingEntry(_Section):
+    """A textual-inversion embedding (engine/embeddings.py): its file (.pt, .safetensors,
+    .bin, or a diffusers folder), the token prompts use (default: the file's own token in the
+    diffusers format, else the file's stem, as A1111 names it) and, optionally, the file's
+    sha256 (an image's metadata records it; a different file is then an error)."""
+
+    path: Path
+    token: str | None = None
+    sha256: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _a_path_alone(cls, value: Any) -> Any:
+        return {"path": value} if isinstance(value, (str, Path)) else value
+
+    @field_validator("token")
+    @classmethod
+    def _one_word(cls, value: str | None) -> str | None:
+        if value is not None and (not value.strip() or any(c.isspace() for c in value)):
+            raise ValueError(f"a token is one word without spaces, got {value!r}")
+        return value
+
+
 class Settings(BaseSettings):
     """Everything one generation run needs; the seed's YAML schema, key for key."""
 
@@ -227,6 +260,9 @@ class Settings(BaseSettings):
     adaptive: AdaptiveSettings = AdaptiveSettings()
     generation: GenerationSettings = GenerationSettings()
     io: IOSettings = IOSettings()
+    # Not in the seed: prompt syntax and textual-inversion embeddings.
+    prompt: PromptSettings = PromptSettings()
+    embeddings: list[EmbeddingEntry] = []
 
     @field_validator("device")
     @classmethod

@@ -148,4 +148,6 @@ def _flags(values: dict[str, Any]) -> SettingsFlags:
 
 
 def _plain(value: Any) -> Any:
+    if isinstance(value, list | tuple):  # a repeatable flag: not given when empty
+        return [_plain(item) for item in value] or None
     return str(value) if isinstance(value, Path) else value

@@ -58,6 +58,9 @@ SHORTHAND: dict[str, tuple[str, Any]] = {
     "num_images": ("generation.num_images_per_prompt", shorthand(
         int, "--num-images", "-n", help="generation.num_images_per_prompt")),
     "out_dir": ("io.out_dir", shorthand(Path, "--out-dir", "-o", help="io.out_dir")),
+    "embedding": ("embeddings", shorthand(list[Path], "--embedding", help="embeddings: a "
+                                          "textual-inversion file (.pt, .safetensors, .bin or "
+                                          "a diffusers folder); repeatable")),
 }
 
 Json = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout; "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -13,10 +14,12 @@ from sdaccel.engine.adaptive import Planner
 from sdaccel.engine.compile import EagerFallback, compile_callable
 from sdaccel.engine.cost import UNetCost
 from sdaccel.engine.denoise import denoise, step_kwargs
+from sdaccel.engine.embeddings import add_embeddings, expansions, read_embeddings
 from sdaccel.engine.feature_cache import LayeredUNet
 from sdaccel.engine.models import Components, load_components
 from sdaccel.engine.optimize import apply_passes, with_attention
 from sdaccel.engine.precision import DTYPES, cast, device_for
+from sdaccel.engine.prompts import PromptEncoder, plain_text
 from sdaccel.engine.samplers import build_scheduler
 from sdaccel.engine.stepwise import StepPolicy, StepwiseDenoiser
 from sdaccel.errors import ConfigError
@@ -47,6 +50,8 @@ class ImageResult:
     seconds: float  # wall time of its batch divided by the batch size
     generation: GenerationSettings  # the size, guidance and batch it was made with
     plan: PlanDecided | None = None  # the adaptive decision, when adaptive steps are on
+    # The textual-inversion embeddings in force: settings entries with path, token and sha256.
+    embeddings: tuple[dict[str, str], ...] = ()
 
 
 def _nfe(decisions: str, halves: int) -> int:
@@ -66,7 +71,10 @@ class Engine:
         per_step = adaptive.enabled and adaptive.mode == "per_step"
         self.planner = Planner.from_settings(adaptive) if replan else None
         self.policy = StepPolicy.from_settings(adaptive) if per_step else None
+        embedding_files = read_embeddings(settings.embeddings)  # a bad file fails before loading
         self.components = load_components(settings.model_id, device=str(self.device))
+        self.embeddings = add_embeddings(embedding_files, self.components.tokenizer,
+                                         self.components.text_encoder, settings.model_id)
         self._warned: set[str] = set()  # unknown prompt words already reported
         self._prepare(self.components)
 
@@ -78,6 +86,9 @@ class Engine:
         self.vae = cast(parts.vae, s.vae_dtype, self.device).eval()
         self.text_encoder = cast(parts.text_encoder, s.text_encoder_dtype, self.device).eval()
         self.tokenizer = parts.tokenizer
+        self.prompts = PromptEncoder(self.tokenizer, self.text_encoder, self.device,
+                                     DTYPES[s.unet_dtype], s.prompt.weighting,
+                                     expansions(self.embeddings), self.on_event)
         self.unet_dtype = DTYPES[s.unet_dtype]
         self.vae_dtype = DTYPES[s.vae_dtype]
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
@@ -106,7 +117,7 @@ class Engine:
         if self.policy is not None and self.policy.caches:
             self.layered = LayeredUNet(self.unet)
             self.layered.check_level(self.policy.cache_level)
-        self._costs: dict[tuple[int, int], UNetCost] = {}
+        self._costs: dict[tuple[int, ...], UNetCost] = {}
 
     def check_size(self, height: int, width: int) -> None:
         """ConfigError unless this model can generate height x width."""
@@ -194,6 +205,7 @@ class Engine:
                 decisions=out.codes[k], image=images[k],
                 latents=out.latents[k].detach().float().cpu(), seconds=seconds / batch,
                 generation=g, plan=plans[k],
+                embeddings=tuple(e.file.record() for e in self.embeddings),
             )
             for k in range(batch)
         ]
@@ -205,6 +217,11 @@ class Engine:
             return
         from sdaccel.shapes.dataset import unknown_words, vocabulary
 
+        texts = [plain_text(text) for text in texts]  # without weighting syntax
+        if self.embeddings:  # nor the embeddings' tokens, which are known words now
+            names = sorted((e.file.token for e in self.embeddings), key=len, reverse=True)
+            own = re.compile("|".join(rf"{re.escape(n)}(_\d+)?" for n in names), re.I)
+            texts = [own.sub(" ", text) for text in texts]
         new = [w for text in texts for w in unknown_words(text) if w not in self._warned]
         if new:
             self._warned.update(new)
@@ -214,30 +231,27 @@ class Engine:
                 f"{', '.join(vocabulary())}"))
 
     def _shallow_cost(self, latents: torch.Tensor, embeddings: torch.Tensor) -> float:
-        """FLOPs of a shallow call as a fraction of a full one, counted once per size."""
+        """FLOPs of a shallow call as a fraction of a full one, counted once per size and
+        prompt length (chunked prompts make cross-attention longer)."""
         if self.layered is None:
             return 1.0
-        key = tuple(latents.shape[1:])
+        shape, context = tuple(latents.shape[1:]), tuple(embeddings.shape[1:])
+        key = (*shape, *context)
         if key not in self._costs:
-            self._costs[key] = UNetCost(self.unet, self.layered, key,
-                                        tuple(embeddings.shape[1:]), self.unet_dtype)
+            self._costs[key] = UNetCost(self.unet, self.layered, shape, context,
+                                        self.unet_dtype)
         return self._costs[key].fraction(self.policy.cache_level)
 
     def _encode(self, prompts: list[str], negative_prompt: str, per_prompt: int,
                 guided: bool) -> torch.Tensor:
-        """Text embeddings in the UNet's dtype, repeated per image; [uncond; cond] if guided."""
-        cond = self._embed(prompts)
-        if guided:
-            cond = torch.cat([self._embed([negative_prompt] * len(prompts)), cond])
+        """Text embeddings in the UNet's dtype, repeated per image; [uncond; cond] if guided
+        (engine/prompts.py: weights, and long prompts as chunks, which make them longer than
+        the text encoder's window; cond and uncond always of one length)."""
+        cond = self.prompts.encode(prompts, negative_prompt if guided else None)
         return cond.repeat_interleave(per_prompt, dim=0)  # prompt-major, as diffusers
 
     def _embed(self, texts: list[str]) -> torch.Tensor:
-        tokens = self.tokenizer(
-            texts, padding="max_length", max_length=self.tokenizer.model_max_length,
-            truncation=True, return_tensors="pt",
-        )
-        hidden = self.text_encoder(tokens.input_ids.to(self.device))[0]
-        return hidden.to(self.unet_dtype)
+        return self.prompts.encode(texts)
 
     def _initial_latents(self, generators: list[torch.Generator], sigma: float,
                          g: GenerationSettings) -> torch.Tensor:
