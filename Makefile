@@ -13,11 +13,14 @@ export HF_HUB_OFFLINE ?= 1
 
 .PHONY: demo test lint clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[test]"
+# open-clip-torch carries CLIP's BPE merges file (SD 1.5's tokenizer, built offline from it);
+# --no-deps: its torchvision requirement would pull in a second torch.
+	$(BIN)/python -m pip install -q --no-deps open-clip-torch==3.3.0
 	touch $@
 
 demo: $(STAMP)

@@ -22,7 +22,6 @@ import logging
 import os
 import platform
 import shutil
-import sys
 import tarfile
 import tempfile
 import time
@@ -34,6 +33,7 @@ from typing import Any
 
 import torch
 
+from sdaccel.cache_dir import cache_root
 from sdaccel.engine.engine import Engine
 from sdaccel.engine.precision import resolve_device
 from sdaccel.errors import ConfigError, SdaccelError, writing
@@ -42,7 +42,6 @@ from sdaccel.settings import Settings
 
 log = logging.getLogger(__name__)
 
-CACHE_ENV = "SDACCEL_CACHE_DIR"
 META = "meta.json"
 ARTIFACTS = "artifacts.bin"
 # Built kernels (inductor's C++ .so files on the CPU) that torch's artifacts do not carry: without
@@ -54,19 +53,6 @@ DEFAULT_PROMPT = "a red circle on a blue background"
 
 
 # --------------------------------------------------------------------------- cache: identity
-
-
-def cache_root(environ: dict[str, str] | None = None) -> Path:
-    """$SDACCEL_CACHE_DIR, else the platform's per-user cache directory + sdaccel."""
-    env = os.environ if environ is None else environ
-    if env.get(CACHE_ENV):
-        return Path(env[CACHE_ENV]).expanduser()
-    if sys.platform == "win32":
-        base = Path(env.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local")
-        return base / "sdaccel" / "Cache"
-    if sys.platform == "darwin":
-        return Path.home() / "Library" / "Caches" / "sdaccel"
-    return Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sdaccel"
 
 
 def compile_dir(environ: dict[str, str] | None = None) -> Path:

@@ -132,14 +132,14 @@ def _not_found_message(ref: str, model: ModelRef, exc: Exception) -> str:
 
 def _pretrained_components(location: str, revision: str | None, name: str) -> Components:
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel
 
     common: dict[str, Any] = {"revision": revision} if revision else {}
     return Components(
         unet=UNet2DConditionModel.from_pretrained(location, subfolder="unet", **common),
         vae=AutoencoderKL.from_pretrained(location, subfolder="vae", **common),
         text_encoder=CLIPTextModel.from_pretrained(location, subfolder="text_encoder", **common),
-        tokenizer=CLIPTokenizer.from_pretrained(location, subfolder="tokenizer", **common),
+        tokenizer=_tokenizer(location, **common),
         scheduler_config=_scheduler_config(location, subfolder="scheduler", **common),
         name=name,
     )
@@ -149,7 +149,7 @@ def _random_components(arch: str, device: str, name: str) -> Components:
     """The architecture's shipped configs with deterministic random weights (seed 0)."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     folder = arch_dir(arch)
     # Build on the target device (fast for SD 1.5 on a GPU) without disturbing the caller's RNG.
@@ -162,10 +162,22 @@ def _random_components(arch: str, device: str, name: str) -> Components:
         unet=unet,
         vae=vae,
         text_encoder=text_encoder.eval(),
-        tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
+        tokenizer=_tokenizer(folder),
         scheduler_config=_scheduler_config(folder / "scheduler"),
         name=name,
     )
+
+
+def _tokenizer(location, **kwargs):
+    """The model's own tokenizer/; a local folder without one (SD 1.5's configs shipped here, a
+    user's folder) gets CLIP ViT-L/14's, SD 1.5's tokenizer (engine/clip_tokenizer.py)."""
+    from transformers import CLIPTokenizer
+
+    if Path(location).is_dir() and not (Path(location) / "tokenizer").is_dir():
+        from sdaccel.engine.clip_tokenizer import clip_tokenizer
+
+        return clip_tokenizer()
+    return CLIPTokenizer.from_pretrained(location, subfolder="tokenizer", **kwargs)
 
 
 def _scheduler_config(location, **kwargs) -> dict[str, Any]:
