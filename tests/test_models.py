@@ -58,25 +58,6 @@ def test_hub_revision_loads_that_revision_from_the_cache(tmp_path, monkeypatch):
         load_components("org/name@v2")
 
 
-def test_single_file_without_its_base_configs_offline_is_a_clear_error(tmp_path):
-    """diffusers' from_single_file converts an original-layout checkpoint with its base model's
-    configs from the hub; offline and not cached, that is one error naming the file and the
-    way out (offline single-file loading is still to come)."""
-    from safetensors.torch import save_file
-
-    checkpoint = tmp_path / "model.safetensors"
-    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(32, 4, 3, 3),
-               "model.diffusion_model.input_blocks.0.0.bias": torch.zeros(32)}, checkpoint)
-    assert parse_model_ref(str(checkpoint)).kind == "single_file"
-    with pytest.raises(ModelNotFoundError) as info:
-        load_components(str(checkpoint))
-    assert str(info.value) == (
-        f"model {str(checkpoint)!r}: a single-file checkpoint is converted with its base "
-        "model's configs from the Hugging Face hub, which are not in the local cache and cannot "
-        "be downloaded here (offline or unreachable); load it once where the hub is reachable, "
-        "or pass a diffusers folder with --model")
-
-
 @pytest.mark.parametrize(("ref", "message"), [
     ("random:sdxl", "unknown random architecture; valid: random:tiny, random:sd15"),
     ("bundled:nope", "no such bundled model"),

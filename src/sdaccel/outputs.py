@@ -42,15 +42,17 @@ def image_name(index: int, steps: int) -> str:
 def a1111_parameters(
     prompt: str, negative_prompt: str, steps: int, sampler: str, cfg_scale: float, seed: int,
     width: int, height: int, model: str, adaptive: str | None = None,
-    compute: str | None = None,
+    compute: str | None = None, model_hash: str | None = None,
 ) -> str:
     """The 'parameters' text chunk in the layout AUTOMATIC1111's readers parse (extra
-    `Key: value` pairs, like the adaptive decision, are part of that layout)."""
+    `Key: value` pairs, like the adaptive decision, are part of that layout). `model_hash`: a
+    single-file model's A1111 hash (Components.model_hash), before `Model:` as A1111 writes it."""
     lines = [prompt]
     if negative_prompt:
         lines.append(f"Negative prompt: {negative_prompt}")
+    hashed = f"Model hash: {model_hash}, " if model_hash else ""
     settings_line = (f"Steps: {steps}, Sampler: {sampler}, CFG scale: {cfg_scale:g}, "
-                     f"Seed: {seed}, Size: {width}x{height}, Model: {model}")
+                     f"Seed: {seed}, Size: {width}x{height}, {hashed}Model: {model}")
     if adaptive:
         settings_line += f", Adaptive steps: {adaptive}"
     if compute:

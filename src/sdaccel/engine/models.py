@@ -4,7 +4,7 @@ A reference is one of:
   random:tiny | random:sd15     the architecture from configs shipped here, random weights (offline)
   bundled:<name>                a trained model shipped inside the package (src/sdaccel/bundled/)
   ./path/to/folder              a diffusers folder (model_index.json, unet/, vae/, ...)
-  ./model.safetensors | .ckpt   a single-file checkpoint (original SD layout)
+  ./model.safetensors | .ckpt   a single-file checkpoint (original SD 1.5 layout; checkpoint.py)
   org/name[@revision]           a Hugging Face hub id (from the local cache when offline)
 Every kind ends as the same `Components`, so the engine never cares where weights came from.
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,17 @@ class Components:
     tokenizer: Any
     scheduler_config: dict[str, Any]
     name: str  # what metadata calls the model
+    source_file: str | None = None  # the single-file checkpoint it was loaded from, if any
+
+    @cached_property
+    def model_hash(self) -> str | None:
+        """A1111's `Model hash` of a single-file model (its sha256, first 10 hex digits, hashed
+        once per file), None for any other model."""
+        if self.source_file is None:
+            return None
+        from sdaccel.engine.checkpoint import model_hash
+
+        return model_hash(self.source_file)
 
 
 @dataclass(frozen=True)
@@ -117,15 +129,6 @@ def _not_found_message(ref: str, model: ModelRef, exc: Exception) -> str:
             "here (offline or unreachable); download it once where the hub is reachable "
             f"(`hf download {model.location}{revision}`), or pass a local folder with --model"
         )
-    if model.kind == "single_file" and isinstance(exc, FileNotFoundError):
-        # The file exists (parse_model_ref checked): what is missing is the base model's
-        # configs, which diffusers' from_single_file converts the checkpoint with.
-        return (
-            f"model {ref!r}: a single-file checkpoint is converted with its base model's "
-            "configs from the Hugging Face hub, which are not in the local cache and cannot be "
-            "downloaded here (offline or unreachable); load it once where the hub is "
-            "reachable, or pass a diffusers folder with --model"
-        )
     first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return f"model {ref!r} could not be loaded: {first_line}"
 
@@ -192,17 +195,35 @@ def _scheduler_config(location, **kwargs) -> dict[str, Any]:
 
 
 def _single_file_components(path: str, name: str) -> Components:
-    """An original-layout SD checkpoint; diffusers converts it, using the hub config from cache."""
-    from diffusers import StableDiffusionPipeline
+    """An original-layout (LDM) checkpoint, converted by diffusers' own single-file loading with
+    configs shipped here (engine/checkpoint.py): SD 1.5's, or for a file written by
+    `checkpoint.save_checkpoint` from bundled:NAME / random:tiny, that model's. Offline."""
+    from sdaccel.engine.checkpoint import BASE_KEY, check_sd15, convert_components, read_checkpoint
 
-    pipe = StableDiffusionPipeline.from_single_file(
-        path, safety_checker=None, requires_safety_checker=False
-    )
+    state, metadata = read_checkpoint(path, ref=name)
+    base = metadata.get(BASE_KEY)
+    if base:  # written here from a model of another architecture: its own configs
+        if not base.startswith(("random:", "bundled:")):
+            raise ModelNotFoundError(f"model {name!r}: its metadata names an unknown base "
+                                     f"model {base!r}")
+        try:
+            base_ref = parse_model_ref(base)
+        except ModelNotFoundError as exc:
+            raise ModelNotFoundError(f"model {name!r} was written from {base}, which is not "
+                                     "installed here") from exc
+        folder = arch_dir(base_ref.location) if base_ref.kind == "random" else \
+            Path(base_ref.location)
+    else:
+        check_sd15(state, name)
+        folder = arch_dir("sd15")
+    unet, vae, text_encoder = convert_components(state, folder, name)
+    del state
     return Components(
-        unet=pipe.unet,
-        vae=pipe.vae,
-        text_encoder=pipe.text_encoder,
-        tokenizer=pipe.tokenizer,
-        scheduler_config=dict(pipe.scheduler.config),
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=_tokenizer(folder),
+        scheduler_config=_scheduler_config(folder / "scheduler"),
         name=name,
+        source_file=path,
     )

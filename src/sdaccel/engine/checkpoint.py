@@ -1,0 +1,397 @@
+"""Single-file checkpoints in the original Stable Diffusion (LDM) layout: read, check, convert,
+write, hash.
+
+Reading is safe: `.safetensors` holds tensors only, and a `.ckpt` (a pickle) is read with
+`torch.load(weights_only=True)`, which refuses any pickle that names a callable; such a file is
+refused before anything in it runs. Conversion is diffusers' own (`from_single_file` of each
+component, `config=` a local diffusers folder: SD 1.5's configs shipped in the package, so
+nothing is fetched). Writing is the inverse of that conversion (`ldm_state_dict`,
+`save_checkpoint`): a model of ours as one LDM-layout file, checked against diffusers'
+conversion before it is written, so every file written here loads back to the same weights.
+
+Key layout (prefixes):  model.diffusion_model.*        the UNet (input_blocks, middle_block, ...)
+                        first_stage_model.*            the VAE (encoder.down.N.block.M, ...)
+                        cond_stage_model.transformer.* the CLIP text encoder (text_model.*)
+SD 2.x has `cond_stage_model.model.*` (OpenCLIP) and 1024-dim cross-attention; SDXL has
+`conditioner.embedders.*`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickletools
+import re
+import tempfile
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from sdaccel.cache_dir import cache_root
+from sdaccel.errors import ModelNotFoundError
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+CLIP_PREFIX = "cond_stage_model.transformer."
+BASE_KEY = "sdaccel.base"  # metadata: the configs a non-SD-1.5 file written here needs
+SUFFIXES = (".safetensors", ".ckpt")
+
+# Keys and shapes that tell SD 1.5 from the rest (diffusers' CHECKPOINT_KEY_NAMES, plus ours).
+SD15_SHAPES = {
+    UNET_PREFIX + "input_blocks.0.0.weight": (320, 4, 3, 3),
+    UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (320, 768),
+    UNET_PREFIX + "output_blocks.11.0.skip_connection.weight": (320, 640, 1, 1),
+    CLIP_PREFIX + "text_model.embeddings.token_embedding.weight": (49408, 768),
+    VAE_PREFIX + "encoder.conv_in.weight": (128, 3, 3, 3),
+}
+ONLY_SD15 = "only Stable Diffusion 1.5 single-file checkpoints load"
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_checkpoint(path: str | Path, ref: str | None = None) -> tuple[dict[str, Any], dict]:
+    """(state dict, metadata) of a `.safetensors` or `.ckpt` file; every failure is one
+    ModelNotFoundError naming the file (`ref`: the name the user gave)."""
+    import torch
+
+    path = Path(path)
+    ref = ref or str(path)
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = dict(handle.metadata() or {})
+                state = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+        except OSError as exc:
+            raise ModelNotFoundError(f"model {ref!r} cannot be read: {exc.strerror or exc}") \
+                from exc
+        except Exception as exc:  # safetensors' SafetensorError: a bad header or short file
+            raise ModelNotFoundError(_corrupt(ref, exc)) from exc
+        return state, metadata
+    try:
+        with warnings.catch_warnings():  # "Detected pickle protocol 4": not the user's concern
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            loaded = torch.load(path, map_location="cpu", weights_only=True,
+                                mmap=zipfile.is_zipfile(path))
+    except OSError as exc:
+        raise ModelNotFoundError(f"model {ref!r} cannot be read: {exc.strerror or exc}") from exc
+    except Exception as exc:  # UnpicklingError (refused or garbled), RuntimeError (bad zip), ...
+        code = _refused_globals(str(exc)) or _unsafe_globals(path)
+        if code:
+            raise ModelNotFoundError(
+                f"model {ref!r} refused: its pickle would run code ({', '.join(code[:3])}); "
+                ".ckpt files are only read weights-only (torch.load(weights_only=True)), "
+                "so nothing in it ran; use a .safetensors copy from a source you trust"
+            ) from exc
+        raise ModelNotFoundError(_corrupt(ref, exc)) from exc
+    metadata: dict[str, Any] = {}
+    while isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
+        if isinstance(loaded.get(BASE_KEY), str):
+            metadata[BASE_KEY] = loaded[BASE_KEY]
+        loaded = loaded["state_dict"]  # Lightning-style {"state_dict": ...}, as diffusers
+    if not isinstance(loaded, dict):
+        raise ModelNotFoundError(f"model {ref!r} is not a checkpoint: it holds a "
+                                 f"{type(loaded).__name__}, not a dict of weights")
+    return {k: v for k, v in loaded.items() if isinstance(v, torch.Tensor)}, metadata
+
+
+def _corrupt(ref: str, exc: Exception) -> str:
+    detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return f"model {ref!r} is truncated or corrupt (not a readable checkpoint): {detail}"
+
+
+def _refused_globals(message: str) -> list[str]:
+    """The callable torch's weights-only unpickler refused, named in its error message."""
+    return re.findall(r"GLOBAL ([\w.]+)", message)
+
+
+_PLAIN_GLOBALS = re.compile(r"^(torch\.|collections\.OrderedDict$|_codecs\.encode$|"
+                            r"builtins\.(set|frozenset|bytearray|complex|slice)$)")
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    """Callables a pickle names beyond torch's tensor rebuilding, read from its opcodes with
+    pickletools (which parses and runs nothing)."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                names = [n for n in archive.namelist() if n.endswith("data.pkl")]
+                data = archive.read(names[0]) if names else b""
+        else:
+            data = path.read_bytes()
+    except (OSError, zipfile.BadZipFile, KeyError):
+        return []
+    if not data.startswith(b"\x80"):  # not a pickle (protocol 2+): a damaged file, not code
+        return []
+    found, strings = [], []
+    try:
+        for opcode, arg, _ in pickletools.genops(data):
+            if opcode.name in ("GLOBAL", "INST"):
+                found.append(str(arg).replace(" ", "."))
+            elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                found.append(f"{strings[-2]}.{strings[-1]}")
+            if isinstance(arg, str):
+                strings.append(arg)
+    except Exception:  # a garbled pickle: what was read so far is what it named
+        pass
+    return [name for name in dict.fromkeys(found) if not _PLAIN_GLOBALS.match(name)]
+
+
+# --------------------------------------------------------------------------- architecture
+
+
+def architecture_problem(state: dict[str, Any]) -> str | None:
+    """None for an SD 1.5 text-to-image checkpoint, else what it is, in words."""
+    if any(k.startswith("conditioner.embedders.") for k in state):
+        return "an SDXL checkpoint (conditioner.embedders.* keys)"
+    attn2 = UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+    v2_key = UNET_PREFIX + "input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight"
+    if (any(k.startswith("cond_stage_model.model.") for k in state)
+            or (v2_key in state and state[v2_key].shape[-1] == 1024)):
+        return ("an SD 2.x checkpoint (OpenCLIP text encoder cond_stage_model.model.*, "
+                "1024-dim cross-attention)")
+    if not any(k.startswith(UNET_PREFIX) for k in state):
+        if any("lora_" in k or ".lora." in k for k in state):
+            return "a LoRA file, not a full checkpoint"
+        if any(k.startswith(("down_blocks.", "unet.", "mid_block.")) for k in state):
+            return ("a diffusers-format state dict, not the original layout "
+                    "(no model.diffusion_model.*)")
+        return "not a Stable Diffusion checkpoint (no UNet weights model.diffusion_model.*)"
+    conv_in = state.get(UNET_PREFIX + "input_blocks.0.0.weight")
+    if conv_in is not None and conv_in.ndim == 4 and conv_in.shape[1] != 4:
+        kind = {9: "an inpainting", 8: "an instruct-pix2pix"}.get(conv_in.shape[1], "a")
+        return (f"{kind} checkpoint ({conv_in.shape[1]} UNet input channels; text-to-image has 4)")
+    if attn2 in state and state[attn2].shape[-1] != 768:
+        return f"not SD 1.5 ({state[attn2].shape[-1]}-dim cross-attention; SD 1.5 has 768)"
+    if not any(k.startswith(VAE_PREFIX) for k in state):
+        return "a UNet without its VAE (no first_stage_model.* keys)"
+    if not any(k.startswith(CLIP_PREFIX) for k in state):
+        return "a checkpoint without its CLIP text encoder (no cond_stage_model.transformer.*)"
+    for key, shape in SD15_SHAPES.items():
+        if key not in state:
+            return f"not SD 1.5 (no {key})"
+        if tuple(state[key].shape) != shape:
+            return f"not SD 1.5 ({key} is {tuple(state[key].shape)}, SD 1.5's is {shape})"
+    return None
+
+
+def check_sd15(state: dict[str, Any], ref: str) -> None:
+    problem = architecture_problem(state)
+    if problem:
+        raise ModelNotFoundError(f"model {ref!r} is {problem}; {ONLY_SD15}")
+
+
+# --------------------------------------------------------------------------- converting
+
+
+def convert_components(state: dict[str, Any], config_dir: str | Path, ref: str):
+    """(unet, vae, text_encoder) in fp32 from an LDM-layout state dict, by diffusers' own
+    single-file conversion with the diffusers configs in `config_dir` (a local folder with
+    unet/, vae/, text_encoder/ configs: nothing is fetched)."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
+    from transformers import CLIPTextModel
+
+    config = str(config_dir)
+    common = {"config": config, "torch_dtype": torch.float32, "local_files_only": True}
+    parts = []
+    for what, load in (
+        ("UNet", lambda: UNet2DConditionModel.from_single_file(state, subfolder="unet", **common)),
+        ("VAE", lambda: AutoencoderKL.from_single_file(state, subfolder="vae", **common)),
+        ("text encoder", lambda: create_diffusers_clip_model_from_ldm(
+            CLIPTextModel, state, subfolder="text_encoder", config=config,
+            torch_dtype=torch.float32, local_files_only=True)),
+    ):
+        try:
+            model = load()
+        except Exception as exc:  # shape mismatches (ValueError), missing parts (diffusers' own)
+            detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ModelNotFoundError(f"model {ref!r}: its {what} does not convert: {detail}") \
+                from exc
+        missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+        if missing:
+            raise ModelNotFoundError(
+                f"model {ref!r}: its {what} lacks {len(missing)} weights (e.g. {missing[0]}); "
+                "the file is incomplete or not of this architecture")
+        parts.append(model.eval())
+    return tuple(parts)
+
+
+# --------------------------------------------------------------------------- writing
+
+_UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0",
+                "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1",
+                "conv_shortcut": "skip_connection"}
+_VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v",
+                  "to_out.0": "proj_out"}
+
+
+def _unet_key(key: str, config: dict[str, Any]) -> str:
+    """A diffusers UNet2DConditionModel key -> its LDM key (without the prefix)."""
+    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
+
+    top = DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"]
+    if key in top:
+        return top[key]
+    per_block = config["layers_per_block"] + 1
+    if m := re.match(r"(down|up)_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
+        side, block, kind, layer, rest = m.groups()
+        index = int(block) * per_block + int(layer) + (1 if side == "down" else 0)
+        blocks = "input_blocks" if side == "down" else "output_blocks"
+        if kind == "resnets":
+            name, _, tail = rest.partition(".")
+            return f"{blocks}.{index}.0.{_UNET_RESNET.get(name, name)}.{tail}"
+        return f"{blocks}.{index}.1.{rest}"
+    if m := re.match(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
+        block, tail = m.groups()
+        return f"input_blocks.{int(block) * per_block + per_block}.0.op.{tail}"
+    if m := re.match(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
+        block, tail = m.groups()
+        index = int(block) * per_block + per_block - 1
+        has_attention = config["up_block_types"][int(block)].startswith("CrossAttn")
+        return f"output_blocks.{index}.{2 if has_attention else 1}.conv.{tail}"
+    if m := re.match(r"mid_block\.(resnets|attentions)\.(\d+)\.(.+)", key):
+        kind, layer, rest = m.groups()
+        if kind == "attentions":
+            return f"middle_block.{2 * int(layer) + 1}.{rest}"
+        name, _, tail = rest.partition(".")
+        return f"middle_block.{2 * int(layer)}.{_UNET_RESNET.get(name, name)}.{tail}"
+    raise ValueError(f"UNet key {key!r} has no place in the LDM layout")
+
+
+def _vae_key(key: str, config: dict[str, Any]) -> str:
+    """A diffusers AutoencoderKL key -> its LDM key (without the prefix)."""
+    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
+
+    top = DIFFUSERS_TO_LDM_MAPPING["vae"]
+    if key in top:
+        return top[key]
+    n_up = len(config["up_block_types"])
+    if m := re.match(r"(encoder\.down|decoder\.up)_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
+        side, block, layer, rest = m.groups()
+        block = int(block) if side == "encoder.down" else n_up - 1 - int(block)
+        return f"{side}.{block}.block.{layer}.{rest.replace('conv_shortcut', 'nin_shortcut')}"
+    if m := re.match(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
+        return f"encoder.down.{m[1]}.downsample.conv.{m[2]}"
+    if m := re.match(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
+        return f"decoder.up.{n_up - 1 - int(m[1])}.upsample.conv.{m[2]}"
+    if m := re.match(r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.(.+)", key):
+        rest = m[3].replace("conv_shortcut", "nin_shortcut")
+        return f"{m[1]}.mid.block_{int(m[2]) + 1}.{rest}"
+    if m := re.match(r"(encoder|decoder)\.mid_block\.attentions\.0\.(.+)\.(weight|bias)$", key):
+        return f"{m[1]}.mid.attn_1.{_VAE_ATTENTION.get(m[2], m[2])}.{m[3]}"
+    raise ValueError(f"VAE key {key!r} has no place in the LDM layout")
+
+
+def ldm_state_dict(unet, vae, text_encoder) -> dict[str, Any]:
+    """The three models' weights in the original SD (LDM) layout, as one state dict: the
+    inverse of diffusers' single-file conversion, checked against it (every tensor converts
+    back to the one it came from)."""
+    import torch
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_clip_checkpoint,
+        convert_ldm_unet_checkpoint,
+        convert_ldm_vae_checkpoint,
+    )
+
+    unet_sd, vae_sd = unet.state_dict(), vae.state_dict()
+    text_sd = {k.removeprefix("text_model."): v for k, v in text_encoder.state_dict().items()}
+    ldm: dict[str, Any] = {}
+    for key, value in unet_sd.items():
+        ldm[UNET_PREFIX + _unet_key(key, unet.config)] = value
+    for key, value in vae_sd.items():
+        ldm_key = VAE_PREFIX + _vae_key(key, vae.config)
+        if ".mid.attn_1." in ldm_key and value.ndim == 2:  # 1x1 convolutions in the LDM VAE
+            value = value[:, :, None, None]
+        ldm[ldm_key] = value
+    for key, value in text_sd.items():
+        ldm[CLIP_PREFIX + "text_model." + key] = value
+    positions = text_encoder.config.max_position_embeddings  # as SD 1.5's files carry them
+    ldm[CLIP_PREFIX + "text_model.embeddings.position_ids"] = torch.arange(positions)[None]
+
+    # diffusers' conversion of what we wrote must give back every tensor, by storage.
+    back = {
+        "UNet": (convert_ldm_unet_checkpoint(ldm, unet.config), unet_sd),
+        "VAE": (convert_ldm_vae_checkpoint(ldm, vae.config), vae_sd),
+        "text encoder": ({k.removeprefix("text_model."): v
+                          for k, v in convert_ldm_clip_checkpoint(ldm).items()
+                          if not k.endswith("position_ids")}, text_sd),
+    }
+    for what, (converted, original) in back.items():
+        wrong = sorted(set(converted) ^ set(original)) or [
+            k for k in original if converted[k].data_ptr() != original[k].data_ptr()
+            or converted[k].shape != original[k].shape]
+        if wrong:
+            raise ValueError(f"the {what} does not convert back through diffusers' single-file "
+                             f"conversion ({len(wrong)} keys, e.g. {wrong[0]})")
+    return ldm
+
+
+def save_checkpoint(components, path: str | Path, dtype=None, base: str | None = None) -> Path:
+    """Write `components` (.unet, .vae, .text_encoder) as one original-layout checkpoint:
+    `.safetensors`, or `.ckpt` (torch.save of {"state_dict": ...}). `dtype` casts the floating
+    weights (torch.float16 for an fp16 file). `base` records which configs a model that is not
+    SD 1.5 loads with (bundled:NAME, random:tiny); by default that of `components.name` when it
+    is one of those, nothing for SD 1.5 (which loads with SD 1.5's configs)."""
+    import torch
+
+    path = Path(path)
+    if path.suffix not in SUFFIXES:
+        raise ValueError(f"{path}: a checkpoint is .safetensors or .ckpt")
+    name = getattr(components, "name", "") or ""
+    if base is None and name.startswith(("bundled:", "random:")) and name != "random:sd15":
+        base = name
+    state = ldm_state_dict(components.unet, components.vae, components.text_encoder)
+    state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v)
+             .detach().cpu().contiguous() for k, v in state.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(state, str(path), metadata={"format": "pt", **({BASE_KEY: base} if base else {})})
+    else:
+        torch.save({"state_dict": state, **({BASE_KEY: base} if base else {})}, path)
+    return path
+
+
+# --------------------------------------------------------------------------- hashing
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of the file, remembered per (path, size, mtime) in <sdaccel cache>/hashes.json so
+    a multi-GB checkpoint is hashed once."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    key = f"{path}|{stat.st_size}|{stat.st_mtime_ns}"
+    store = cache_root() / "hashes.json"
+    try:
+        known = json.loads(store.read_text())
+        if isinstance(known.get(key), str):
+            return known[key]
+    except (OSError, ValueError, AttributeError):
+        known = {}
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    known = known if isinstance(known, dict) else {}
+    known[key] = digest.hexdigest()
+    try:  # remembering is a convenience: a cache that cannot be written changes nothing
+        store.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=store.parent, delete=False,
+                                         suffix=".tmp") as tmp:
+            json.dump(known, tmp)
+        os.replace(tmp.name, store)
+    except OSError:
+        pass
+    return known[key]
+
+
+def model_hash(path: str | Path) -> str:
+    """AUTOMATIC1111's `Model hash` (its "AutoV2"): the file's sha256, first 10 hex digits."""
+    return file_sha256(path)[:10]
