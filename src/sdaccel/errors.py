@@ -25,6 +25,11 @@ class ModelNotFoundError(SdaccelError):
     exit_code = 3
 
 
+class LoraError(ModelNotFoundError):
+    """A LoRA file that cannot be used: missing, unreadable, made for another architecture, or
+    given a weight that is not a number (names the file and what is wrong)."""
+
+
 class DeviceError(SdaccelError):
     """The requested device or precision is not available on this machine."""
 

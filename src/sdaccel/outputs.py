@@ -43,10 +43,14 @@ def a1111_parameters(
     prompt: str, negative_prompt: str, steps: int, sampler: str, cfg_scale: float, seed: int,
     width: int, height: int, model: str, adaptive: str | None = None,
     compute: str | None = None, model_hash: str | None = None,
+    loras: Sequence[dict[str, Any]] = (),
 ) -> str:
     """The 'parameters' text chunk in the layout AUTOMATIC1111's readers parse (extra
     `Key: value` pairs, like the adaptive decision, are part of that layout). `model_hash`: a
     single-file model's A1111 hash (Components.model_hash), before `Model:` as A1111 writes it."""
+    for lora in loras:  # A1111 keeps <lora:name:weight> in the prompt it records
+        if f"<lora:{lora['name']}:" not in prompt:
+            prompt += f" <lora:{lora['name']}:{lora['weight']:g}>"
     lines = [prompt]
     if negative_prompt:
         lines.append(f"Negative prompt: {negative_prompt}")
@@ -57,6 +61,10 @@ def a1111_parameters(
         settings_line += f", Adaptive steps: {adaptive}"
     if compute:
         settings_line += f", Adaptive compute: {compute}"
+    if loras:  # as A1111's Lora extension: name (no ':' or ','), 12 hex of its AutoV3 hash
+        hashes = ", ".join(f"{re.sub('[:,]', '', lora['name'])}: {lora['short_hash']}"
+                           for lora in loras)
+        settings_line += f', Lora hashes: "{hashes}"'
     lines.append(settings_line)
     return "\n".join(lines)
 
@@ -171,6 +179,7 @@ class RunWriter:
         from sdaccel.settings import settings_as_dict
 
         s, g = self.settings, result.generation
+        loras = getattr(result, "loras", ())  # the LoRA records of engine/lora.py
         image_info = {
             "prompt": result.prompt, "negative_prompt": result.negative_prompt,
             "seed": result.seed, "steps": result.steps, "nfe": result.nfe,
@@ -178,18 +187,22 @@ class RunWriter:
             "sampler": s.sampler.name, "guidance_scale": g.guidance_scale,
             "width": g.width, "height": g.height, "model": self.model_name,
             "plan": dataclasses.asdict(result.plan) if result.plan else None,
+            "loras": [dict(lora) for lora in loras],  # path, weight, sha256, name, hash
         }
         parameters = a1111_parameters(
             result.prompt, result.negative_prompt, result.steps, a1111_label(s.sampler.name),
             g.guidance_scale, result.seed, g.width, g.height, self.model_name,
             describe_plan(result.plan) if result.plan else None,
-            describe_compute(result.cost, result.steps, result.decisions),
+            describe_compute(result.cost, result.steps, result.decisions), loras=loras,
         )
         metadata = png_metadata(parameters, {
             "version": __version__, "image": image_info,
             "settings": {**settings_as_dict(s), "generation": g.model_dump(mode="json"),
                          # the files in force, each with its token and sha256
-                         "embeddings": [dict(e) for e in result.embeddings]},
+                         "embeddings": [dict(e) for e in result.embeddings],
+                         # the LoRAs it was made with (a prompts-file line's own), sha256 included
+                         "loras": [{k: lora[k] for k in ("path", "weight", "sha256")}
+                                   for lora in loras]},
         })
         index, path = save_image(self.out_dir, self._next if index is None else index,
                                  result.steps, result.image, metadata, exact=index is not None)

@@ -9,6 +9,7 @@ value came from. Nothing here imports torch.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 
 from sdaccel.catalogue import ESTIMATORS, REPLANNABLE, SAMPLER_NAMES
-from sdaccel.errors import ConfigError
+from sdaccel.errors import ConfigError, LoraError
 
 DEFAULT_PRESET = "tiny"
 ENV_PREFIX = "SDACCEL_"
@@ -178,6 +179,62 @@ class AdaptiveSettings(_Section):
         return self
 
 
+LORA_SUFFIXES = (".safetensors", ".pt", ".bin")
+
+
+def split_lora(text: str) -> tuple[str, float]:
+    """`FILE` or `FILE:WEIGHT` (as `--lora` takes it) -> (file, weight), weight 1.0 when none.
+
+    The weight is what follows the last ':' when that is a number, so `C:\\x.safetensors` and
+    `C:\\x.safetensors:0.7` both work. A last part that is not a number belongs to the file name,
+    unless the part before it is an existing file or ends in a LoRA suffix (`x.safetensors:abc`):
+    then it is a weight that is not a number, an error naming the file. A file whose own name
+    ends in ':<number>' is written with its weight: `odd:1.safetensors` needs nothing,
+    `name:2` is written `name:2:1`."""
+    head, sep, tail = text.rpartition(":")
+    if not (sep and head):
+        return text, 1.0
+    try:
+        weight = float(tail)
+    except ValueError:
+        weight = None
+    if weight is not None and math.isfinite(weight):
+        return head, weight
+    if weight is not None or (not Path(text).exists() and (
+            Path(head).is_file() or head.lower().endswith(LORA_SUFFIXES))):
+        raise LoraError(f"LoRA {head!r}: weight {tail!r} is not a number (write FILE or "
+                        f"FILE:WEIGHT, e.g. {head}:0.8)")
+    return text, 1.0
+
+
+class LoraEntry(_Section):
+    """A LoRA file (engine/lora.py): kohya/A1111 (`lora_unet_...`) or diffusers/PEFT format;
+    its weight (A1111's `<lora:name:weight>`: 1 as trained, 0 off, negative allowed) and,
+    optionally, the file's sha256 (an image's metadata records it; a different file is then an
+    error). Written as a mapping or as the string FILE[:WEIGHT] (see split_lora)."""
+
+    path: Path
+    weight: float = 1.0
+    sha256: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _file_and_weight(cls, value: Any) -> Any:
+        if isinstance(value, (str, Path)):
+            path, weight = split_lora(str(value))
+            return {"path": path, "weight": weight}
+        if isinstance(value, dict) and "weight" in value:
+            weight = value["weight"]
+            try:
+                number = float(weight)
+            except (TypeError, ValueError):
+                number = math.nan
+            if isinstance(weight, bool) or not math.isfinite(number):
+                raise LoraError(f"LoRA {str(value.get('path'))!r}: weight {weight!r} is not a "
+                                "number")
+        return value
+
+
 class GenerationSettings(_Section):
     height: int = Field(512, ge=8, le=4096)
     width: int = Field(512, ge=8, le=4096)
@@ -260,6 +317,8 @@ class Settings(BaseSettings):
     adaptive: AdaptiveSettings = AdaptiveSettings()
     generation: GenerationSettings = GenerationSettings()
     io: IOSettings = IOSettings()
+    # Not in the seed: LoRA files fused into the weights (engine/lora.py); none by default.
+    loras: list[LoraEntry] = []
     # Not in the seed: prompt syntax and textual-inversion embeddings.
     prompt: PromptSettings = PromptSettings()
     embeddings: list[EmbeddingEntry] = []

@@ -26,8 +26,8 @@ def generate(
         help="One or more prompts (or --prompts-file).", show_default=False)] = None,
     prompts_file: Annotated[Path | None, typer.Option(
         "--prompts-file", "-f", help="Batch mode: one prompt per line, or JSON objects with "
-        "per-line prompt, negative_prompt, seed, height, width, guidance_scale. Resumable; "
-        "splits the jobs across processes under accelerate launch / torchrun.",
+        "per-line prompt, negative_prompt, seed, height, width, guidance_scale, loras. "
+        "Resumable; splits the jobs across processes under accelerate launch / torchrun.",
         show_default=False)] = None,
     negative_prompt: Annotated[str, typer.Option("--negative-prompt", help="Negative prompt "
                                                  "for every image (--prompts-file: for every "
@@ -129,6 +129,7 @@ def _run_jobs(resolved, prompts_file: Path, negative_prompt: str, as_json: bool,
     load_matching(settings, lambda event: notices(event))  # compile-cache entries
     engine = Engine(settings, on_event=lambda event: notices(event))
     jobs.check_sizes(job_list, engine.check_size, prompts_file)
+    jobs.check_loras(job_list, engine.prepare_loras, prompts_file)
     writer = RunWriter(settings, model_name=engine.components.name)
     out_dir = writer.out_dir
     follower = jobs.ManifestFollower(out_dir)

@@ -47,6 +47,9 @@ def shorthand(kind: type, *names: str, help: str) -> Any:  # noqa: A002 - Typer'
 SHORTHAND: dict[str, tuple[str, Any]] = {
     "model": ("model_id", shorthand(str, "--model", "-m", help="Model: hub id, folder, "
                                     ".safetensors file, random:tiny|sd15, bundled:shapes.")),
+    "lora": ("loras", shorthand(list[str], "--lora", help="loras: a LoRA file (kohya/A1111 or "
+                                "diffusers format), FILE or FILE:WEIGHT (default 1); "
+                                "repeatable; replaces the settings' list.")),
     "steps": ("sampler.steps", shorthand(int, "--steps", help="sampler.steps")),
     "sampler": ("sampler.name", shorthand(str, "--sampler",
                                           help=f"sampler.name: {', '.join(SAMPLER_NAMES)}")),

@@ -16,6 +16,7 @@ from sdaccel.engine.cost import UNetCost
 from sdaccel.engine.denoise import denoise, step_kwargs
 from sdaccel.engine.embeddings import add_embeddings, expansions, read_embeddings
 from sdaccel.engine.feature_cache import LayeredUNet
+from sdaccel.engine.lora import LoraSwitcher, prompt_tags, read_loras
 from sdaccel.engine.models import Components, load_components
 from sdaccel.engine.optimize import apply_passes, with_attention
 from sdaccel.engine.precision import DTYPES, cast, device_for
@@ -32,7 +33,7 @@ from sdaccel.events import (
     Warning,
     ignore,
 )
-from sdaccel.settings import GenerationSettings, Settings
+from sdaccel.settings import GenerationSettings, LoraEntry, Settings
 
 
 @dataclass
@@ -50,6 +51,8 @@ class ImageResult:
     seconds: float  # wall time of its batch divided by the batch size
     generation: GenerationSettings  # the size, guidance and batch it was made with
     plan: PlanDecided | None = None  # the adaptive decision, when adaptive steps are on
+    # The LoRAs in force: settings entries (path, weight, sha256) with A1111's name and hash.
+    loras: tuple[dict, ...] = ()
     # The textual-inversion embeddings in force: settings entries with path, token and sha256.
     embeddings: tuple[dict[str, str], ...] = ()
 
@@ -66,6 +69,7 @@ class Engine:
         self.settings = settings
         self.on_event = on_event
         self.device = device_for(settings)
+        lora_files = read_loras(settings.loras)  # a bad LoRA file fails before loading
         adaptive = settings.adaptive
         replan = adaptive.enabled and adaptive.mode == "replan"
         per_step = adaptive.enabled and adaptive.mode == "per_step"
@@ -77,6 +81,8 @@ class Engine:
                                          self.components.text_encoder, settings.model_id)
         self._warned: set[str] = set()  # unknown prompt words already reported
         self._prepare(self.components)
+        self.lora.add_files(lora_files)
+        self.lora.apply(settings.loras)  # fused before the first (compiling) UNet call
 
     # ------------------------------------------------------------------ set-up
 
@@ -96,6 +102,10 @@ class Engine:
         self.check_size(s.generation.height, s.generation.width)
         # PyTorch SDPA attention, then the speed passes the settings switch on.
         self.passes = apply_passes(self.unet, self.vae, s, self.device, self.on_event)
+        # LoRAs fused into these weights and switched per batch (an int8 text encoder: unfused)
+        self.lora = LoraSwitcher({"unet": self.unet, "text_encoder": self.text_encoder},
+                                 s.model_id, unfused=["text_encoder"] * (
+                                     s.text_encoder_dtype == "int8"))
         self._unet_forward = self.unet
         self._vae_decode = self._decode_eager
         # Compiled lazily, on the first call. The compile cache (sdaccel.compile_cache) is loaded
@@ -118,6 +128,11 @@ class Engine:
             self.layered = LayeredUNet(self.unet)
             self.layered.check_level(self.policy.cache_level)
         self._costs: dict[tuple[int, ...], UNetCost] = {}
+
+    def prepare_loras(self, loras: Sequence[LoraEntry]) -> None:
+        """Read and check LoRA files (errors name the file) without changing the set in force:
+        a prompts file's lines, before anything is generated."""
+        self.lora.prepare(loras)
 
     def check_size(self, height: int, width: int) -> None:
         """ConfigError unless this model can generate height x width."""
@@ -147,15 +162,22 @@ class Engine:
     @torch.inference_mode()
     def generate(
         self, prompts: Sequence[str], negative_prompt: str = "", seed: int | None = None,
-        generation: GenerationSettings | None = None,
+        generation: GenerationSettings | None = None, loras: Sequence[LoraEntry] | None = None,
     ) -> list[ImageResult]:
         """One batch: every prompt x num_images_per_prompt, ordered prompt-major as diffusers.
 
         Image k of the batch is drawn from its own generator seeded `seed + k`, so any image can
         be regenerated alone from the seed in its metadata. `generation` (size, guidance,
         images per prompt) replaces the settings' own for this batch (a prompts-file line's).
+        `loras` (settings entries) too: fused before the batch, or nothing done when they are
+        the ones in force.
         """
         s = self.settings
+        lora_records = self.lora.apply(s.loras if loras is None else loras)
+        if tags := [t for t in prompt_tags([*prompts, negative_prompt]) if t not in self._warned]:
+            self._warned.update(tags)
+            self.on_event(Warning(f"{', '.join(tags)}: LoRA tags in a prompt are read as plain "
+                                  "text here; give LoRAs with --lora FILE:WEIGHT or `loras:`"))
         g = s.generation if generation is None else generation
         if generation is not None:
             self.check_size(g.height, g.width)
@@ -204,7 +226,7 @@ class Engine:
                 steps=out.steps[k], nfe=_nfe(out.codes[k], evaluations), cost=out.costs[k],
                 decisions=out.codes[k], image=images[k],
                 latents=out.latents[k].detach().float().cpu(), seconds=seconds / batch,
-                generation=g, plan=plans[k],
+                generation=g, plan=plans[k], loras=lora_records,
                 embeddings=tuple(e.file.record() for e in self.embeddings),
             )
             for k in range(batch)

@@ -44,7 +44,15 @@ def expected_fields(job: Job, j: int, settings: Settings) -> dict[str, Any]:
     }
     if not settings.adaptive.enabled:
         fields["steps"] = settings.sampler.steps
+    fields["loras"] = _lora_fields(settings.loras if job.loras is None else job.loras)
     return fields
+
+
+def _lora_fields(loras) -> list[dict[str, Any]]:
+    """LoRA files and weights as a record states them (absolute paths; sha256 not compared:
+    the settings may not give one)."""
+    return [{"path": str(Path(lora.path).expanduser().resolve()), "weight": float(lora.weight)}
+            for lora in loras]
 
 
 def manifest_record(saved: dict[str, Any], job: Job) -> dict[str, Any]:
@@ -196,7 +204,10 @@ def consolidate(jobs: list[Job], settings: Settings, source: Path) -> Plan:
 def _check(record: dict[str, Any], wanted: dict[str, Any], what: str, source: Path,
            job: Job) -> None:
     for key, value in wanted.items():
-        if record.get(key) != value:
+        got = record.get(key)
+        if key == "loras":  # records before LoRAs existed have none; sha256 is not compared
+            got = [{"path": x.get("path"), "weight": x.get("weight")} for x in got or []]
+        if got != value:
             raise ConfigError(
                 f"{what} was made with {key} {record.get(key)!r}, but {source} line {job.line} "
                 f"with these settings asks for {value!r}. Resume with the same prompts file "

@@ -10,12 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
-from sdaccel.errors import ConfigError
-from sdaccel.settings import GenerationSettings, Settings
+from sdaccel.errors import ConfigError, LoraError
+from sdaccel.settings import GenerationSettings, LoraEntry, Settings
 
-JOB_KEYS = ("prompt", "negative_prompt", "seed", "height", "width", "guidance_scale")
+JOB_KEYS = ("prompt", "negative_prompt", "seed", "height", "width", "guidance_scale", "loras")
 GENERATION_KEYS = ("height", "width", "guidance_scale")
 
 
@@ -27,6 +27,8 @@ class Job:
     negative_prompt: str
     seed: int  # seed of the job's first image; image j uses seed + j
     generation: GenerationSettings  # the run's generation settings with this job's overrides
+    # The LoRAs of this job: the line's own "loras" (in place of the settings'), else None
+    loras: tuple[LoraEntry, ...] | None = None
 
     def image_indices(self, per_prompt: int) -> range:
         return range(self.index * per_prompt, (self.index + 1) * per_prompt)
@@ -57,6 +59,7 @@ def read_jobs(path: Path, settings: Settings, negative_prompt: str = "") -> list
             index=index, line=number, prompt=fields["prompt"],
             negative_prompt=fields.get("negative_prompt", negative_prompt), seed=seed,
             generation=_generation(settings, fields, where),
+            loras=_loras(fields["loras"], where) if "loras" in fields else None,
         ))
     if not jobs:
         raise ConfigError(f"{path}: no prompts (one per line, or one JSON object per line "
@@ -107,6 +110,32 @@ def _generation(settings: Settings, fields: dict[str, Any], where: str) -> Gener
         if error["type"] != "value_error":
             message += f" (got {error['input']!r})"
         raise ConfigError(f"{where}: {key}: {message}") from None
+
+
+def _loras(value: Any, where: str) -> tuple[LoraEntry, ...]:
+    """A line's "loras": a list of "FILE[:WEIGHT]" strings or {"path", "weight"} objects."""
+    if not isinstance(value, list):
+        raise ConfigError(f"{where}: loras: must be a list of \"FILE[:WEIGHT]\" or "
+                          f"{{\"path\": ..., \"weight\": ...}} (got {value!r})")
+    try:
+        return tuple(TypeAdapter(list[LoraEntry]).validate_python(value))
+    except LoraError as exc:
+        raise LoraError(f"{where}: {exc}") from None
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        key = ".".join(str(part) for part in ("loras", *error["loc"]))
+        raise ConfigError(f"{where}: {key}: {error['msg']}") from None
+
+
+def check_loras(jobs: list[Job], check: Callable[[list[Any]], Any], source: Path) -> None:
+    """Read and check each line's LoRA files up front (e.g. Engine.prepare_loras), so that a
+    missing or foreign file stops the run before any image is made; errors name the line."""
+    for job in jobs:
+        if job.loras:
+            try:
+                check(list(job.loras))
+            except LoraError as exc:
+                raise LoraError(f"{source}:{job.line}: {exc}") from None
 
 
 def check_sizes(jobs: list[Job], check: Callable[[int, int], None], source: Path) -> None:

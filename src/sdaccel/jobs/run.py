@@ -66,7 +66,7 @@ def run_jobs(engine, writer, jobs: list[Job], state, source: Path,
     with state.split_between_processes(plan.pending) as mine:
         for job in mine:
             results = engine.generate([job.prompt], job.negative_prompt, seed=job.seed,
-                                      generation=job.generation)
+                                      generation=job.generation, loras=job.loras)
             for index, result in zip(job.image_indices(per_prompt), results, strict=True):
                 if index in plan.done:
                     continue
