@@ -158,6 +158,41 @@ def save_grid(out_dir: Path, images: Sequence[Image.Image], first: int, last: in
     return path
 
 
+def image_metadata(result, settings, model_name: str) -> tuple[dict[str, Any], str, PngInfo]:
+    """One ImageResult's record fields, its A1111 `parameters` text and the PNG chunks holding
+    both and the settings it was made with (a server keeps them in memory, RunWriter on disk)."""
+    from sdaccel import __version__
+    from sdaccel.settings import settings_as_dict
+
+    s, g = settings, result.generation
+    loras = getattr(result, "loras", ())  # the LoRA records of engine/lora.py
+    image_info = {
+        "prompt": result.prompt, "negative_prompt": result.negative_prompt,
+        "seed": result.seed, "steps": result.steps, "nfe": result.nfe,
+        "cost": round(result.cost, 4), "decisions": result.decisions,
+        "sampler": s.sampler.name, "guidance_scale": g.guidance_scale,
+        "width": g.width, "height": g.height, "model": model_name,
+        "plan": dataclasses.asdict(result.plan) if result.plan else None,
+        "loras": [dict(lora) for lora in loras],  # path, weight, sha256, name, hash
+    }
+    parameters = a1111_parameters(
+        result.prompt, result.negative_prompt, result.steps, a1111_label(s.sampler.name),
+        g.guidance_scale, result.seed, g.width, g.height, model_name,
+        describe_plan(result.plan) if result.plan else None,
+        describe_compute(result.cost, result.steps, result.decisions), loras=loras,
+    )
+    metadata = png_metadata(parameters, {
+        "version": __version__, "image": image_info,
+        "settings": {**settings_as_dict(s), "generation": g.model_dump(mode="json"),
+                     # the files in force, each with its token and sha256
+                     "embeddings": [dict(e) for e in result.embeddings],
+                     # the LoRAs it was made with (a prompts-file line's own), sha256 included
+                     "loras": [{k: lora[k] for k in ("path", "weight", "sha256")}
+                               for lora in loras]},
+    })
+    return image_info, parameters, metadata
+
+
 class RunWriter:
     """Saves one run's images in order, continuing after the images out_dir already holds."""
 
@@ -175,35 +210,8 @@ class RunWriter:
 
         With `index` the image gets exactly that index (a prompts-file run's global index), and
         an existing file of that name is an error."""
-        from sdaccel import __version__
-        from sdaccel.settings import settings_as_dict
-
-        s, g = self.settings, result.generation
-        loras = getattr(result, "loras", ())  # the LoRA records of engine/lora.py
-        image_info = {
-            "prompt": result.prompt, "negative_prompt": result.negative_prompt,
-            "seed": result.seed, "steps": result.steps, "nfe": result.nfe,
-            "cost": round(result.cost, 4), "decisions": result.decisions,
-            "sampler": s.sampler.name, "guidance_scale": g.guidance_scale,
-            "width": g.width, "height": g.height, "model": self.model_name,
-            "plan": dataclasses.asdict(result.plan) if result.plan else None,
-            "loras": [dict(lora) for lora in loras],  # path, weight, sha256, name, hash
-        }
-        parameters = a1111_parameters(
-            result.prompt, result.negative_prompt, result.steps, a1111_label(s.sampler.name),
-            g.guidance_scale, result.seed, g.width, g.height, self.model_name,
-            describe_plan(result.plan) if result.plan else None,
-            describe_compute(result.cost, result.steps, result.decisions), loras=loras,
-        )
-        metadata = png_metadata(parameters, {
-            "version": __version__, "image": image_info,
-            "settings": {**settings_as_dict(s), "generation": g.model_dump(mode="json"),
-                         # the files in force, each with its token and sha256
-                         "embeddings": [dict(e) for e in result.embeddings],
-                         # the LoRAs it was made with (a prompts-file line's own), sha256 included
-                         "loras": [{k: lora[k] for k in ("path", "weight", "sha256")}
-                                   for lora in loras]},
-        })
+        s = self.settings
+        image_info, _, metadata = image_metadata(result, s, self.model_name)
         index, path = save_image(self.out_dir, self._next if index is None else index,
                                  result.steps, result.image, metadata, exact=index is not None)
         self._next = index + 1

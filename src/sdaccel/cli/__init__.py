@@ -10,6 +10,7 @@ from sdaccel.cli.bench import bench
 from sdaccel.cli.compile_cache import app as compile_cache_app
 from sdaccel.cli.generate import generate
 from sdaccel.cli.inspect_config import inspect_config
+from sdaccel.cli.serve import serve
 
 app = typer.Typer(
     name="sdaccel",
@@ -21,6 +22,7 @@ app = typer.Typer(
 app.command("generate")(generate)
 app.command("inspect-config")(inspect_config)
 app.command("bench")(bench)
+app.command("serve")(serve)
 app.add_typer(compile_cache_app, name="compile-cache")
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from diffusers.image_processor import VaeImageProcessor
 
+from sdaccel.catalogue import REPLANNABLE
 from sdaccel.engine.adaptive import Planner
 from sdaccel.engine.compile import EagerFallback, compile_callable
 from sdaccel.engine.cost import UNetCost
@@ -33,7 +34,7 @@ from sdaccel.events import (
     Warning,
     ignore,
 )
-from sdaccel.settings import GenerationSettings, LoraEntry, Settings
+from sdaccel.settings import GenerationSettings, LoraEntry, SamplerSettings, Settings
 
 
 @dataclass
@@ -161,16 +162,17 @@ class Engine:
 
     @torch.inference_mode()
     def generate(
-        self, prompts: Sequence[str], negative_prompt: str = "", seed: int | None = None,
-        generation: GenerationSettings | None = None, loras: Sequence[LoraEntry] | None = None,
+        self, prompts: Sequence[str], negative_prompt: str = "",
+        seed: int | Sequence[int] | None = None, generation: GenerationSettings | None = None,
+        sampler: SamplerSettings | None = None, loras: Sequence[LoraEntry] | None = None,
     ) -> list[ImageResult]:
         """One batch: every prompt x num_images_per_prompt, ordered prompt-major as diffusers.
 
-        Image k of the batch is drawn from its own generator seeded `seed + k`, so any image can
-        be regenerated alone from the seed in its metadata. `generation` (size, guidance,
-        images per prompt) replaces the settings' own for this batch (a prompts-file line's).
-        `loras` (settings entries) too: fused before the batch, or nothing done when they are
-        the ones in force.
+        Image k of the batch is drawn from its own generator seeded `seed + k` (or `seed[k]`,
+        one seed per image: a server merging requests), so any image can be regenerated alone
+        from the seed in its metadata. `generation` (size, guidance, images per prompt) and
+        `sampler` (name, steps) replace the settings' own for this batch. `loras` (settings
+        entries) too: fused before the batch, or nothing done when they are the ones in force.
         """
         s = self.settings
         lora_records = self.lora.apply(s.loras if loras is None else loras)
@@ -181,15 +183,23 @@ class Engine:
         g = s.generation if generation is None else generation
         if generation is not None:
             self.check_size(g.height, g.width)
+        sampler = s.sampler if sampler is None else sampler
+        if self.planner and sampler.name not in REPLANNABLE:
+            raise ConfigError(f"sampler.name: {sampler.name!r} cannot re-plan (adaptive.mode "
+                              f"replan); valid: {', '.join(REPLANNABLE)}")
         guided = g.guidance_scale > 1.0  # as diffusers: <= 1 means no unconditional pass
         per_prompt = g.num_images_per_prompt
         batch = len(prompts) * per_prompt
-        base_seed = s.seed if seed is None else seed
-        seeds = [base_seed + k for k in range(batch)]
+        if isinstance(seed, Sequence):
+            seeds = list(seed)
+            if len(seeds) != batch:
+                raise ValueError(f"{len(seeds)} seeds for {batch} images")
+        else:
+            seeds = [(s.seed if seed is None else seed) + k for k in range(batch)]
         generators = [torch.Generator("cpu").manual_seed(k) for k in seeds]
         # Adaptive runs start on the max_steps plan and re-plan after the warm-up.
-        planned = s.adaptive.max_steps if self.planner else s.sampler.steps
-        scheduler = build_scheduler(s.sampler.name, self.components.scheduler_config)
+        planned = s.adaptive.max_steps if self.planner else sampler.steps
+        scheduler = build_scheduler(sampler.name, self.components.scheduler_config)
         scheduler.set_timesteps(planned, device=self.device)
         image_prompts = [prompts[k // per_prompt] for k in range(batch)]
 

@@ -1,0 +1,269 @@
+"""`sdaccel serve`: AUTOMATIC1111's API as its clients send it, batching that keeps every image
+its own, the native endpoints, and bad requests answered with the field they got wrong."""
+
+import base64
+import io
+import json
+import re
+import shutil
+import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from helpers import tiny_settings
+from PIL import Image
+
+from sdaccel.serve.app import Limits, create_app
+from sdaccel.serve.batcher import Batcher, Interrupted, Job, QueueFull
+
+# The bundled model at 4 steps: real pictures in well under a second each.
+SERVER = ("model_id=bundled:shapes", "generation.height=64", "generation.width=64",
+          "sampler.steps=4")
+BODY = {"prompt": "a red circle on a blue background", "seed": 11, "steps": 4, "width": 64,
+        "height": 64, "cfg_scale": 4.0, "sampler_name": "DPM++ 2M"}
+
+
+@pytest.fixture(scope="module")
+def server():
+    app = create_app(tiny_settings(*SERVER), Limits(max_batch=4, max_wait_ms=400, max_queue=8,
+                                                    max_pixels=128 * 128))
+    with TestClient(app) as client:
+        yield client
+    app.state.batcher.close()
+
+
+def pixels(b64: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))
+
+
+def same_as_alone(server, b64: str, prompt: str, seed: int) -> bool:
+    """The image the engine makes for this prompt and seed by itself, up to the float rounding
+    that batch composition brings on the CPU (8-bit pixels within one level)."""
+    engine = server.app.state.engine
+    own = np.asarray(engine.generate([prompt], seed=seed)[0].image).astype(int)
+    return np.abs(pixels(b64).astype(int) - own).max() <= 1
+
+
+def test_txt2img_answers_like_automatic1111(server):
+    # A client sends the whole A1111 body with its defaults.
+    full = {**BODY, "negative_prompt": "", "styles": [], "subseed": -1, "subseed_strength": 0,
+            "seed_resize_from_h": -1, "seed_resize_from_w": -1, "batch_size": 2, "n_iter": 1,
+            "restore_faces": False, "tiling": False, "eta": 0, "s_churn": 0, "s_noise": 1,
+            "enable_hr": False, "denoising_strength": 0.7, "override_settings": {},
+            "script_args": [], "alwayson_scripts": {}, "send_images": True,
+            "save_images": False, "sampler_index": "Euler", "some_future_field": 3}
+    response = server.post("/sdapi/v1/txt2img", json=full)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    info = json.loads(body["info"])
+    assert len(body["images"]) == 2 and info["all_seeds"] == [11, 12]
+    assert info["sampler_name"] == "DPM++ 2M" and info["sd_model_name"] == "bundled:shapes"
+    assert info["sdaccel_ignored"] == ["denoising_strength", "some_future_field"]
+    assert info["infotexts"][1].endswith("Seed: 12, Size: 64x64, Model: bundled:shapes")
+    png = Image.open(io.BytesIO(base64.b64decode(body["images"][0])))
+    assert png.text["parameters"] == info["infotexts"][0]  # the CLI's PNG metadata
+    for k, seed in enumerate((11, 12)):  # each the image it is alone (seed + k, as A1111)
+        assert same_as_alone(server, body["images"][k], BODY["prompt"], seed)
+
+
+def test_concurrent_requests_share_a_batch_and_keep_their_images(server):
+    prompts = ["a red circle", "a blue square", "a green star", "a yellow triangle"]
+    with ThreadPoolExecutor(4) as pool:
+        responses = list(pool.map(lambda k: server.post("/sdapi/v1/txt2img", json={
+            **BODY, "prompt": prompts[k], "seed": 100 + k}), range(4)))
+    assert [r.status_code for r in responses] == [200] * 4
+    metrics = server.get("/v1/metrics").text
+    merged = [int(n) for n in re.findall(r'sdaccel_batches_total\{images="(\d+)"\}', metrics)]
+    assert max(merged) >= 2  # merged, not four single calls
+    for k, response in enumerate(responses):
+        image = response.json()["images"][0]
+        assert same_as_alone(server, image, prompts[k], 100 + k)
+
+
+def test_the_native_endpoint_takes_our_settings_schema(server):
+    ok = server.post("/v1/generate", json={"prompt": "a red circle", "seed": 3,
+                                           "settings": {"sampler": {"name": "ddim",
+                                                                    "steps": 3}}})
+    assert ok.status_code == 200, ok.text
+    image = ok.json()["images"][0]
+    assert (image["sampler"], image["steps"], image["seed"]) == ("ddim", 3, 3)
+    fixed = server.post("/v1/generate", json={"prompt": "x", "settings": {"model_id": "y"}})
+    assert fixed.status_code == 422 and fixed.json()["field"] == "settings.model_id"
+    bad = server.post("/v1/generate", json={"prompt": "x", "settings": {"sampler": {
+        "name": "plms"}}})
+    assert bad.status_code == 422 and "sampler.name" in bad.json()["detail"]
+    health = server.get("/v1/health").json()
+    assert health["status"] == "ok" and health["model"] == "bundled:shapes"
+
+
+@pytest.mark.parametrize(("change", "field", "message"), [
+    ({"enable_hr": True}, "enable_hr", "hires fix"),
+    ({"restore_faces": True}, "restore_faces", "face restoration"),
+    ({"styles": ["cinematic"]}, "styles", "styles"),
+    ({"sampler_name": "LMS Karras"}, "sampler_name", "valid: DDPM, DDIM, DPM++ 2M"),
+    ({"width": 60}, "width", "multiple"),
+    ({"width": 512, "height": 512}, "width", "--max-pixels"),
+    ({"steps": 0}, "steps", "at least 1"),
+    ({"steps": 10000}, "steps", "limit 150"),
+    ({"batch_size": 0}, "batch_size", "at least 1"),
+    ({"batch_size": 9, "n_iter": 2}, "batch_size", "limit 16"),
+    ({"seed": "lucky"}, "seed", "integer"),
+    ({"override_settings": {"sd_model_checkpoint": "other.safetensors"}},
+     "override_settings.sd_model_checkpoint", "bundled:shapes"),
+])
+def test_requests_we_cannot_honour_are_422_naming_the_field(server, change, field, message):
+    response = server.post("/sdapi/v1/txt2img", json={**BODY, **change})
+    assert response.status_code == 422, response.text
+    assert response.json()["field"] == field and message in response.json()["detail"]
+
+
+def test_malformed_and_oversized_bodies(server):
+    broken = server.post("/sdapi/v1/txt2img", content=b'{"prompt": ',
+                         headers={"content-type": "application/json"})
+    assert broken.status_code == 422 and broken.json()["field"] == "body"
+    huge = server.post("/sdapi/v1/txt2img", json={**BODY, "prompt": "x" * (2 << 20)})
+    assert huge.status_code == 413
+    assert server.get("/v1/health").status_code == 200  # still serving
+
+
+def test_samplers_models_options_progress(server):
+    names = [s["name"] for s in server.get("/sdapi/v1/samplers").json()]
+    assert names == ["DDPM", "DDIM", "DPM++ 2M", "Euler", "Euler a"]
+    assert server.get("/sdapi/v1/sd-models").json()[0]["title"] == "bundled:shapes"
+    assert server.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == "bundled:shapes"
+    assert server.post("/sdapi/v1/options",
+                       json={"sd_model_checkpoint": "bundled:shapes"}).status_code == 200
+    switch = server.post("/sdapi/v1/options", json={"sd_model_checkpoint": "sd15.ckpt"})
+    assert switch.status_code == 422 and "not served here" in switch.json()["detail"]
+    progress = server.get("/sdapi/v1/progress").json()
+    assert set(progress) >= {"progress", "eta_relative", "state", "current_image"}
+
+
+def test_gallery_lists_recent_images(server):
+    server.post("/sdapi/v1/txt2img", json={**BODY, "prompt": "two green squares"})
+    page = server.get("/").text
+    assert "two green squares" in page and "/v1/images/" in page
+    number = page.split('src="/v1/images/')[1].split('"')[0]
+    image = server.get(f"/v1/images/{number}")
+    assert image.status_code == 200 and image.content.startswith(b"\x89PNG")
+
+
+def test_save_images_writes_like_the_cli(tmp_path):
+    app = create_app(tiny_settings(*SERVER, f"io.out_dir={tmp_path}"), Limits(max_wait_ms=0))
+    with TestClient(app) as client:
+        response = client.post("/sdapi/v1/txt2img", json={**BODY, "save_images": True,
+                                                          "batch_size": 2})
+    app.state.batcher.close()
+    assert response.status_code == 200, response.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["img_000_steps4.png",
+                                                          "img_001_steps4.png"]
+
+
+def test_api_key_as_bearer_or_basic_auth():
+    app = create_app(tiny_settings(*SERVER), Limits(max_wait_ms=0), api_key="s3cret")
+    with TestClient(app) as client:
+        assert client.get("/sdapi/v1/samplers").status_code == 401
+        bearer = {"Authorization": "Bearer s3cret"}
+        assert client.get("/sdapi/v1/samplers", headers=bearer).status_code == 200
+        basic = "Basic " + base64.b64encode(b"user:s3cret").decode()
+        assert client.get("/sdapi/v1/samplers", headers={"Authorization": basic}
+                          ).status_code == 200
+        assert client.get("/v1/health").status_code == 200  # no key for health
+    app.state.batcher.close()
+
+
+# --------------------------------------------------------------------------- the batcher alone
+
+
+def test_batcher_merges_compatible_jobs_in_arrival_order_and_refuses_when_full():
+    release, calls = threading.Event(), []
+
+    def generate(jobs):
+        calls.append([(job.key, job.prompt) for job in jobs])
+        release.wait(5)
+        return [[job.prompt] * job.images for job in jobs]
+
+    batcher = Batcher(generate, max_batch=3, max_wait=0.0, max_queue=4)
+    first = Job("A", "a0", [0], None)
+    batcher.submit([first])
+    time.sleep(0.2)  # the worker holds a0; the next jobs queue behind it
+    jobs = [Job("B", "b0", [0], None), Job("A", "a1", [0], None), Job("B", "b1", [0], None),
+            Job("A", "a2", [0], None)]
+    batcher.submit(jobs)
+    with pytest.raises(QueueFull):
+        batcher.submit([Job("A", "a3", [0], None)])
+    release.set()
+    assert [job.future.result(5) for job in jobs] == [["b0"], ["a1"], ["b1"], ["a2"]]
+    batcher.close()
+    # The oldest job leads each batch; compatible ones join it.
+    assert calls == [[("A", "a0")], [("B", "b0"), ("B", "b1")], [("A", "a1"), ("A", "a2")]]
+
+
+def test_interrupt_stops_the_running_batch_only():
+    started = threading.Event()
+
+    def generate(jobs):
+        started.set()
+        for step in range(1, 200):
+            batcher.step_done(step, 200)
+            time.sleep(0.01)
+        return [[job.prompt] for job in jobs]
+
+    batcher = Batcher(generate, max_batch=1, max_wait=0.0, max_queue=4)
+    running, waiting = Job("A", "a", [0], None), Job("A", "b", [0], None)
+    batcher.submit([running, waiting])
+    started.wait(5)
+    batcher.interrupt()
+    with pytest.raises(Interrupted):
+        running.future.result(5)
+    assert waiting.future.result(10) == ["b"]
+    batcher.close()
+
+
+# --------------------------------------------------------------------------- a real browser
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium (Debian: apt-get install chromium; "
+                    ".ci/run installs it)")
+def test_the_gallery_in_a_real_browser(tmp_path):
+    """Headless Chromium loads / from a real server on loopback: the DOM lists the image with
+    its prompt, and the screenshot shows the picture (the blue background of the prompt)."""
+    import socket
+
+    import httpx
+    import uvicorn
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    app = create_app(tiny_settings(*SERVER), Limits(max_wait_ms=0))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    threading.Thread(target=server.run, daemon=True).start()
+    while not server.started:
+        time.sleep(0.05)
+    try:
+        response = httpx.post(f"http://127.0.0.1:{port}/sdapi/v1/txt2img", timeout=60,
+                              json={**BODY, "prompt": "a big red circle on a blue background"})
+        assert response.status_code == 200
+        browser = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                   "--disable-background-networking", "--disable-component-update",
+                   "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}"]
+        url = f"http://127.0.0.1:{port}/"
+        dom = subprocess.run([*browser, "--dump-dom", url], capture_output=True, text=True,
+                             timeout=60).stdout
+        assert "a big red circle on a blue background" in dom and "<img" in dom
+        shot = tmp_path / "gallery.png"
+        subprocess.run([*browser, f"--screenshot={shot}", "--window-size=800,600", url],
+                       capture_output=True, timeout=60)
+        picture = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+        blue = (picture[..., 2] > 150) & (picture[..., 0] < 100)
+        assert blue.sum() > 1000  # the image rendered, not just its caption
+    finally:
+        server.should_exit = True
+        app.state.batcher.close()
