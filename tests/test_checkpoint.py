@@ -281,3 +281,17 @@ def test_sd15_round_trip_gives_random_sd15s_image(tmp_path):
     assert type(file_engine.tokenizer).__name__ == "CLIPTokenizer"
     assert len(file_engine.tokenizer) == 49408
     assert (single - direct).abs().max() <= 1e-5
+
+
+def test_a_png_made_from_a_single_file_carries_its_model_hash(shapes_file, tmp_path):
+    from typer.testing import CliRunner
+
+    from sdaccel.cli import app
+    from sdaccel.outputs import read_metadata
+
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["generate", "a red circle", "--model", str(shapes_file),
+                                      "--steps", "2", "--out-dir", str(out)])
+    assert result.exit_code == 0, result.output
+    parameters = read_metadata(out / "img_000_steps2.png")["parameters"]
+    assert f"Model hash: {model_hash(shapes_file)}, Model: {shapes_file}" in parameters

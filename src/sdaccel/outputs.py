@@ -158,7 +158,8 @@ def save_grid(out_dir: Path, images: Sequence[Image.Image], first: int, last: in
     return path
 
 
-def image_metadata(result, settings, model_name: str) -> tuple[dict[str, Any], str, PngInfo]:
+def image_metadata(result, settings, model_name: str, model_hash: str | None = None
+                   ) -> tuple[dict[str, Any], str, PngInfo]:
     """One ImageResult's record fields, its A1111 `parameters` text and the PNG chunks holding
     both and the settings it was made with (a server keeps them in memory, RunWriter on disk)."""
     from sdaccel import __version__
@@ -180,6 +181,7 @@ def image_metadata(result, settings, model_name: str) -> tuple[dict[str, Any], s
         g.guidance_scale, result.seed, g.width, g.height, model_name,
         describe_plan(result.plan) if result.plan else None,
         describe_compute(result.cost, result.steps, result.decisions), loras=loras,
+        model_hash=model_hash,
     )
     metadata = png_metadata(parameters, {
         "version": __version__, "image": image_info,
@@ -196,9 +198,9 @@ def image_metadata(result, settings, model_name: str) -> tuple[dict[str, Any], s
 class RunWriter:
     """Saves one run's images in order, continuing after the images out_dir already holds."""
 
-    def __init__(self, settings, model_name: str) -> None:
+    def __init__(self, settings, model_name: str, model_hash: str | None = None) -> None:
         self.settings = settings
-        self.model_name = model_name
+        self.model_name, self.model_hash = model_name, model_hash
         self.out_dir = Path(settings.io.out_dir)
         self.first_index = next_index(self.out_dir)
         self._next = self.first_index
@@ -211,7 +213,7 @@ class RunWriter:
         With `index` the image gets exactly that index (a prompts-file run's global index), and
         an existing file of that name is an error."""
         s = self.settings
-        image_info, _, metadata = image_metadata(result, s, self.model_name)
+        image_info, _, metadata = image_metadata(result, s, self.model_name, self.model_hash)
         index, path = save_image(self.out_dir, self._next if index is None else index,
                                  result.steps, result.image, metadata, exact=index is not None)
         self._next = index + 1

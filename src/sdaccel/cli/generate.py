@@ -77,7 +77,7 @@ def _run(resolved, prompts: list[str], negative_prompt: str, as_json: bool,
     console.print(_describe(resolved), highlight=False)
     load_matching(settings, renderer)  # compile-cache entries, before the compiling first call
     engine = Engine(settings, on_event=renderer)
-    writer = RunWriter(settings, model_name=engine.components.name)
+    writer = RunWriter(settings, engine.components.name, engine.components.model_hash)
     per_prompt = settings.generation.num_images_per_prompt
     try:
         for number, prompt in enumerate(prompts):
@@ -130,7 +130,7 @@ def _run_jobs(resolved, prompts_file: Path, negative_prompt: str, as_json: bool,
     engine = Engine(settings, on_event=lambda event: notices(event))
     jobs.check_sizes(job_list, engine.check_size, prompts_file)
     jobs.check_loras(job_list, engine.prepare_loras, prompts_file)
-    writer = RunWriter(settings, model_name=engine.components.name)
+    writer = RunWriter(settings, engine.components.name, engine.components.model_hash)
     out_dir = writer.out_dir
     follower = jobs.ManifestFollower(out_dir)
     stop = threading.Event()

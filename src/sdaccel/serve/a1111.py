@@ -151,7 +151,8 @@ def check_request(request: Txt2ImgRequest, model_name: str) -> list[str]:
 
 
 def info_text(request: Txt2ImgRequest, sampler_label: str, seeds: list[int], model_name: str,
-              infotexts: list[str], ignored: list[str]) -> dict[str, Any]:
+              model_hash: str | None, infotexts: list[str], ignored: list[str]
+              ) -> dict[str, Any]:
     """A1111's `info` (sent as a JSON string): the fields its clients read."""
     n = len(seeds)
     return {
@@ -163,7 +164,7 @@ def info_text(request: Txt2ImgRequest, sampler_label: str, seeds: list[int], mod
         "width": request.width, "height": request.height, "sampler_name": sampler_label,
         "cfg_scale": request.cfg_scale, "steps": request.steps,
         "batch_size": request.batch_size, "restore_faces": False,
-        "face_restoration_model": None, "sd_model_name": model_name, "sd_model_hash": None,
+        "face_restoration_model": None, "sd_model_name": model_name, "sd_model_hash": model_hash,
         "seed_resize_from_w": -1, "seed_resize_from_h": -1, "denoising_strength": None,
         "extra_generation_params": {}, "index_of_first_image": 0, "infotexts": infotexts,
         "styles": [], "clip_skip": 1, "is_using_inpainting_conditioning": False,

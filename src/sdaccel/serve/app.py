@@ -104,7 +104,7 @@ def create_app(settings: Settings, limits: Limits = Limits(), api_key: str | Non
     metrics = Metrics()
     recent: list[dict[str, Any]] = []  # the gallery: newest last
     numbers = itertools.count()
-    model_name = engine.components.name
+    model_name, model_hash = engine.components.name, engine.components.model_hash
 
     def run(jobs: list[Job]) -> list[list[Any]]:
         params: JobParams = jobs[0].params
@@ -181,7 +181,7 @@ def create_app(settings: Settings, limits: Limits = Limits(), api_key: str | Non
                 {"interrupted": True, "sdaccel_ignored": ignored})}
         saved = _keep(results, params, body.save_images and not body.do_not_save_samples)
         label = SAMPLERS[sampler].a1111
-        info = info_text(body, label, [r.seed for r in results], model_name,
+        info = info_text(body, label, [r.seed for r in results], model_name, model_hash,
                          [s["parameters"] for s in saved], ignored)
         return {"images": [s["png_base64"] for s in saved] if body.send_images else [],
                 "parameters": body.model_dump(), "info": json.dumps(info)}
@@ -192,7 +192,8 @@ def create_app(settings: Settings, limits: Limits = Limits(), api_key: str | Non
 
     @app.get("/sdapi/v1/sd-models")
     async def sd_models():
-        return [{"title": model_name, "model_name": model_name, "hash": None, "sha256": None,
+        return [{"title": model_name, "model_name": model_name, "hash": model_hash,
+                 "sha256": None,
                  "filename": model_name, "config": None}]
 
     @app.get("/sdapi/v1/options")
@@ -285,9 +286,10 @@ def create_app(settings: Settings, limits: Limits = Limits(), api_key: str | Non
         job_settings = settings.model_copy(update={"generation": params.generation,
                                                    "sampler": params.sampler})
         kept = []
-        writer = RunWriter(job_settings, model_name) if save else None
+        writer = RunWriter(job_settings, model_name, model_hash) if save else None
         for result in results:
-            info, parameters, png_info = image_metadata(result, job_settings, model_name)
+            info, parameters, png_info = image_metadata(result, job_settings, model_name,
+                                                        model_hash)
             buffer = io.BytesIO()
             result.image.save(buffer, format="PNG", pnginfo=png_info)
             item = {**info, "parameters": parameters,
