@@ -209,3 +209,34 @@ def test_clashing_tokens_are_a_settings_error(tmp_path, vectors, tokens, message
                                  "embeddings=" + json.dumps(entries),
                                  "--out-dir", str(tmp_path / "out")])
     assert result.exit_code == 2 and message in result.output, result.output
+
+
+# ---------------------------------------------------------------------------- trained here
+
+
+@pytest.mark.slow
+def test_a_trained_embedding_draws_its_colour(tmp_path):
+    """Textual inversion (sdaccel.shapes.train_embedding): a token learnt from images of red
+    shapes alone draws red shapes, from both files it is saved as; the vector it started from
+    (the mean of the colour words) draws no red."""
+    from sdaccel.shapes import dataset, judge
+    from sdaccel.shapes.train_embedding import save, train_embedding
+
+    prompts = [f"a {{}} {shape} on a {background} background"
+               for shape in dataset.SHAPES for background in ("green", "blue")]
+
+    def colours(path, token):
+        engine = shapes_engine(entry(path), "sampler.steps=20")
+        return [judge.read(engine.generate([p.format(token)], seed=k)[0].image).colour
+                for k, p in enumerate(prompts)]
+
+    parts = load_components("bundled:shapes")
+    table = parts.text_encoder.get_input_embeddings().weight.detach()
+    start = table[parts.tokenizer.convert_tokens_to_ids([f"{c}</w>" for c in dataset.COLOURS])]
+    started = colours(write("diffusers", tmp_path / "start", "<x>", start.mean(0)[None]), "<x>")
+
+    diffusers_file, a1111_file = save(train_embedding("red", "<x>", steps=150), "<x>", tmp_path)
+    trained = colours(diffusers_file, "<x>")
+    assert trained.count("red") >= 7, trained
+    assert started.count("red") <= 2, started
+    assert colours(a1111_file, "learned") == trained  # A1111's file: its token is its stem

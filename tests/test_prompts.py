@@ -153,6 +153,13 @@ def test_prompts_of_one_batch_are_padded_to_the_longest(tiny):
     assert torch.equal(embeddings[0, 77:], diffusers_embeddings(tiny, [""])[0])
 
 
+def test_chunk_count_says_which_prompts_batch_alone(tiny):
+    long = " ".join(["a"] * 100)
+    assert tiny.prompts.chunk_count("a red circle") == 1
+    assert tiny.prompts.chunk_count("a red circle", long) == 2
+    assert tiny.prompts.chunk_count(long + " BREAK b") == 3
+
+
 def test_break_starts_a_new_chunk(tiny):
     embeddings = tiny._embed(["a red circle BREAK a blue square"])[0]
     assert embeddings.shape == (154, 32)

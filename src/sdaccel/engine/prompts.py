@@ -186,6 +186,13 @@ class PromptEncoder:
             close()
         return chunks
 
+    def chunk_count(self, prompt: str, negative_prompt: str | None = None) -> int:
+        """Chunks this prompt (with this negative prompt) is encoded in: prompts of one batch
+        are padded to the largest count, which changes the conditioning of the shorter ones
+        (as in A1111), so a caller merging prompts into one batch groups them by this count."""
+        texts = [prompt] if negative_prompt is None else [prompt, negative_prompt]
+        return max(len(self.chunks(t)) for t in texts) if self.weighting else 1
+
     def empty_chunk(self) -> Chunk:
         """The empty prompt's chunk: what shorter prompts are padded with."""
         return Chunk([self.bos, self.eos, *[self.pad] * self.chunk_length],
