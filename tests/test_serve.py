@@ -84,6 +84,19 @@ def test_concurrent_requests_share_a_batch_and_keep_their_images(server):
         assert same_as_alone(server, image, prompts[k], 100 + k)
 
 
+def test_a_long_prompt_does_not_share_a_batch_with_a_short_one(server):
+    """Chunked prompts pad the others of their batch (changing them): they ride alone."""
+    long_prompt = ", ".join(["a red circle on a blue background"] * 12)  # > 75 tokens
+    engine = server.app.state.engine
+    assert engine.prompts.chunk_count(long_prompt, "") > 1
+    with ThreadPoolExecutor(2) as pool:
+        short, long = pool.map(lambda prompt: server.post("/sdapi/v1/txt2img", json={
+            **BODY, "prompt": prompt, "seed": 5}), ["a red circle", long_prompt])
+    assert short.status_code == long.status_code == 200
+    assert same_as_alone(server, short.json()["images"][0], "a red circle", 5)
+    assert same_as_alone(server, long.json()["images"][0], long_prompt, 5)
+
+
 def test_the_native_endpoint_takes_our_settings_schema(server):
     ok = server.post("/v1/generate", json={"prompt": "a red circle", "seed": 3,
                                            "settings": {"sampler": {"name": "ddim",

@@ -265,8 +265,12 @@ def create_app(settings: Settings, limits: Limits = Limits(), api_key: str | Non
 
     async def _generate(prompt: str, seed: int, per_batch: int, batches: int,
                         params: JobParams):
-        jobs = [Job(_key(params), prompt, [seed + b * per_batch + k for k in range(per_batch)],
-                    params) for b in range(batches)]
+        # Prompts of one batch are padded to its longest (in 75-token chunks), which would
+        # change the shorter ones: only prompts of the same chunk count share a batch.
+        chunks = engine.prompts.chunk_count(prompt, params.negative_prompt)
+        jobs = [Job((*_key(params), chunks), prompt,
+                    [seed + b * per_batch + k for k in range(per_batch)], params)
+                for b in range(batches)]
         batcher.submit(jobs)
         try:
             parts = await asyncio.gather(*(asyncio.wrap_future(job.future) for job in jobs))
@@ -392,6 +396,7 @@ def _field_of(message: str, prefix: str = "") -> str:
 
 
 def _key(params: JobParams) -> tuple:
+    """What jobs must share to ride in one engine call (besides their prompts' chunk count)."""
     g = params.generation
     return (g.width, g.height, g.guidance_scale, params.sampler.name, params.sampler.steps,
             params.negative_prompt)
