@@ -80,6 +80,7 @@ HELD_OUT_TRIPLES: frozenset[tuple[str, str, str]] = frozenset(
 )
 
 TRAIN_SEED = 0
+RING_WIDTH = 0.4  # a ring's band, as a fraction of its radius (never in the data set itself)
 
 
 @dataclass(frozen=True)
@@ -285,6 +286,9 @@ def render(scene: Scene, rng: random.Random) -> Image.Image:
     for cx, cy in _centres(rng, scene, r):
         if scene.shape == "circle":
             draw.ellipse(((cx - r) * s, (cy - r) * s, (cx + r) * s, (cy + r) * s), fill=fill)
+        elif scene.shape == "ring":  # not in SHAPES: what the LoRA of shapes/train_lora.py teaches
+            draw.ellipse(((cx - r) * s, (cy - r) * s, (cx + r) * s, (cy + r) * s), outline=fill,
+                         width=round(RING_WIDTH * r * s))
         else:
             draw.polygon(
                 [(x * s, y * s) for x, y in _shape_points(scene.shape, cx, cy, r)], fill=fill

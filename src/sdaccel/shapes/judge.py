@@ -172,3 +172,25 @@ def accuracy(
     out["aligned"] = right["aligned"] / max(1, n)
     out["n"] = float(n)
     return out
+
+
+def has_hole(image: Image.Image | np.ndarray) -> bool | None:
+    """Whether the largest shape :func:`read` finds has a hole showing the background, at least
+    :data:`MIN_SHAPE_PIXELS` large (a ring, which no data-set shape has; a blob of another colour
+    inside a shape is no hole); ``None``: no shape."""
+    from skimage.measure import label, regionprops
+
+    reading = read(image)
+    if reading.colour is None:
+        return None
+    arr = _as_array(image)
+    colour = np.array(dataset.PALETTE[reading.colour], dtype=np.float32)
+    mask = np.linalg.norm(arr - colour, axis=-1) < MAX_COLOUR_DISTANCE
+    big = max(regionprops(label(mask, connectivity=2)), key=lambda r: r.area)
+    y0, x0, y1, x1 = big.bbox
+    hole = arr[y0:y1, x0:x1][big.image_filled & ~big.image]
+    if len(hole) < MIN_SHAPE_PIXELS:
+        return False
+    backgrounds = np.array([dataset.PALETTE[c] for c in reading.background], dtype=np.float32)
+    near = np.linalg.norm(hole[:, None] - backgrounds[None], axis=-1).min(-1) < MAX_COLOUR_DISTANCE
+    return bool(near.sum() >= MIN_SHAPE_PIXELS)
