@@ -216,8 +216,11 @@ def _inject(component: str, model: torch.nn.Module, lora: LoraFile, adapter: str
     from diffusers.loaders import StableDiffusionLoraLoaderMixin as Loader
 
     if component == "unet":
+        # low_cpu_mem_usage: the layers take the file's tensors, never a random init first (the
+        # default of diffusers' load_lora_weights)
         Loader.load_lora_into_unet(lora.state_dict, lora.network_alphas, unet=model,
-                                   adapter_name=adapter, metadata=lora.metadata)
+                                   adapter_name=adapter, metadata=lora.metadata,
+                                   low_cpu_mem_usage=True)
     else:
         _inject_text_encoder(model, lora, adapter)
 
@@ -251,8 +254,8 @@ def _inject_text_encoder(model: torch.nn.Module, lora: LoraFile, adapter: str) -
         alphas = {k.removeprefix(f"{prefix}."): v for k, v in lora.network_alphas.items()
                   if k.split(".")[0] == prefix}
     config = _create_lora_config(state_dict, alphas, metadata, rank, is_unet=False)
-    inject_adapter_in_model(config, model, adapter_name=adapter)
-    set_peft_model_state_dict(model, state_dict, adapter_name=adapter)
+    inject_adapter_in_model(config, model, adapter_name=adapter, low_cpu_mem_usage=True)
+    set_peft_model_state_dict(model, state_dict, adapter_name=adapter, low_cpu_mem_usage=True)
 
 
 @contextmanager
@@ -479,10 +482,15 @@ class LoraSwitcher:
             if signature == target.current:
                 continue
             weight = target.module.weight
-            total = target.original.to(weight.device, torch.float32, copy=True)
+            # fp32 in place where the weight is fp32 (bit for bit the same sum), else in fp32
+            # beside it, then cast once
+            total = weight if weight.dtype == torch.float32 else torch.empty(
+                weight.shape, dtype=torch.float32, device=weight.device)
+            total.copy_(target.original)
             for layer, w in items:
                 total.add_(layer.get_delta_weight(ADAPTER).to(torch.float32), alpha=w)
-            weight.copy_(total)
+            if total is not weight:
+                weight.copy_(total)
             target.current = signature
             changed.add(key)
         self._sync_fused_projections(changed)
