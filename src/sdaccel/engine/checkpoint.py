@@ -398,3 +398,32 @@ def file_sha256(path: str | Path) -> str:
 def model_hash(path: str | Path) -> str:
     """AUTOMATIC1111's `Model hash` (its "AutoV2"): the file's sha256, first 10 hex digits."""
     return file_sha256(path)[:10]
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception in one line: its message's first line, or its type."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def load_tensor_pickle(data: bytes, what: str, error: type[Exception]) -> Any:
+    """torch.load(weights_only=True) of a small file's bytes (a LoRA, an embedding): a pickle
+    that would run code, or a damaged one, is `error` naming `what` ("LoRA file 'x.pt'")."""
+    import io
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        wanted = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        if wanted:
+            raise error(f"{what} holds more than tensors ({wanted.group(1)}): loading it would "
+                        "run code from the file, which sdaccel never does (convert it to "
+                        ".safetensors where you trust it)") from None
+        raise error(f"{what} is not a readable PyTorch file (truncated or corrupt?): "
+                    f"{first_line(exc)}") from None
+    except Exception as exc:  # RuntimeError / EOFError from a damaged zip or pickle
+        raise error(f"{what} is not a readable PyTorch file (truncated or corrupt?): "
+                    f"{first_line(exc)}") from None

@@ -18,14 +18,12 @@ writes only `tok`.
 from __future__ import annotations
 
 import hashlib
-import io
-import pickle
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sdaccel.engine.checkpoint import first_line, load_tensor_pickle
 from sdaccel.errors import ConfigError, ModelNotFoundError
 
 SUFFIXES = (".pt", ".bin", ".safetensors")
@@ -95,7 +93,6 @@ def read_embedding(path: str | Path, token: str | None = None,
 
 
 def _load(data: bytes, where: Path, given: str) -> Any:
-    import torch
 
     if where.suffix.lower() == ".safetensors":
         from safetensors.torch import load
@@ -104,21 +101,8 @@ def _load(data: bytes, where: Path, given: str) -> Any:
             return load(data)
         except Exception as exc:  # SafetensorError, or a header that is not JSON
             raise ModelNotFoundError(f"embedding file {given!r} is not a readable .safetensors "
-                                     f"file (truncated or corrupt?): {_first_line(exc)}") from None
-    try:
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        wanted = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
-        if wanted:
-            raise ModelNotFoundError(
-                f"embedding file {given!r} holds more than tensors ({wanted.group(1)}): loading "
-                "it would run code from the file, which sdaccel never does (convert it to "
-                ".safetensors where you trust it)") from None
-        raise ModelNotFoundError(f"embedding file {given!r} is not a readable PyTorch file "
-                                 f"(truncated or corrupt?): {_first_line(exc)}") from None
-    except Exception as exc:  # RuntimeError / EOFError from a damaged zip or pickle
-        raise ModelNotFoundError(f"embedding file {given!r} is not a readable PyTorch file "
-                                 f"(truncated or corrupt?): {_first_line(exc)}") from None
+                                     f"file (truncated or corrupt?): {first_line(exc)}") from None
+    return load_tensor_pickle(data, f"embedding file {given!r}", ModelNotFoundError)
 
 
 def _interpret(state: Any, where: Path, given: str) -> tuple[str, Any]:
@@ -192,6 +176,3 @@ def expansions(loaded: Sequence[LoadedEmbedding]) -> dict[int, list[int]]:
     return {e.token_ids[0]: list(e.token_ids) for e in loaded if len(e.token_ids) > 1}
 
 
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

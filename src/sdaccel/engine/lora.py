@@ -31,10 +31,8 @@ the UNet is only ever unfused on request.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
-import pickle
 import re
 import time
 import warnings
@@ -46,6 +44,7 @@ from typing import Any
 
 import torch
 
+from sdaccel.engine.checkpoint import first_line, load_tensor_pickle
 from sdaccel.errors import LoraError
 
 COMPONENTS = ("unet", "text_encoder")  # what an SD 1.x LoRA may change, as diffusers names them
@@ -64,9 +63,6 @@ def prompt_tags(texts: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(tag for text in texts for tag in LORA_TAG.findall(text)))
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 # --------------------------------------------------------------------------- reading files
@@ -142,22 +138,11 @@ def _load_safetensors(data: bytes, given: str) -> tuple[dict[str, Any], dict[str
         return load(data), header
     except Exception as exc:  # SafetensorError, a header that is not JSON, a short file
         raise LoraError(f"LoRA file {given!r} is not a readable .safetensors file (truncated "
-                        f"or corrupt?): {_first_line(exc)}") from None
+                        f"or corrupt?): {first_line(exc)}") from None
 
 
 def _load_pickle(data: bytes, given: str) -> dict[str, Any]:
-    try:
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if "Weights only load failed" in str(exc) and "Unsupported" in str(exc):
-            raise LoraError(f"LoRA file {given!r} holds more than tensors: loading it would run "
-                            "code from the file, which sdaccel never does (convert it to "
-                            ".safetensors where you trust it)") from None
-        raise LoraError(f"LoRA file {given!r} is not a readable PyTorch file (truncated or "
-                        f"corrupt?): {_first_line(exc)}") from None
-    except Exception as exc:  # RuntimeError / EOFError from a damaged zip or pickle
-        raise LoraError(f"LoRA file {given!r} is not a readable PyTorch file (truncated or "
-                        f"corrupt?): {_first_line(exc)}") from None
+    state = load_tensor_pickle(data, f"LoRA file {given!r}", LoraError)
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
@@ -184,7 +169,7 @@ def _convert(tensors: dict[str, Any], given: str) -> tuple[dict[str, Any], dict 
         state_dict, alphas = StableDiffusionLoraLoaderMixin.lora_state_dict(dict(tensors))
     except Exception as exc:  # diffusers' conversion names the keys it could not map
         raise LoraError(f"LoRA file {given!r} is not a LoRA diffusers can read for Stable "
-                        f"Diffusion 1.x: {_first_line(exc)}") from None
+                        f"Diffusion 1.x: {first_line(exc)}") from None
     return state_dict, alphas
 
 
@@ -360,11 +345,11 @@ def _misfit(lora: LoraFile, component: str, model_name: str, exc: Exception) -> 
                       r"torch\.Size\((\[.*?\])\).*?current model is torch\.Size\((\[.*?\])\)", text)
     if found or "size mismatch" in text:
         detail = (f"{component} layer {found[1]}: the file's LoRA weight is {found[2]}, the "
-                  f"model's {found[3]}" if found else _first_line(exc))
+                  f"model's {found[3]}" if found else first_line(exc))
         return (f"LoRA file {str(lora.path)!r} does not fit model {model_name} ({detail}); "
                 "made for another architecture (SD 2.x, SDXL)?")
     return (f"LoRA file {str(lora.path)!r} cannot be applied to the {component} of model "
-            f"{model_name}: {_first_line(exc)}")
+            f"{model_name}: {first_line(exc)}")
 
 
 @dataclass
