@@ -96,6 +96,19 @@ def test_inspect_config_yaml_loads_back_as_a_config(tmp_path):
     assert json.loads(again.stdout)["settings"] == json.loads(first.stdout)["settings"]
 
 
+def test_annotated_yaml_keeps_long_values_on_one_line_and_loads_back():
+    import yaml
+
+    from sdaccel.cli.inspect_config import annotated_yaml
+
+    long_path = "/a/checkout/somewhere/deep/" * 6 + "ring.safetensors"
+    values = {"loras": [{"path": long_path, "weight": 0.5}], "outer": {"prompt": "x " * 80}}
+    shown = annotated_yaml(values, {"loras": "command-line flag"})
+    assert len(shown.splitlines()) == 3  # loras, outer, outer.prompt
+    assert shown.splitlines()[0].endswith("# command-line flag")
+    assert yaml.safe_load(shown) == values
+
+
 def test_inspect_config_bad_config_exits_nonzero(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("sampler:\n  name: plms\n")

@@ -58,7 +58,9 @@ def annotated_yaml(values: dict[str, Any], sources: dict[str, str], prefix: str 
             lines.append(f"{pad}{key}:")
             lines.append(annotated_yaml(value, sources, f"{prefix}{key}.", indent + 1))
         else:
-            rendered = yaml.safe_dump(value, default_flow_style=True).strip()
+            # One line per leaf whatever its length: a wrapped flow value would lose its comment
+            # and, under an indented key, no longer load back.
+            rendered = yaml.safe_dump(value, default_flow_style=True, width=float("inf")).strip()
             rendered = rendered.removesuffix("\n...").removesuffix("...").strip()
             lines.append(f"{pad}{key}: {rendered}  # {sources.get(prefix + key, 'default')}")
     return "\n".join(lines)
