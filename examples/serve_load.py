@@ -29,8 +29,9 @@ from sdaccel.serve.app import Limits, create_app  # noqa: E402
 from sdaccel.settings import resolve_settings  # noqa: E402
 
 
-def start(settings, port: int, max_batch: int, max_queue: int = 512) -> None:
-    app = create_app(settings, Limits(max_batch=max_batch, max_wait_ms=30, max_queue=max_queue))
+def start(settings, port: int, max_batch: int, max_wait_ms: int, max_queue: int = 512) -> None:
+    limits = Limits(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue)
+    app = create_app(settings, limits)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
     threading.Thread(target=server.run, daemon=True).start()
     while not server.started:
@@ -79,15 +80,19 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--soak", type=int, default=1000, help="requests of the long run")
+    parser.add_argument("--max-wait-ms", type=int, default=Limits().max_wait_ms,
+                        help="the servers' --max-wait-ms (default: sdaccel serve's)")
+    parser.add_argument("--soak", type=int, default=1000,
+                        help="requests of the long run (0: no long run, no overload burst)")
     args = parser.parse_args()
 
     settings = resolve_settings("tiny", overrides=[f"model_id={args.model}"]).settings
-    start(settings, 7861, max_batch=8)
-    start(settings, 7862, max_batch=1)
-    start(settings, 7863, max_batch=8, max_queue=8)  # for the overload burst
+    start(settings, 7861, max_batch=8, max_wait_ms=args.max_wait_ms)
+    start(settings, 7862, max_batch=1, max_wait_ms=args.max_wait_ms)
+    start(settings, 7863, max_batch=8, max_wait_ms=args.max_wait_ms, max_queue=8)  # overload
     print(f"{args.model}, {args.size}x{args.size}, DPM-Solver++ {args.steps} steps, "
-          f"{args.requests} requests per burst, {args.rounds} rounds, "
+          f"{args.requests} requests per burst, {args.rounds} rounds, max wait "
+          f"{args.max_wait_ms} ms, "
           f"{os.cpu_count()} CPUs, torch threads {__import__('torch').get_num_threads()}\n")
 
     # Time to the first image: a running server vs a cold `sdaccel generate` process.
@@ -113,11 +118,17 @@ def main() -> None:
             rates = [m[0] for m in measured[name]]
             latencies = [t for m in measured[name] for t in m[1]]
             statuses = sorted({s for m in measured[name] for s in m[2]})
-            print(f"| {clients} | {name} | {statistics.median(rates):.2f} "
-                  f"({', '.join(f'{r:.2f}' for r in rates)}) | {statistics.median(latencies):.2f}"
+            print(f"| {clients} | {name} | {statistics.median(rates):.3g} "
+                  f"({', '.join(f'{r:.3g}' for r in rates)}) | {statistics.median(latencies):.2f}"
                   f" | {p95(latencies):.2f} | {statuses} |", flush=True)
 
-    # The long run: every request answered once, only 200/503, memory flat.
+    if args.soak:
+        soak_and_overload(args)
+
+
+def soak_and_overload(args) -> None:
+    """The long run: every request answered once, only 200/503, memory flat; then a burst
+    far beyond the queue."""
     soak = argparse.Namespace(**{**vars(args), "requests": args.soak, "steps": 2})
     before = rss_mib()
     rate, latencies, statuses = burst(soak, 7861, 16)

@@ -216,6 +216,36 @@ def test_batcher_merges_compatible_jobs_in_arrival_order_and_refuses_when_full()
     assert calls == [[("A", "a0")], [("B", "b0"), ("B", "b1")], [("A", "a1"), ("A", "a2")]]
 
 
+def test_a_lone_client_never_waits_for_company_and_concurrent_ones_do():
+    calls = []
+
+    def generate(jobs):
+        calls.append(len(jobs))
+        time.sleep(0.05)
+        return [[job.prompt] for job in jobs]
+
+    batcher = Batcher(generate, max_batch=4, max_wait=1.0, max_queue=8)
+    started = time.monotonic()
+    for k in range(4):  # one client: each request after the last one's answer
+        job = Job("A", f"a{k}", [k], None)
+        batcher.submit([job])
+        job.future.result(5)
+    # The first batch waits (company is assumed at the start), the next three do not.
+    assert time.monotonic() - started < 1.0 + 3 * 0.05 + 0.5
+    jobs = [Job("A", f"b{k}", [k], None) for k in range(3)]
+    batcher.submit(jobs[:1])
+    time.sleep(0.02)  # b0 runs alone; b1 and b2 arrive while it runs ...
+    batcher.submit(jobs[1:])
+    [job.future.result(5) for job in jobs]
+    jobs = [Job("A", f"c{k}", [k], None) for k in range(2)]
+    batcher.submit(jobs[:1])  # ... so the next batch waits for company, and c1 joins it
+    time.sleep(0.3)
+    batcher.submit(jobs[1:])
+    [job.future.result(5) for job in jobs]
+    batcher.close()
+    assert calls == [1, 1, 1, 1, 1, 2, 2]
+
+
 def test_interrupt_stops_the_running_batch_only():
     started = threading.Event()
 

@@ -38,8 +38,8 @@ def serve(
     host: Host = "127.0.0.1",
     port: Port = 7860,
     api_key: ApiKey = None,
-    max_batch: MaxBatch = 4,
-    max_wait_ms: MaxWait = 50,
+    max_batch: MaxBatch = 4,  # the defaults are serve.app.Limits' (not imported here: FastAPI)
+    max_wait_ms: MaxWait = 100,
     max_queue: MaxQueue = 64,
     max_pixels: MaxPixels = 1024 * 1024,
 ) -> None:

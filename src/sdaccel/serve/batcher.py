@@ -3,7 +3,9 @@
 Each request is split into jobs (one per A1111 `n_iter` batch). The worker always starts with the
 oldest waiting job (so requests that cannot merge are served in arrival order), then adds every
 waiting job with the same key (size, sampler, steps, guidance, negative prompt) until the batch
-holds `max_batch` images, waiting up to `max_wait` seconds for more to arrive. The batch runs as
+holds `max_batch` images, waiting up to `max_wait` seconds for more to arrive, but only while
+requests come concurrently (the last batch had company, or a request arrived while it ran): a
+lone client's requests start at once. The batch runs as
 one engine call in which every image keeps its own seed, so it is the image it would be alone.
 The queue holds at most `max_queue` images; past that, `submit` refuses at once (the server
 answers 503 with Retry-After) instead of letting clients hang.
@@ -73,6 +75,9 @@ class Batcher:
         self._ready = threading.Condition()
         self._interrupt = threading.Event()
         self._stopped = False
+        # Wait for company only while requests come concurrently; assumed at the start.
+        self._company = True
+        self._running = False
         self.progress = Progress()
         self._thread = threading.Thread(target=self._work, name="sdaccel-batcher", daemon=True)
         self._thread.start()
@@ -86,6 +91,7 @@ class Batcher:
             if queued + sum(job.images for job in jobs) > self.max_queue:
                 raise QueueFull(f"{queued} images are queued (limit {self.max_queue})")
             self._waiting.extend(jobs)
+            self._company = self._company or self._running
             self.progress.queued_images = queued + sum(job.images for job in jobs)
             self._ready.notify()
 
@@ -125,13 +131,15 @@ class Batcher:
             if self._stopped:
                 return None
             batch = [self._waiting.pop(0)]
-            deadline = time.monotonic() + self.max_wait
+            deadline = time.monotonic() + (self.max_wait if self._company else 0.0)
             while True:
                 self._take_compatible(batch)
                 left = deadline - time.monotonic()
                 if sum(job.images for job in batch) >= self.max_batch or left <= 0:
                     break
                 self._ready.wait(left)
+            self._company = len(batch) > 1 or bool(self._waiting)
+            self._running = True
             self.progress.queued_images = sum(job.images for job in self._waiting)
             return batch
 
@@ -157,5 +165,7 @@ class Batcher:
             for job, result in zip(batch, results, strict=True):
                 job.future.set_result(result)
         finally:
+            with self._ready:
+                self._running = False
             self._on_batch(images, time.perf_counter() - self.progress.started)
             self.progress.batch_images, self.progress.started = 0, None
