@@ -107,3 +107,17 @@ def test_compiled_unet_matches_eager():
     assert not [e for e in events if isinstance(e, Warning)]  # it compiled; no fallback
     eager = Engine(tiny_settings()).generate(["a red circle"])[0]
     assert torch.allclose(first.latents, eager.latents, rtol=1e-3, atol=1e-3)
+
+
+def test_freezing_and_inductor_flags_travel_as_inductor_options_with_the_mode():
+    from sdaccel.engine.compile import compile_options
+    from sdaccel.engine.optimize import INDUCTOR_FLAGS
+    from sdaccel.settings import CompileSettings
+
+    assert compile_options(CompileSettings(mode="default"), False)["mode"] == "default"
+    frozen = compile_options(CompileSettings(mode="max-autotune", freezing=True), False)
+    assert "mode" not in frozen and frozen["options"]["freezing"] is True
+    assert frozen["options"]["max_autotune"] is True  # the mode's own options kept
+    both = compile_options(CompileSettings(mode="default", freezing=True), True)["options"]
+    assert both["freezing"] is True and all(both[k] == v for k, v in INDUCTOR_FLAGS.items())
+

@@ -193,6 +193,27 @@ def test_a_switch_under_a_real_inductor_compile_adds_no_graph():
     assert torch.allclose(got.latents, want.latents, rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.slow
+def test_a_switch_under_frozen_weights_compiles_again_and_follows_the_lora():
+    """compile.freezing makes the weights constants of the compiled graph; those inductor
+    pre-packs (convolutions; linear layers where oneDNN packs them, as bf16 on AMX) are copies
+    that a switch in place does not reach. So every switch compiles the UNet again, and only a
+    switch does."""
+    counters = torch._dynamo.utils.counters
+    frozen = Engine(settings("compile.enabled=true", "compile.mode=default",
+                             "compile.freezing=true", "sampler.steps=4"))
+    eager = Engine(settings("sampler.steps=4"))
+    for loras in ([], [lora()], [lora()], [], [lora(KOHYA, 0.5)]):
+        graphs = counters["stats"]["unique_graphs"]
+        switches = frozen.lora.switches
+        got = frozen.generate([PROMPT], loras=loras)[0]
+        want = eager.generate([PROMPT], loras=loras)[0]
+        assert torch.allclose(got.latents, want.latents, rtol=1e-3, atol=1e-3)
+        switched = frozen.lora.switches != switches
+        assert (counters["stats"]["unique_graphs"] > graphs) == (switched or not graphs)
+    assert not frozen.compile_fell_back
+
+
 def test_fused_qkv_projections_follow_the_lora(engine):
     fused_qkv = Engine(settings("optimize.fuse_qkv=true"))
     got = fused_qkv.generate([PROMPT], loras=[lora()])[0]

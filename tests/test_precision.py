@@ -52,3 +52,72 @@ def test_reduced_precision_runs_the_unet_low_and_keeps_the_solver_in_fp32(monkey
     fp32 = torch.float32
     assert steps == [(fp32, fp32, fp32, {fp32})] * 4
     assert result.latents.dtype == fp32 and torch.isfinite(result.latents).all()
+
+
+def _cpu_with(monkeypatch, amx: bool, avx512_bf16: bool, arm: set[str] = frozenset()):
+    """Pretend the CPU has (or lacks) each native bf16 feature."""
+    from sdaccel.engine import precision
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(precision, "_arm_features", lambda: set(arm))
+
+
+@pytest.mark.parametrize(("amx", "avx512_bf16", "arm", "feature"), [
+    (True, True, set(), "AMX"), (False, True, set(), "AVX512-BF16"),
+    (False, False, {"fp", "asimd", "bf16"}, "Arm BF16")])
+def test_auto_picks_bf16_for_the_unet_and_vae_on_a_cpu_with_native_bf16(
+        monkeypatch, amx, avx512_bf16, arm, feature):
+    from sdaccel.engine.precision import choose_precisions
+
+    _cpu_with(monkeypatch, amx, avx512_bf16, arm)
+    settings = tiny_settings("unet_dtype=auto", "vae_dtype=auto", "text_encoder_dtype=auto")
+    chosen = choose_precisions(settings, torch.device("cpu"))
+    assert {k: c.precision for k, c in chosen.items()} == {
+        "unet_dtype": "bf16", "vae_dtype": "bf16", "text_encoder_dtype": "fp32"}
+    assert feature in chosen["unet_dtype"].reason
+
+
+def test_auto_never_picks_emulated_bf16_and_an_explicit_one_warns(monkeypatch):
+    """A CPU without AMX/AVX512-BF16 runs bf16 16x slower than fp32 (AVX2 EPYC, measured):
+    auto keeps fp32, the whole model runs as the fp32 one does, and bf16 asked for explicitly is
+    kept but told."""
+    _cpu_with(monkeypatch, amx=False, avx512_bf16=False)
+    events = []
+    auto = Engine(tiny_settings("unet_dtype=auto", "vae_dtype=auto", "text_encoder_dtype=auto"))
+    assert (auto.settings.unet_dtype, auto.settings.vae_dtype) == ("fp32", "fp32")
+    assert auto.unet.dtype == auto.vae.dtype == auto.text_encoder.dtype == torch.float32
+    assert "no native bf16" in auto.precisions["unet_dtype"].reason
+    fp32 = Engine(tiny_settings())
+    assert torch.equal(auto.generate(["a red circle"])[0].latents,
+                       fp32.generate(["a red circle"])[0].latents)
+    explicit = Engine(tiny_settings("unet_dtype=bf16"), on_event=events.append)
+    assert explicit.unet.dtype == torch.bfloat16
+    assert any("unet_dtype: bf16" in e.message and "slower than fp32" in e.message
+               for e in events)
+
+
+def test_auto_on_cuda_takes_bf16_where_the_gpu_has_it_else_fp16(monkeypatch):
+    from sdaccel.engine.precision import choose_precision
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some GPU")
+    for supported, expected in ((True, "bf16"), (False, "fp16")):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: supported)
+        assert choose_precision("unet_dtype", "auto", torch.device("cuda")).precision == expected
+
+
+def test_inspect_config_says_what_auto_chose_and_why(monkeypatch):
+    from typer.testing import CliRunner
+
+    from sdaccel.cli import app
+
+    _cpu_with(monkeypatch, amx=True, avx512_bf16=True)
+    result = CliRunner().invoke(app, ["inspect-config", "--set", "unet_dtype=auto",
+                                      "--set", "device=cpu"])
+    assert result.exit_code == 0, result.output
+    assert "#   unet_dtype: auto -> bf16 (this CPU has AMX: native bf16)" in result.stdout
+    shown = CliRunner().invoke(app, ["inspect-config", "--json", "--set", "unet_dtype=auto",
+                                     "--set", "device=cpu"])
+    import json
+
+    assert json.loads(shown.stdout)["precisions"]["unet_dtype"]["precision"] == "bf16"

@@ -108,7 +108,7 @@ io:
     ("colour: red\n", ["cfg.yaml", "colour", "unknown key", "model_id"]),
     ("sampler:\n  name: plms\n", ["cfg.yaml", "sampler.name", "'ddpm'", "'dpm_solver++'",
                                   "'plms'"]),
-    ("unet_dtype: fp8\n", ["unet_dtype", "'fp32', 'fp16' or 'bf16'"]),
+    ("unet_dtype: fp8\n", ["unet_dtype", "'fp32', 'fp16', 'bf16' or 'auto'"]),
     ("compile:\n  mode: turbo\n", ["compile.mode", "'reduce-overhead'", "'max-autotune'"]),
     ("adaptive:\n  min_steps: 30\n  max_steps: 20\n", ["cfg.yaml", "adaptive",
                                                       "min_steps (30) must not exceed max_steps"]),

@@ -35,7 +35,7 @@ import torch
 
 from sdaccel.cache_dir import cache_root
 from sdaccel.engine.engine import Engine
-from sdaccel.engine.precision import resolve_device
+from sdaccel.engine.precision import choose_precision, resolve_device
 from sdaccel.errors import ConfigError, SdaccelError, writing
 from sdaccel.events import EventHandler, Warning, ignore
 from sdaccel.settings import Settings
@@ -68,11 +68,13 @@ def _resolved(device: str | None) -> str:
 
 def graph_settings(settings: Settings) -> dict[str, Any]:
     """The settings that change what torch.compile builds (not prompts, seeds, steps, paths)."""
+    device = _resolved(settings.device)
+    precision = {key: choose_precision(key, getattr(settings, key), torch.device(device)).precision
+                 for key in ("unet_dtype", "vae_dtype")}  # "auto" as the engine resolves it
     return {
         "model_id": settings.model_id,
-        "device": _resolved(settings.device).split(":")[0],
-        "unet_dtype": settings.unet_dtype,
-        "vae_dtype": settings.vae_dtype,
+        "device": device.split(":")[0],
+        **precision,
         "compile": settings.compile.model_dump(exclude={"cache"}),
         "optimize": settings.optimize.model_dump(),
         "guided": settings.generation.guidance_scale > 1.0,

@@ -36,16 +36,32 @@ def inspect_config(
 
     resolved = settings.resolve()
     values = settings_as_dict(resolved.settings)
+    # The device check comes after the settings are shown: a preset for another machine is
+    # still shown, then the command fails (exit code 4).
+    choices, device_error = {}, None
+    if not skip_device_check:
+        from sdaccel.engine.precision import choose_precisions, device_for
+        from sdaccel.errors import DeviceError
+
+        try:
+            choices = choose_precisions(resolved.settings, device_for(resolved.settings))
+        except DeviceError as exc:
+            device_error = exc
     if as_json:
+        chosen = {key: {"precision": c.precision, "reason": c.reason} for key, c in
+                  choices.items()}
         typer.echo(json.dumps({"preset": resolved.preset, "settings": values,
-                               "sources": resolved.sources}, indent=2))
+                               "sources": resolved.sources, "precisions": chosen}, indent=2))
     else:
         typer.echo(f"# preset: {resolved.preset}")
         typer.echo(annotated_yaml(values, resolved.sources))
-    if not skip_device_check:  # after the settings: a preset for another machine is still shown
-        from sdaccel.engine.precision import device_for
-
-        device_for(resolved.settings)
+        if choices:
+            typer.echo("# precisions on this machine:")
+        for key, choice in choices.items():
+            shown = f"auto -> {choice.precision}" if choice.asked == "auto" else choice.precision
+            typer.echo(f"#   {key}: {shown} ({choice.reason})")
+    if device_error is not None:
+        raise device_error
 
 
 def annotated_yaml(values: dict[str, Any], sources: dict[str, str], prefix: str = "",

@@ -22,15 +22,18 @@ log = logging.getLogger(__name__)
 
 
 def compile_options(options: CompileSettings, inductor_flags: bool) -> dict[str, Any]:
-    """Keyword arguments for torch.compile: the seed's mode, plus diffusers' inductor flags when
-    asked (torch.compile takes `mode` or `options`, not both: the mode becomes its options)."""
+    """Keyword arguments for torch.compile: the seed's mode, plus diffusers' inductor flags and
+    freezing when asked (torch.compile takes `mode` or `options`, not both: the mode becomes its
+    options)."""
     kwargs: dict[str, Any] = {"fullgraph": options.fullgraph, "dynamic": options.dynamic}
-    if not inductor_flags:
+    extra = {**(INDUCTOR_FLAGS if inductor_flags else {}),
+             **({"freezing": True} if options.freezing else {})}
+    if not extra:
         return {**kwargs, "mode": options.mode}
     from torch._inductor import list_mode_options
 
     mode_options = list_mode_options(options.mode, options.dynamic)
-    return {**kwargs, "options": {**mode_options, **INDUCTOR_FLAGS}}
+    return {**kwargs, "options": {**mode_options, **extra}}
 
 
 def compile_callable(

@@ -20,7 +20,7 @@ from sdaccel.engine.feature_cache import LayeredUNet
 from sdaccel.engine.lora import LoraSwitcher, prompt_tags, read_loras
 from sdaccel.engine.models import Components, load_components
 from sdaccel.engine.optimize import apply_passes, with_attention
-from sdaccel.engine.precision import DTYPES, cast, device_for
+from sdaccel.engine.precision import DTYPES, cast, choose_precisions, device_for
 from sdaccel.engine.prompts import PromptEncoder, plain_text
 from sdaccel.engine.samplers import build_scheduler
 from sdaccel.engine.stepwise import StepPolicy, StepwiseDenoiser
@@ -67,9 +67,15 @@ class Engine:
     """Holds the loaded, cast and (optionally) compiled model for one Settings."""
 
     def __init__(self, settings: Settings, on_event: EventHandler = ignore) -> None:
-        self.settings = settings
         self.on_event = on_event
         self.device = device_for(settings)
+        # "auto" precisions become what this device runs natively (inspect-config shows why).
+        self.precisions = choose_precisions(settings, self.device)
+        self.settings = settings.model_copy(
+            update={key: choice.precision for key, choice in self.precisions.items()})
+        for key, choice in self.precisions.items():
+            if choice.slow:
+                on_event(Warning(f"{key}: {choice.precision} {choice.reason}"))
         lora_files = read_loras(settings.loras)  # a bad LoRA file fails before loading
         adaptive = settings.adaptive
         replan = adaptive.enabled and adaptive.mode == "replan"
@@ -107,10 +113,20 @@ class Engine:
         self.lora = LoraSwitcher({"unet": self.unet, "text_encoder": self.text_encoder},
                                  s.model_id, unfused=["text_encoder"] * (
                                      s.text_encoder_dtype == "int8"))
+        self._compile()
+        self.layered = None  # the UNet layer by layer, for feature caching
+        if self.policy is not None and self.policy.caches:
+            self.layered = LayeredUNet(self.unet)
+            self.layered.check_level(self.policy.cache_level)
+        self._costs: dict[tuple[int, ...], UNetCost] = {}
+
+    def _compile(self) -> None:
+        """The UNet and VAE decode callables: compiled when the settings say so (lazily, on the
+        first call; the front end loads the compile cache before that call, never this), and
+        run with the attention kernel the settings force."""
+        s = self.settings
         self._unet_forward = self.unet
         self._vae_decode = self._decode_eager
-        # Compiled lazily, on the first call. The compile cache (sdaccel.compile_cache) is loaded
-        # by the front end before that call, never from here.
         self._compiled: list[EagerFallback] = []
         if s.compile.enabled:
             flags = s.optimize.inductor_flags
@@ -124,11 +140,21 @@ class Engine:
                 self._compiled.append(self._vae_decode)
         self._unet_forward = with_attention(self._unet_forward, s.optimize.attention)
         self._vae_decode = with_attention(self._vae_decode, s.optimize.attention)
-        self.layered = None  # the UNet layer by layer, for feature caching
-        if self.policy is not None and self.policy.caches:
-            self.layered = LayeredUNet(self.unet)
-            self.layered.check_level(self.policy.cache_level)
-        self._costs: dict[tuple[int, ...], UNetCost] = {}
+
+    def _apply_loras(self, loras: Sequence[LoraEntry]) -> tuple[dict, ...]:
+        """Make `loras` the set in force. Frozen weights (compile.freezing) are constants of the
+        compiled UNet, and those inductor pre-packs (convolutions; linear layers where oneDNN
+        packs them) are copies blind to weights changed in place: a switch compiles the UNet
+        again. Dynamo keeps compiled graphs per code object, whatever the wrapper, so that takes
+        `torch.compiler.reset()`: every compiled model of this process compiles again at its next
+        call (a server or a prompts file with frozen weights should not switch LoRAs often)."""
+        switches = self.lora.switches
+        records = self.lora.apply(loras)
+        s = self.settings
+        if self.lora.switches != switches and s.compile.enabled and s.compile.freezing:
+            torch.compiler.reset()
+            self._compile()
+        return records
 
     def prepare_loras(self, loras: Sequence[LoraEntry]) -> None:
         """Read and check LoRA files (errors name the file) without changing the set in force:
@@ -175,7 +201,7 @@ class Engine:
         entries) too: fused before the batch, or nothing done when they are the ones in force.
         """
         s = self.settings
-        lora_records = self.lora.apply(s.loras if loras is None else loras)
+        lora_records = self._apply_loras(s.loras if loras is None else loras)
         if tags := [t for t in prompt_tags([*prompts, negative_prompt]) if t not in self._warned]:
             self._warned.update(tags)
             self.on_event(Warning(f"{', '.join(tags)}: LoRA tags in a prompt are read as plain "
