@@ -274,7 +274,10 @@ def test_cpu_peak_memory_window_resets():
 
 # --------------------------------------------------------------------------- peers, equal cost
 
-INSTALLED_PEERS = [name for name, module in (("deepcache", "DeepCache"), ("tomesd", "tomesd"))
+# OpenVINO at f32: the same images as torch's fp32 up to float reassociation, on any CPU.
+OPENVINO = "openvino:inference_precision=f32"
+INSTALLED_PEERS = [name for name, module in (("deepcache", "DeepCache"), ("tomesd", "tomesd"),
+                                             (OPENVINO, "openvino"))
                    if importlib.util.find_spec(module)]
 
 
@@ -336,6 +339,17 @@ def test_tomesd_peer_row(peers_report):
     assert row.speedup_p25 <= row.speedup <= row.speedup_p75
 
 
+def test_openvino_peer_row(peers_report):
+    pytest.importorskip("openvino")
+    row = peers_report.row(OPENVINO)
+    assert (row.kind, row.baseline, row.steps, row.nfe) == ("peer", "diffusers fp32", 4, 8.0)
+    assert row.passes.startswith("openvino ") and "inference_precision=f32" in row.passes
+    # The same UNet work, run by OpenVINO: the baseline's cost, OpenVINO's precision.
+    assert (row.cost_source, row.cost, row.precision) == ("steps", 4.0, "f32 (OpenVINO)")
+    assert row.psnr_db >= 45, row.psnr_db  # f32: the baseline's images
+    assert len(peers_report.images[OPENVINO]) == 2
+
+
 def test_cli_peer_with_its_own_parameters():
     pytest.importorskip("DeepCache")
     result = runner.invoke(app, ["bench", *set_flags(TINY), "--iters",
@@ -353,9 +367,12 @@ def test_peer_specs_are_checked():
     assert spec.label == "deepcache:cache_interval=5" and bench.parse_peer("tomesd").label == \
         "tomesd"
     assert bench.parse_peer("tomesd:ratio=0.3,use_rand=false").params["use_rand"] is False
-    for bad, message in (("fastcache", "unknown peer 'fastcache'; valid: deepcache, tomesd"),
+    for bad, message in (("fastcache", "unknown peer 'fastcache'; valid: deepcache, tomesd, "
+                                        "openvino"),
                          ("deepcache:interval=3", "KEY one of cache_interval, cache_branch_id"),
-                         ("tomesd:ratio=lots", "ratio must be a float, got 'lots'")):
+                         ("tomesd:ratio=lots", "ratio must be a float, got 'lots'"),
+                         ("openvino:inference_precision=int4", "inference_precision 'int4' is "
+                          "not one of default, f32, bf16, f16")):
         with pytest.raises(ConfigError, match=re.escape(message)):
             bench.parse_peer(bad)
     result = runner.invoke(app, ["bench", "--peer", "fastcache"])

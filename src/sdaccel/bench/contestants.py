@@ -177,9 +177,11 @@ def load_pipeline(settings: Settings, dtype: str, prompts, calls: int,
         label="", kind="peer" if peer else "baseline", baseline="", settings=settings,
         device=str(device), steps=steps, batch=batch,
         nfe=float(steps * (2 if g.guidance_scale > 1.0 else 1)),
-        precision=f"{dtype} (all)", compile="eager", call=call,
+        precision=(peer.peer.precision(peer.params) if peer and peer.peer.precision
+                   else f"{dtype} (all)"), compile="eager", call=call,
         plan=call_plan(settings, prompts, calls), unet=pipe.unet,
         modules=[pipe.unet, pipe.vae, pipe.text_encoder],
-        passes=peer.describe() if peer else "", cost_source="flops" if peer else "steps",
+        passes=peer.describe() if peer else "", cost_source=(
+            "flops" if peer and not peer.peer.precision else "steps"),
         peer=peer,
     )

@@ -10,9 +10,14 @@ pipeline and measured in the same run.
   image's seed at every call (tomesd's own default forks the global RNG once), so a peer image is
   reproducible from its seed like every other row's.
 
+- `openvino`: the pipeline's UNet, VAE decoder and text encoder converted to OpenVINO and run
+  by its CPU plugin (see `sdaccel.bench.openvino_peer`; CPU only). Parameter:
+  `inference_precision` (default: OpenVINO's own, bf16 on a CPU with AMX or AVX512-BF16, f32
+  elsewhere; or f32, bf16, f16).
+
 A spec names a peer and optionally its parameters: `deepcache`, `deepcache:cache_interval=5`,
-`tomesd:ratio=0.3,max_downsample=2`. Neither package is a dependency of sdaccel:
-`pip install 'sdaccel[peers]'`.
+`tomesd:ratio=0.3,max_downsample=2`, `openvino:inference_precision=f32`. No peer package is a
+dependency of sdaccel: `pip install 'sdaccel[peers]'`.
 """
 
 from __future__ import annotations
@@ -39,6 +44,10 @@ class Peer:
     defaults: dict[str, Any]
     shown: tuple[str, ...]  # parameters every description names (others when changed)
     apply: Callable[[Any, dict[str, Any]], Callable[[int], None] | None]  # -> per-call prepare
+    # The peer runs the same arithmetic elsewhere (OpenVINO): its cost is the baseline's steps,
+    # and its precision column comes from here instead of the pipeline's torch dtype.
+    precision: Callable[[dict[str, Any]], str] | None = None
+    choices: dict[str, tuple[str, ...]] = field(default_factory=dict)  # of a text parameter
 
 
 @dataclass(frozen=True)
@@ -87,6 +96,18 @@ def _apply_tomesd(pipe, params: dict[str, Any]):
     return prepare
 
 
+def _apply_openvino(pipe, params: dict[str, Any]):
+    from sdaccel.bench.openvino_peer import apply_openvino
+
+    return apply_openvino(pipe, params)
+
+
+def _openvino_precision(params: dict[str, Any]) -> str:
+    from sdaccel.bench.openvino_peer import precision_label
+
+    return precision_label(params)
+
+
 PEERS: dict[str, Peer] = {
     "deepcache": Peer("deepcache", "DeepCache", "DeepCache",
                       {"cache_interval": 3, "cache_branch_id": 0},
@@ -95,6 +116,9 @@ PEERS: dict[str, Peer] = {
                    {"ratio": 0.5, "max_downsample": 1, "sx": 2, "sy": 2, "use_rand": True,
                     "merge_attn": True, "merge_crossattn": False, "merge_mlp": False},
                    ("ratio", "max_downsample"), _apply_tomesd),
+    "openvino": Peer("openvino", "openvino", "openvino", {"inference_precision": "default"},
+                     ("inference_precision",), _apply_openvino, _openvino_precision,
+                     {"inference_precision": ("default", "f32", "bf16", "f16")}),
 }
 
 
@@ -117,6 +141,9 @@ def parse_peer(spec: str | PeerSpec) -> PeerSpec:
             raise ConfigError(f"--peer {spec!r}: expected {name}:KEY=VALUE with KEY one of "
                               f"{', '.join(peer.defaults)}; got {item!r}")
         params[key] = _typed(spec, key, text.strip(), peer.defaults[key])
+        if key in peer.choices and params[key] not in peer.choices[key]:
+            raise ConfigError(f"--peer {spec!r}: {key} {params[key]!r} is not one of "
+                              f"{', '.join(peer.choices[key])}")
     return PeerSpec(name, params)
 
 
