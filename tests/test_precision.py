@@ -102,7 +102,7 @@ def test_auto_on_cuda_takes_bf16_where_the_gpu_has_it_else_fp16(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some GPU")
     for supported, expected in ((True, "bf16"), (False, "fp16")):
-        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: supported)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda supported=supported: supported)
         assert choose_precision("unet_dtype", "auto", torch.device("cuda")).precision == expected
 
 

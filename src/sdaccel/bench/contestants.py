@@ -117,7 +117,8 @@ def load_engine(config: BenchConfig, prompts, calls: int) -> Contestant:
         label=config.label, kind="config", baseline="", settings=settings, device=device,
         steps=plan_steps(settings), batch=settings.generation.num_images_per_prompt,
         nfe=float(plan_steps(settings) * (2 if guided else 1)),
-        precision=precision_label(settings), compile=compile_label(settings), call=call,
+        precision=precision_label(engine.settings),  # "auto" as the engine chose it
+        compile=compile_label(settings), call=call,
         plan=call_plan(settings, prompts, calls), passes=", ".join(getattr(engine, "passes", [])),
         cache_entries=len(cache_entries), notes=notes,
         cost_source="engine",

@@ -18,7 +18,6 @@ from typing import Any
 import torch
 
 
-
 class _Converted:
     """One module converted once, compiled per input shape, called with torch tensors."""
 
@@ -46,12 +45,10 @@ class _Converted:
         out = compiled([x.detach().cpu().numpy() for x in inputs])[0]
         return torch.from_numpy(out.copy())
 
-    def precision(self) -> str:
-        """The inference precision OpenVINO ran at (its default resolved, e.g. "f32")."""
-        compiled = next(iter(self._compiled.values()), None)
-        if compiled is None:
-            return str(self.core.get_property("CPU", "INFERENCE_PRECISION_HINT"))
-        return str(compiled.get_property("INFERENCE_PRECISION_HINT"))
+
+def _type_name(element_type) -> str:
+    """OpenVINO's element type as its short name ("f32", "bf16")."""
+    return element_type.to_string() if hasattr(element_type, "to_string") else str(element_type)
 
 
 class _UNetCall(torch.nn.Module):
@@ -124,4 +121,5 @@ def precision_label(params: dict[str, Any]) -> str:
 
     if params["inference_precision"] != "default":
         return f"{params['inference_precision']} (OpenVINO)"
-    return f"{ov.Core().get_property('CPU', 'INFERENCE_PRECISION_HINT')} (OpenVINO default)"
+    default = ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT")
+    return f"{_type_name(default)} (OpenVINO default)"

@@ -1,0 +1,102 @@
+"""One guided SD 1.5 UNet step on the CPU: PyTorch eager, the `cpu` preset's compiled UNet and
+OpenVINO, timed in one process in interleaved rounds.
+
+    python examples/cpu_unet_step.py                       # random:sd15, 256 and 512
+    python examples/cpu_unet_step.py --sizes 256 --rounds 3
+
+Rows: eager fp32 (the reference), eager bf16 (only where the CPU has native bf16), the `cpu`
+preset's UNet (precision `auto`, torch.compile with inductor freezing, built by the engine as
+`sdaccel generate --preset cpu` builds it), OpenVINO at its default precision and at f32
+(bench's `--peer openvino` conversion). Each row's time is the median over rounds; the speed-up
+is the median of per-round ratios to eager fp32; the error is the UNet output's relative L2
+distance to eager fp32's. Prints markdown; nothing else should use the CPU meanwhile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from sdaccel.bench.openvino_peer import _Converted, _UNetCall  # noqa: E402
+from sdaccel.engine.engine import Engine  # noqa: E402
+from sdaccel.engine.precision import cpu_bf16_support  # noqa: E402
+from sdaccel.settings import resolve_settings  # noqa: E402
+
+
+def rows_for(args) -> dict:
+    """name -> (callable(sample, t, context) -> noise, setup seconds)."""
+    started = time.perf_counter()
+    cpu = Engine(resolve_settings("cpu", overrides=[f"model_id={args.model}"]).settings)
+    built = time.perf_counter() - started
+    fp32 = copy.deepcopy(cpu.unet).float() if cpu.unet.dtype != torch.float32 else cpu.unet
+    rows = {"eager fp32": (lambda x, t, c: fp32(x, t, c).sample, 0.0)}
+    if cpu_bf16_support():
+        bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
+        rows["eager bf16"] = (lambda x, t, c: bf16(x.bfloat16(), t, c.bfloat16()).sample.float(),
+                              0.0)
+    rows[f"`cpu` preset ({cpu.settings.unet_dtype}, compile + freezing)"] = (
+        lambda x, t, c: cpu._unet_forward(x.to(cpu.unet_dtype), t,
+                                          c.to(cpu.unet_dtype)).sample.float(), built)
+    for precision in ("default", "f32"):
+        config = {"PERFORMANCE_HINT": "LATENCY"}
+        if precision != "default":
+            config["INFERENCE_PRECISION_HINT"] = precision
+        started = time.perf_counter()
+        example = (torch.randn(2, 4, 64, 64), torch.tensor(999), torch.randn(2, 77, 768))
+        converted = _Converted(_UNetCall(fp32), example, config)
+        rows[f"OpenVINO {precision}"] = (
+            lambda x, t, c, m=converted: m(x, t, c), time.perf_counter() - started)
+    return rows, cpu
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="random:sd15")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    rows, cpu = rows_for(args)
+    print(f"{args.model}, one guided UNet step (batch 2); {os.cpu_count()} CPUs "
+          f"({torch.backends.cpu.get_cpu_capability()}, native bf16: "
+          f"{cpu_bf16_support() or 'none'}), torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; `cpu` preset UNet: {cpu.settings.unet_dtype} "
+          f"({cpu.precisions['unet_dtype'].reason})\n")
+    generator = torch.Generator().manual_seed(0)
+    for size in args.sizes:
+        x = torch.randn(2, 4, size // 8, size // 8, generator=generator)
+        t = torch.tensor(500)
+        c = torch.randn(2, 77, 768, generator=generator)
+        outputs, first, times = {}, {}, {name: [] for name in rows}
+        with torch.inference_mode():
+            for name, (call, _) in rows.items():  # the first call compiles / builds
+                started = time.perf_counter()
+                outputs[name] = call(x, t, c)
+                first[name] = time.perf_counter() - started
+            for _ in range(args.rounds):
+                for name, (call, _) in rows.items():
+                    started = time.perf_counter()
+                    call(x, t, c)
+                    times[name].append(time.perf_counter() - started)
+        reference = outputs["eager fp32"]
+        print(f"### {size}x{size}\n")
+        print("| row | s per step | speed-up vs eager fp32 (per round) | first call s | "
+              "setup s | rel. error |")
+        print("|---|---|---|---|---|---|")
+        for name in rows:
+            ratios = [a / b for a, b in zip(times["eager fp32"], times[name], strict=True)]
+            error = ((outputs[name] - reference).norm() / reference.norm()).item()
+            print(f"| {name} | {statistics.median(times[name]):.2f} | "
+                  f"{statistics.median(ratios):.2f}x ({', '.join(f'{r:.2f}' for r in ratios)})"
+                  f" | {first[name]:.1f} | {rows[name][1]:.1f} | {error:.2e} |", flush=True)
+        print()
+
+
+if __name__ == "__main__":
+    main()
