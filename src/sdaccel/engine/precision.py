@@ -109,12 +109,6 @@ def choose_precisions(settings, device: torch.device) -> dict[str, Choice]:
     return {key: choose_precision(key, getattr(settings, key), device) for key in PRECISION_KEYS}
 
 
-def with_chosen_precisions(settings, device: torch.device):
-    """`settings` with every "auto" precision replaced by the one chosen for `device`."""
-    chosen = choose_precisions(settings, device)
-    return settings.model_copy(update={k: c.precision for k, c in chosen.items()})
-
-
 def check_precisions(device: torch.device, dtypes: dict[str, str]) -> None:
     """Raise DeviceError naming the component whose precision this device cannot run."""
     for key, name in dtypes.items():
