@@ -24,10 +24,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from sdaccel.bench.openvino_peer import _Converted, _UNetCall  # noqa: E402
+from sdaccel.bench.openvino_peer import convert_unet, openvino_config  # noqa: E402
 from sdaccel.engine.engine import Engine  # noqa: E402
 from sdaccel.engine.precision import cpu_bf16_support  # noqa: E402
 from sdaccel.settings import resolve_settings  # noqa: E402
+
+
+def context_shape(engine) -> tuple[int, int]:
+    """(tokens, width) of the text embeddings the UNet reads."""
+    return engine.tokenizer.model_max_length, engine.text_encoder.config.hidden_size
 
 
 def rows_for(args) -> dict:
@@ -45,12 +50,8 @@ def rows_for(args) -> dict:
         lambda x, t, c: cpu._unet_forward(x.to(cpu.unet_dtype), t,
                                           c.to(cpu.unet_dtype)).sample.float(), built)
     for precision in ("default", "f32"):
-        config = {"PERFORMANCE_HINT": "LATENCY"}
-        if precision != "default":
-            config["INFERENCE_PRECISION_HINT"] = precision
         started = time.perf_counter()
-        example = (torch.randn(2, 4, 64, 64), torch.tensor(999), torch.randn(2, 77, 768))
-        converted = _Converted(_UNetCall(fp32), example, config)
+        converted = convert_unet(fp32, context_shape(cpu), openvino_config(precision))
         rows[f"OpenVINO {precision}"] = (
             lambda x, t, c, m=converted: m(x, t, c), time.perf_counter() - started)
     return rows, cpu
@@ -70,9 +71,10 @@ def main() -> None:
           f"({cpu.precisions['unet_dtype'].reason})\n")
     generator = torch.Generator().manual_seed(0)
     for size in args.sizes:
-        x = torch.randn(2, 4, size // 8, size // 8, generator=generator)
+        latent = size // cpu.vae_scale_factor
+        x = torch.randn(2, cpu.unet.config.in_channels, latent, latent, generator=generator)
         t = torch.tensor(500)
-        c = torch.randn(2, 77, 768, generator=generator)
+        c = torch.randn(2, *context_shape(cpu), generator=generator)
         outputs, first, times = {}, {}, {name: [] for name in rows}
         with torch.inference_mode():
             for name, (call, _) in rows.items():  # the first call compiles / builds

@@ -183,6 +183,6 @@ def load_pipeline(settings: Settings, dtype: str, prompts, calls: int,
         plan=call_plan(settings, prompts, calls), unet=pipe.unet,
         modules=[pipe.unet, pipe.vae, pipe.text_encoder],
         passes=peer.describe() if peer else "", cost_source=(
-            "flops" if peer and not peer.peer.precision else "steps"),
+            "flops" if peer and not peer.peer.same_work else "steps"),
         peer=peer,
     )

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 
-class _Converted:
+class OpenVinoModel:
     """One module converted once, compiled per input shape, called with torch tensors."""
 
     def __init__(self, module: torch.nn.Module, example: tuple[torch.Tensor, ...],
@@ -51,50 +51,52 @@ def _type_name(element_type) -> str:
     return element_type.to_string() if hasattr(element_type, "to_string") else str(element_type)
 
 
-class _UNetCall(torch.nn.Module):
-    def __init__(self, unet: torch.nn.Module) -> None:
+class _Forward(torch.nn.Module):
+    """`call(module, *inputs)` as a forward: the part of `module` that is converted (the module
+    is registered, so its weights are the converted model's weights, not traced constants)."""
+
+    def __init__(self, module: torch.nn.Module, call) -> None:
         super().__init__()
-        self.unet = unet
+        self.module = module
+        self._call = call
 
-    def forward(self, sample, timestep, encoder_hidden_states):
-        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
-
-
-class _DecoderCall(torch.nn.Module):
-    def __init__(self, vae: torch.nn.Module) -> None:
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, latents):
-        return self.vae.decode(latents, return_dict=False)[0]
+    def forward(self, *inputs):
+        return self._call(self.module, *inputs)
 
 
-class _TextCall(torch.nn.Module):
-    def __init__(self, text_encoder: torch.nn.Module) -> None:
-        super().__init__()
-        self.text_encoder = text_encoder
+def openvino_config(inference_precision: str) -> dict[str, str]:
+    """The CPU plugin's settings: latency (one stream, all cores), and the precision unless
+    "default" (OpenVINO's own choice)."""
+    config = {"PERFORMANCE_HINT": "LATENCY"}
+    if inference_precision != "default":
+        config["INFERENCE_PRECISION_HINT"] = inference_precision
+    return config
 
-    def forward(self, input_ids):
-        return self.text_encoder(input_ids, return_dict=False)[0]
+
+def convert_unet(unet: torch.nn.Module, context: tuple[int, int],
+                 config: dict[str, str]) -> OpenVinoModel:
+    """The UNet as OpenVINO runs it: (sample, timestep, text embeddings of `context` = (tokens,
+    width)) -> noise prediction."""
+    size = unet.config.sample_size
+    example = (torch.randn(2, unet.config.in_channels, size, size), torch.tensor(999),
+               torch.randn(2, *context))
+    return OpenVinoModel(_Forward(unet, lambda u, x, t, c: u(x, t, c, return_dict=False)[0]),
+                         example, config)
 
 
 def apply_openvino(pipe, params: dict[str, Any]):
     """Convert the pipeline's UNet, VAE decoder and text encoder; route their calls through
     OpenVINO (the torch modules stay, for their configs and the FLOP count)."""
-    config = {"PERFORMANCE_HINT": "LATENCY"}
-    if params["inference_precision"] != "default":
-        config["INFERENCE_PRECISION_HINT"] = params["inference_precision"]
-    unet, vae, text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
-    channels, size = unet.config.in_channels, unet.config.sample_size
-    width = text_encoder.config.hidden_size
-    length = pipe.tokenizer.model_max_length
-    ov_unet = _Converted(_UNetCall(unet), (
-        torch.randn(2, channels, size, size), torch.tensor(999),
-        torch.randn(2, length, width)), config)
-    ov_decoder = _Converted(_DecoderCall(vae), (
-        torch.randn(1, vae.config.latent_channels, size, size),), config)
-    ov_text = _Converted(_TextCall(text_encoder),
-                         (torch.zeros(1, length, dtype=torch.long),), config)
+    config = openvino_config(params["inference_precision"])
+    vae, text_encoder = pipe.vae, pipe.text_encoder
+    length, size = pipe.tokenizer.model_max_length, pipe.unet.config.sample_size
+    ov_unet = convert_unet(pipe.unet, (length, text_encoder.config.hidden_size), config)
+    ov_decoder = OpenVinoModel(
+        _Forward(vae, lambda v, latents: v.decode(latents, return_dict=False)[0]),
+        (torch.randn(1, vae.config.latent_channels, size, size),), config)
+    ov_text = OpenVinoModel(
+        _Forward(text_encoder, lambda te, ids: te(ids, return_dict=False)[0]),
+        (torch.zeros(1, length, dtype=torch.long),), config)
 
     def unet_forward(sample, timestep, encoder_hidden_states, *args, return_dict=True, **kw):
         timestep = torch.as_tensor(timestep, dtype=torch.long).reshape(())
@@ -108,10 +110,9 @@ def apply_openvino(pipe, params: dict[str, Any]):
             raise NotImplementedError("the OpenVINO peer converts the last hidden state only")
         return (ov_text(input_ids.long()),)
 
-    unet.forward = unet_forward
+    pipe.unet.forward = unet_forward
     vae.decode = decode
     text_encoder.forward = text_forward
-    pipe._sdaccel_peer = (ov_unet, ov_decoder, ov_text)
     return None
 
 

@@ -49,6 +49,11 @@ class Peer:
     precision: Callable[[dict[str, Any]], str] | None = None
     choices: dict[str, tuple[str, ...]] = field(default_factory=dict)  # of a text parameter
 
+    @property
+    def same_work(self) -> bool:
+        """It runs the baseline's arithmetic in another runtime (cost: the baseline's steps)."""
+        return self.precision is not None
+
 
 @dataclass(frozen=True)
 class PeerSpec:

@@ -216,7 +216,7 @@ def _count_flops(field: list[Contestant], progress) -> None:
     by_label = {c.label: c for c in field}
     for peer in (c for c in field if c.kind == "peer"):
         base = by_label[peer.baseline]
-        if peer.peer.peer.precision is not None:  # the same UNet work, run outside torch
+        if peer.peer.peer.same_work:  # the baseline's UNet work, run outside torch
             peer.flops_cost = float(base.steps)
             continue
         for c in (base, peer):
