@@ -12,7 +12,8 @@ from sdaccel.errors import ConfigError, DeviceError
 from sdaccel.events import Warning
 
 ALL_PASSES = ["optimize.channels_last=true", "optimize.fuse_qkv=true",
-              "optimize.vae_tiling=true", "optimize.attention=math"]
+              "optimize.vae_tiling=true", "optimize.prepack_weights=true",
+              "optimize.attention=math"]
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,8 @@ def test_defaults_change_nothing(plain):
 
 def test_every_pass_applies_and_the_image_stays_the_same(plain):
     fast = Engine(tiny_settings(*ALL_PASSES))
-    assert fast.passes == ["fuse_qkv", "channels_last", "vae_tiling", "attention=math"]
+    assert fast.passes == ["fuse_qkv", "channels_last", "vae_tiling", "prepack_weights",
+                           "attention=math"]
     assert fast.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     assert not fast.unet.conv_in.weight.is_contiguous()
     processors = {type(p).__name__ for p in fast.unet.attn_processors.values()}

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from sdaccel.engine.prepack import pack_layers
 from sdaccel.errors import DeviceError
 from sdaccel.events import EventHandler, Warning, ignore
 from sdaccel.settings import Settings
@@ -57,6 +58,17 @@ def fuse_qkv(module: torch.nn.Module) -> torch.nn.Module:
 
     Quality risk: none beyond float reassociation (same weights, concatenated)."""
     module.fuse_qkv_projections()
+    return module
+
+
+def prepack_weights(module: torch.nn.Module) -> torch.nn.Module:
+    """Linear and convolution weights packed once into oneDNN's layout instead of reordered on
+    every call (CPU only; see sdaccel.engine.prepack): 1.5x per SD 1.5 UNet step in bf16, 2.1x
+    in fp32, on a Zen 4 EPYC.
+
+    Quality risk: none beyond float reassociation (fp32 UNet output within ~3e-6 relative; bf16
+    as close to fp32 as eager bf16 is)."""
+    pack_layers(module)
     return module
 
 
@@ -125,7 +137,17 @@ MODULE_PASSES: dict[str, tuple[Callable[[torch.nn.Module], torch.nn.Module], tup
     "fuse_qkv": (fuse_qkv, ("unet", "vae")),
     "channels_last": (channels_last, ("unet", "vae")),
     "vae_tiling": (vae_tiling, ("vae",)),
+    "prepack_weights": (prepack_weights, ("unet", "vae")),
 }
+
+
+def _why_not_prepack(settings: Settings, device: torch.device) -> str | None:
+    if device.type != "cpu":
+        return f"on {device.type}: oneDNN packs CPU weights only"
+    if settings.compile.enabled:
+        return ("with compile.enabled=true: the compiled graph cannot take packed weights "
+                "(compile.freezing packs them inside it)")
+    return None
 
 
 def apply_passes(unet: torch.nn.Module, vae: torch.nn.Module, settings: Settings,
@@ -142,6 +164,11 @@ def apply_passes(unet: torch.nn.Module, vae: torch.nn.Module, settings: Settings
     sdpa_attention(vae)
     modules = {"unet": unet, "vae": vae}
     for key, (apply, targets) in MODULE_PASSES.items():
+        if key == "prepack_weights" and options.prepack_weights:
+            unusable = _why_not_prepack(settings, device)
+            if unusable:
+                on_event(Warning(f"optimize.prepack_weights has no effect {unusable}"))
+                continue
         if getattr(options, key):
             for target in targets:
                 apply(modules[target])
