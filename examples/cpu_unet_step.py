@@ -3,14 +3,14 @@ OpenVINO, timed in one process in interleaved rounds.
 
     python examples/cpu_unet_step.py                       # random:sd15, 256 and 512
     python examples/cpu_unet_step.py --sizes 256 --rounds 3
+    python examples/cpu_unet_step.py --set unet_dtype=fp32   # the preset's fp32 path
 
-Rows: eager fp32 (the reference), eager fp32 with its weights pre-packed for oneDNN
-(`optimize.prepack_weights`), eager bf16 (only where the CPU has native bf16), the `cpu` preset's
-UNet (precision `auto`, weights pre-packed, built by the engine as `sdaccel generate --preset
-cpu` builds it), OpenVINO at its default precision and at f32 (bench's `--peer openvino`
-conversion). Each row's time is the median over rounds; the speed-up
-is the median of per-round ratios to eager fp32; the error is the UNet output's relative L2
-distance to eager fp32's. Prints markdown; nothing else should use the CPU meanwhile.
+Rows: eager fp32 (the reference), eager bf16 (only where the CPU has native bf16), the `cpu`
+preset's UNet (precision `auto`, weights pre-packed for oneDNN, built by the engine as `sdaccel
+generate --preset cpu` builds it, with any `--set` overrides), OpenVINO at its default precision
+and at f32 (bench's `--peer openvino` conversion). Each row's time is the median over rounds;
+the speed-up is the median of per-round ratios to eager fp32; the error is the UNet output's
+relative L2 distance to eager fp32's. Prints markdown; nothing else should use the CPU meanwhile.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import torch  # noqa: E402
 from sdaccel.bench.openvino_peer import convert_unet, openvino_config  # noqa: E402
 from sdaccel.engine.engine import Engine  # noqa: E402
 from sdaccel.engine.precision import cpu_bf16_support  # noqa: E402
-from sdaccel.engine.prepack import pack_layers, unpack_layers  # noqa: E402
+from sdaccel.engine.prepack import unpack_layers  # noqa: E402
 from sdaccel.settings import resolve_settings  # noqa: E402
 
 
@@ -40,14 +40,12 @@ def context_shape(engine) -> tuple[int, int]:
 def rows_for(args) -> dict:
     """name -> (callable(sample, t, context) -> noise, setup seconds)."""
     started = time.perf_counter()
-    cpu = Engine(resolve_settings("cpu", overrides=[f"model_id={args.model}"]).settings)
+    overrides = [f"model_id={args.model}", *args.set]
+    cpu = Engine(resolve_settings("cpu", overrides=overrides).settings)
     built = time.perf_counter() - started
     fp32 = copy.deepcopy(cpu.unet).float()
     unpack_layers(fp32)
-    packed_fp32 = copy.deepcopy(fp32)
-    pack_layers(packed_fp32)
-    rows = {"eager fp32": (lambda x, t, c: fp32(x, t, c).sample, 0.0),
-            "eager fp32, prepacked": (lambda x, t, c: packed_fp32(x, t, c).sample, 0.0)}
+    rows = {"eager fp32": (lambda x, t, c: fp32(x, t, c).sample, 0.0)}
     if cpu_bf16_support():
         bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
         rows["eager bf16"] = (lambda x, t, c: bf16(x.bfloat16(), t, c.bfloat16()).sample.float(),
@@ -69,6 +67,8 @@ def main() -> None:
     parser.add_argument("--model", default="random:sd15")
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a settings override for the `cpu` preset row (repeatable)")
     args = parser.parse_args()
     rows, cpu = rows_for(args)
     print(f"{args.model}, one guided UNet step (batch 2); {os.cpu_count()} CPUs "

@@ -90,13 +90,14 @@ def test_attention_choice_is_a_context_around_each_call():
 def test_an_attention_kernel_the_device_lacks_is_an_error_naming_the_key():
     # PyTorch has no memory-efficient SDPA kernel on the CPU.
     with pytest.raises(DeviceError, match=r"optimize.attention: 'efficient' has no kernel on "
-                       r"cpu.*valid: sdpa \(PyTorch picks\), flash, efficient, math"):
+                       r"cpu.*valid: sdpa \(PyTorch picks\), chunked \(CPU\), flash, "
+                       r"efficient, math"):
         Engine(tiny_settings("optimize.attention=efficient"))
 
 
 def test_bad_values_name_the_key_and_the_choices():
-    with pytest.raises(ConfigError, match=r"optimize.attention.*'sdpa', 'flash', 'efficient' "
-                       r"or 'math'.*got 'fast'"):
+    with pytest.raises(ConfigError, match=r"optimize.attention.*'sdpa', 'flash', 'efficient', "
+                       r"'math' or 'chunked'.*got 'fast'"):
         tiny_settings("optimize.attention=fast")
     with pytest.raises(ConfigError, match=r"unknown key; valid keys in optimize: channels_last,"
                        r" fuse_qkv, attention, vae_tiling, inductor_flags"):

@@ -121,3 +121,25 @@ def test_inspect_config_says_what_auto_chose_and_why(monkeypatch):
     import json
 
     assert json.loads(shown.stdout)["precisions"]["unet_dtype"]["precision"] == "bf16"
+
+
+def test_the_cpu_preset_stays_above_the_drift_bound_against_fp32_on_the_bundled_model():
+    """The `cpu` preset (bf16 where this CPU has it natively, weights pre-packed) against the
+    plain fp32 engine, worst of four images: README's figures come from this comparison."""
+    from sdaccel import metrics
+    from sdaccel.bench import MIN_PSNR_DB, MIN_SSIM
+    from sdaccel.settings import resolve_settings
+
+    bundled = ["model_id=bundled:shapes", "generation.height=64", "generation.width=64",
+               "generation.guidance_scale=4"]
+    fast = Engine(resolve_settings("cpu", overrides=bundled, environ={}).settings)
+    plain = Engine(resolve_settings("tiny", overrides=bundled, environ={}).settings)
+    assert fast.passes == ["prepack_weights", "attention=chunked"] and plain.passes == []
+    prompts = ["a red circle", "a blue square on the left", "two green triangles",
+               "a small yellow star at the top"]
+    ours, reference = fast.generate(prompts, seed=7), plain.generate(prompts, seed=7)
+    psnr = [metrics.psnr(a.image, b.image) for a, b in zip(ours, reference, strict=True)]
+    ssim = [metrics.ssim(a.image, b.image) for a, b in zip(ours, reference, strict=True)]
+    print(f"cpu preset ({fast.settings.unet_dtype}) vs fp32: worst {min(psnr):.1f} dB, "
+          f"{min(ssim):.3f} SSIM")
+    assert min(psnr) >= MIN_PSNR_DB and min(ssim) >= MIN_SSIM

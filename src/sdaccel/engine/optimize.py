@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from sdaccel.engine.chunked_attention import ChunkedAttention
 from sdaccel.engine.prepack import pack_layers
 from sdaccel.errors import DeviceError
 from sdaccel.events import EventHandler, Warning, ignore
@@ -82,11 +83,13 @@ def vae_tiling(vae: torch.nn.Module) -> torch.nn.Module:
 
 
 def attention_backends(name: str) -> list | None:
-    """The SDPA kernels `optimize.attention` allows; None lets PyTorch choose ("sdpa")."""
+    """The SDPA kernels `optimize.attention` allows; None lets PyTorch choose ("sdpa", and
+    "chunked" for the calls it does not take over)."""
     from torch.nn.attention import SDPBackend
 
     return {
         "sdpa": None,
+        "chunked": None,
         "flash": [SDPBackend.FLASH_ATTENTION],
         "efficient": [SDPBackend.EFFICIENT_ATTENTION],
         "math": [SDPBackend.MATH],
@@ -94,17 +97,25 @@ def attention_backends(name: str) -> list | None:
 
 
 def with_attention(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
-    """`fn` run with only the named SDPA kernel allowed ("flash", "efficient", "math").
+    """`fn` run with only the named SDPA kernel allowed ("flash", "efficient", "math"), or with
+    bf16 CPU attention computed in chunks ("chunked", sdaccel.engine.chunked_attention).
 
     Quality risk: flash and memory-efficient kernels sum the softmax in another order (fp32
-    differences ~1e-6; in fp16 within its rounding). "math" is the reference, and slowest."""
-    backends = attention_backends(name)
-    if backends is None:
+    differences ~1e-6; in fp16 within its rounding). "math" is the reference, and slowest.
+    "chunked" rounds the softmax to bf16 before the second product (UNet output within bf16's
+    own ~1e-2 of fp32)."""
+    if name == "chunked":
+        context = ChunkedAttention
+    elif attention_backends(name) is None:
         return fn
-    from torch.nn.attention import sdpa_kernel
+    else:
+        from torch.nn.attention import sdpa_kernel
+
+        def context():
+            return sdpa_kernel(attention_backends(name))
 
     def call(*args, **kwargs):
-        with sdpa_kernel(backends):
+        with context():
             return fn(*args, **kwargs)
 
     call.__wrapped__ = fn  # type: ignore[attr-defined]
@@ -113,6 +124,9 @@ def with_attention(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
 
 def check_attention(name: str, device: torch.device, dtype: torch.dtype) -> None:
     """Raise DeviceError if the forced attention kernel cannot run on this device and dtype."""
+    if name == "chunked" and device.type != "cpu":
+        raise DeviceError(f"optimize.attention: 'chunked' is for the CPU, not {device.type} "
+                          "(valid there: sdpa, flash, efficient, math)")
     backends = attention_backends(name)
     if backends is None:
         return
@@ -127,7 +141,7 @@ def check_attention(name: str, device: torch.device, dtype: torch.dtype) -> None
         raise DeviceError(
             f"optimize.attention: {name!r} has no kernel on {device.type} for "
             f"{str(dtype).removeprefix('torch.')} ({reason}); valid: sdpa (PyTorch picks), "
-            "flash, efficient, math"
+            "chunked (CPU), flash, efficient, math"
         ) from None
 
 

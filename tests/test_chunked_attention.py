@@ -1,0 +1,62 @@
+"""optimize.attention=chunked: bf16 CPU self-attention as chunked matrix products, the same
+attention as PyTorch's kernel; every call it does not fit goes to SDPA unchanged."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import tiny_settings
+
+from sdaccel.engine import chunked_attention as chunked
+from sdaccel.engine.engine import Engine
+from sdaccel.engine.optimize import check_attention
+from sdaccel.errors import DeviceError
+
+
+def qkv(keys: int, dtype=torch.float32, queries: int = 1100):
+    torch.manual_seed(0)
+    return (torch.randn(2, 3, queries, 40, dtype=dtype), torch.randn(2, 3, keys, 40, dtype=dtype),
+            torch.randn(2, 3, keys, 24, dtype=dtype))
+
+
+def relative(a, b) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def test_chunks_compute_the_same_attention():
+    # 1100 queries: two full chunks of 512 and a ragged one
+    q, k, v = qkv(700)
+    assert relative(chunked.chunked_attention(q, k, v), F.scaled_dot_product_attention(q, k, v)) \
+        < 1e-5
+    reference = F.scaled_dot_product_attention(q, k, v)
+    ours = chunked.chunked_attention(*(t.bfloat16() for t in (q, k, v)))
+    assert ours.dtype == torch.bfloat16 and relative(ours, reference) < 1e-2
+
+
+def test_only_bf16_unmasked_calls_with_long_keys_are_taken_over(monkeypatch):
+    taken = []
+    monkeypatch.setattr(chunked, "chunked_attention",
+                        lambda *args: taken.append(args[1].shape[-2]) or args[0])
+    with chunked.ChunkedAttention():
+        F.scaled_dot_product_attention(*qkv(300, torch.bfloat16))  # taken
+        F.scaled_dot_product_attention(*qkv(77, torch.bfloat16))  # cross-attention: SDPA
+        F.scaled_dot_product_attention(*qkv(300))  # fp32: SDPA
+        q, k, v = qkv(300, torch.bfloat16)
+        mask = torch.ones(2, 3, 1100, 300, dtype=torch.bool)
+        F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # a mask: SDPA
+    assert taken == [300]
+
+
+def test_chunked_is_an_error_off_the_cpu():
+    with pytest.raises(DeviceError, match="'chunked' is for the CPU, not cuda"):
+        check_attention("chunked", torch.device("cuda"), torch.bfloat16)
+
+
+def test_a_bf16_engine_with_chunked_attention_keeps_the_image():
+    """random:tiny at 32x32: 256-token self-attention at the first level, taken over."""
+    bf16 = ["unet_dtype=bf16", "vae_dtype=bf16"]
+    plain = Engine(tiny_settings(*bf16))
+    fast = Engine(tiny_settings(*bf16, "optimize.attention=chunked"))
+    assert fast.passes == ["attention=chunked"]
+    ours = fast.generate(["a red circle"], seed=3)[0].latents
+    reference = plain.generate(["a red circle"], seed=3)[0].latents
+    assert relative(ours, reference) < 2e-2
