@@ -224,6 +224,16 @@ def test_fused_qkv_projections_follow_the_lora(engine):
                           atol=1e-4)
 
 
+def test_prepacked_weights_follow_the_lora(engine):
+    """optimize.prepack_weights keeps a packed copy of each weight: a switch in place must reach
+    it, and switching back must give the base image again."""
+    packed = Engine(settings("optimize.prepack_weights=true"))
+    for loras in ([lora()], [lora(DIFFUSERS, -0.5), lora(KOHYA, 0.3)], []):
+        got = packed.generate([PROMPT], loras=loras)[0]
+        want = engine.generate([PROMPT], loras=loras)[0]
+        assert torch.allclose(got.latents, want.latents, atol=1e-4), loras
+
+
 def test_int8_text_encoder_runs_the_lora_unfused(engine):
     """int8 (bitsandbytes) weights cannot take a delta exactly: the text encoder's LoRA runs as
     active PEFT layers there. Its prompt embedding is the fp32 encoder's with the LoRA, within
