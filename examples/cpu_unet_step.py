@@ -1,4 +1,4 @@
-"""One guided SD 1.5 UNet step on the CPU: PyTorch eager, the `cpu` preset's compiled UNet and
+"""One guided SD 1.5 UNet step on the CPU: PyTorch eager, the `cpu` preset's UNet and OpenVINO,
 OpenVINO, timed in one process in interleaved rounds.
 
     python examples/cpu_unet_step.py                       # random:sd15, 256 and 512
@@ -6,11 +6,12 @@ OpenVINO, timed in one process in interleaved rounds.
     python examples/cpu_unet_step.py --set unet_dtype=fp32   # the preset's fp32 path
 
 Rows: eager fp32 (the reference), eager bf16 (only where the CPU has native bf16), the `cpu`
-preset's UNet (precision `auto`, weights pre-packed for oneDNN, built by the engine as `sdaccel
-generate --preset cpu` builds it, with any `--set` overrides), OpenVINO at its default precision
-and at f32 (bench's `--peer openvino` conversion). Each row's time is the median over rounds;
-the speed-up is the median of per-round ratios to eager fp32; the error is the UNet output's
-relative L2 distance to eager fp32's. Prints markdown; nothing else should use the CPU meanwhile.
+preset's UNet (precision `auto`, weights pre-packed for oneDNN, chunked bf16 attention, built by
+the engine as `sdaccel generate --preset cpu` builds it, with any `--set` overrides), OpenVINO
+at its default precision and at f32 (bench's `--peer openvino` conversion). Each row's time is
+the median over rounds; the speed-up is the median of per-round ratios to eager fp32; the error
+is the UNet output's relative L2 distance to eager fp32's. Prints markdown; nothing else should
+use the CPU meanwhile.
 """
 
 from __future__ import annotations
