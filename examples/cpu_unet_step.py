@@ -1,5 +1,5 @@
 """One guided SD 1.5 UNet step on the CPU: PyTorch eager, the `cpu` preset's UNet and OpenVINO,
-OpenVINO, timed in one process in interleaved rounds.
+timed in one process in interleaved rounds.
 
     python examples/cpu_unet_step.py                       # random:sd15, 256 and 512
     python examples/cpu_unet_step.py --sizes 256 --rounds 3
