@@ -77,7 +77,7 @@ class OptimizeSettings(_Section):
       "flash", "efficient" (memory-efficient) or "math" force one. Risk: flash/efficient
       reorder the softmax sums (tiny differences); a kernel the device lacks is an error.
       "chunked" (CPU only): bf16 self-attention as oneDNN matrix products over chunks of 512
-      queries, 2.3x faster than PyTorch's fused CPU kernel per SD 1.5 4096-token attention on a
+      queries, 2.2x faster than PyTorch's fused CPU kernel per SD 1.5 4096-token attention on a
       Zen 4; fp32 and short-key (cross-) attention stay with SDPA. Risk: the softmax is rounded
       to bf16 (UNet output within bf16's own distance of fp32).
     - vae_tiling: decode the VAE in overlapping tiles (diffusers' enable_tiling). Saves memory at

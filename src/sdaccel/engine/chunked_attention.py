@@ -1,11 +1,11 @@
 """bf16 attention on the CPU as oneDNN matrix products over chunks of queries.
 
 PyTorch's fused CPU attention kernel runs bf16 no faster than fp32 on a CPU without AMX: on a
-Zen 4 EPYC, SD 1.5's 4096-token self-attention (head size 40) took 300 ms per call, while the
+Zen 4 EPYC, SD 1.5's 4096-token self-attention (head size 40) took 305 ms per call, while the
 same attention computed per batch row and head, 512 queries at a time (two bf16 matrix products
-and a softmax whose scores stay in cache) took 129 ms; the VAE's single-head attention 172 ms
-against 44 ms. With short keys (cross-attention's 77 text tokens) and in fp32 the fused kernel
-is faster, so those stay with it.
+and a softmax whose scores stay in cache) took 140 ms; the VAE's single-head attention 183 ms
+against 53 ms (examples/cpu_attention.py). With short keys (cross-attention's 77 text tokens)
+and in fp32 the fused kernel is faster, so those stay with it.
 """
 
 from __future__ import annotations
