@@ -23,6 +23,11 @@ def tiny_settings(*overrides: str, preset: str = "tiny"):
     return resolve_settings(preset, overrides=[*TINY, *overrides], environ={}).settings
 
 
+def relative_error(a, b) -> float:
+    """||a - b|| / ||b||, in fp32."""
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
 def set_flags(assignments: Iterable[str]) -> list[str]:
     """`--set KEY=VALUE` for each assignment: settings overrides as command-line arguments."""
     return [arg for assignment in assignments for arg in ("--set", assignment)]

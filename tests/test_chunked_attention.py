@@ -4,6 +4,7 @@ attention as PyTorch's kernel; every call it does not fit goes to SDPA unchanged
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import relative_error as relative
 from helpers import tiny_settings
 
 from sdaccel.engine import chunked_attention as chunked
@@ -17,9 +18,6 @@ def qkv(keys: int, dtype=torch.float32, queries: int = 1100):
     return (torch.randn(2, 3, queries, 40, dtype=dtype), torch.randn(2, 3, keys, 40, dtype=dtype),
             torch.randn(2, 3, keys, 24, dtype=dtype))
 
-
-def relative(a, b) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def test_chunks_compute_the_same_attention():

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from helpers import relative_error as relative
 from helpers import tiny_settings
 from torch import nn
 
@@ -42,9 +43,6 @@ def packed_copy(model: nn.Module) -> nn.Module:
     assert prepack.pack_layers(twin) == 4
     return twin
 
-
-def relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, BF16])

@@ -22,7 +22,7 @@ def chunked_attention(query: torch.Tensor, key: torch.Tensor,
                       value: torch.Tensor) -> torch.Tensor:
     """softmax(Q K^T / sqrt(d)) V for (batch, heads, tokens, d) tensors, without a mask."""
     query = query * query.shape[-1] ** -0.5
-    out = torch.empty(*query.shape[:-1], value.shape[-1], dtype=query.dtype)
+    out = query.new_empty((*query.shape[:-1], value.shape[-1]))
     keys_t = key.transpose(-1, -2)
     for b in range(query.shape[0]):
         for h in range(query.shape[1]):

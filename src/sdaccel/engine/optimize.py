@@ -84,13 +84,11 @@ def vae_tiling(vae: torch.nn.Module) -> torch.nn.Module:
 
 
 def attention_backends(name: str) -> list | None:
-    """The SDPA kernels `optimize.attention` allows; None lets PyTorch choose ("sdpa", and
-    "chunked" for the calls it does not take over)."""
+    """The SDPA kernels `optimize.attention` allows; None lets PyTorch choose ("sdpa")."""
     from torch.nn.attention import SDPBackend
 
     return {
         "sdpa": None,
-        "chunked": None,
         "flash": [SDPBackend.FLASH_ATTENTION],
         "efficient": [SDPBackend.EFFICIENT_ATTENTION],
         "math": [SDPBackend.MATH],
@@ -125,9 +123,11 @@ def with_attention(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
 
 def check_attention(name: str, device: torch.device, dtype: torch.dtype) -> None:
     """Raise DeviceError if the forced attention kernel cannot run on this device and dtype."""
-    if name == "chunked" and device.type != "cpu":
-        raise DeviceError(f"optimize.attention: 'chunked' is for the CPU, not {device.type} "
-                          "(valid there: sdpa, flash, efficient, math)")
+    if name == "chunked":
+        if device.type != "cpu":
+            raise DeviceError(f"optimize.attention: 'chunked' is for the CPU, not {device.type} "
+                              "(valid there: sdpa, flash, efficient, math)")
+        return  # calls it does not take over go to whatever SDPA kernel PyTorch picks
     backends = attention_backends(name)
     if backends is None:
         return
