@@ -49,8 +49,9 @@ def test_chunked_is_an_error_off_the_cpu():
         check_attention("chunked", torch.device("cuda"), torch.bfloat16)
 
 
-def test_a_bf16_engine_with_chunked_attention_keeps_the_image():
+def test_a_bf16_engine_with_chunked_attention_keeps_the_image(monkeypatch):
     """random:tiny at 32x32: 256-token self-attention at the first level, taken over."""
+    monkeypatch.setattr(chunked, "pays_off", lambda: True)  # the CPU has no AMX
     bf16 = ["unet_dtype=bf16", "vae_dtype=bf16"]
     plain = Engine(tiny_settings(*bf16))
     fast = Engine(tiny_settings(*bf16, "optimize.attention=chunked"))
@@ -58,3 +59,15 @@ def test_a_bf16_engine_with_chunked_attention_keeps_the_image():
     ours = fast.generate(["a red circle"], seed=3)[0].latents
     reference = plain.generate(["a red circle"], seed=3)[0].latents
     assert relative(ours, reference) < 2e-2
+
+
+def test_a_cpu_with_amx_keeps_pytorchs_kernel(monkeypatch):
+    """There PyTorch's fused kernel computes bf16 on AMX tiles and is the faster one."""
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    taken = []
+    monkeypatch.setattr(chunked, "chunked_attention", lambda *args: taken.append(1) or args[0])
+    engine = Engine(tiny_settings("unet_dtype=bf16", "vae_dtype=bf16",
+                                  "optimize.attention=chunked"))
+    assert engine.passes == []
+    engine.generate(["a red circle"], seed=3)
+    assert taken == []

@@ -3,8 +3,9 @@
 In the manner of stable-fast's compilers: each pass does one thing to the already cast model, its
 docstring states its quality risk, and `apply_passes` runs the ones the settings switch on, in a
 fixed order. Every pass is measured by `sdaccel bench` against the plain diffusers baseline, so
-its cost in fidelity is a number, not a guess. Nothing here touches global state: the attention
-kernel choice is a context around each call, the inductor flags travel with the compile call.
+its cost in fidelity is a number, not a guess. Nothing here touches global state (the attention
+kernel choice is a context around each call, the inductor flags travel with the compile call),
+except `reuse_freed_memory`, a setting of the process's C allocator, which its name announces.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from typing import Any
 
 import torch
 
-from sdaccel.engine.chunked_attention import ChunkedAttention
+from sdaccel.engine import chunked_attention
+from sdaccel.engine.heap import keep_freed_memory
 from sdaccel.engine.prepack import pack_layers
 from sdaccel.errors import DeviceError
 from sdaccel.events import EventHandler, Warning, ignore
@@ -95,6 +97,12 @@ def attention_backends(name: str) -> list | None:
     }[name]
 
 
+def attention_in_force(name: str) -> str:
+    """`optimize.attention` as it runs here: "chunked" is plain SDPA on a CPU with AMX, whose
+    fused kernel is faster there (sdaccel.engine.chunked_attention)."""
+    return "sdpa" if name == "chunked" and not chunked_attention.pays_off() else name
+
+
 def with_attention(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
     """`fn` run with only the named SDPA kernel allowed ("flash", "efficient", "math"), or with
     bf16 CPU attention computed in chunks ("chunked", sdaccel.engine.chunked_attention).
@@ -103,8 +111,9 @@ def with_attention(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
     differences ~1e-6; in fp16 within its rounding). "math" is the reference, and slowest.
     "chunked" rounds the softmax to bf16 before the second product (UNet output within bf16's
     own ~1e-2 of fp32)."""
+    name = attention_in_force(name)
     if name == "chunked":
-        context = ChunkedAttention
+        context = chunked_attention.ChunkedAttention
     else:
         backends = attention_backends(name)
         if backends is None:
@@ -187,8 +196,15 @@ def apply_passes(unet: torch.nn.Module, vae: torch.nn.Module, settings: Settings
         for target in targets:
             apply(modules[target])
         applied.append(key)
-    if options.attention != "sdpa":
-        applied.append(f"attention={options.attention}")
+    if options.reuse_freed_memory:
+        unusable = (f"on {device.type}: it tunes CPU memory" if device.type != "cpu"
+                    else keep_freed_memory())
+        if unusable:
+            on_event(Warning(f"optimize.reuse_freed_memory has no effect: {unusable}"))
+        else:
+            applied.append("reuse_freed_memory")
+    if (attention := attention_in_force(options.attention)) != "sdpa":
+        applied.append(f"attention={attention}")
     if options.inductor_flags:
         if settings.compile.enabled:
             applied.append("inductor_flags")
