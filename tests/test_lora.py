@@ -226,8 +226,10 @@ def test_fused_qkv_projections_follow_the_lora(engine):
 
 def test_prepacked_weights_follow_the_lora(engine):
     """optimize.prepack_weights keeps a packed copy of each weight: a switch in place must reach
-    it, and switching back must give the base image again."""
-    packed = Engine(settings("optimize.prepack_weights=true"))
+    it, and switching back must give the base image again; with the `cpu` preset's other
+    passes (a fused QKV projection, channels-last convolutions) too."""
+    packed = Engine(settings("optimize.prepack_weights=true", "optimize.fuse_qkv=true",
+                             "optimize.channels_last=true"))
     for loras in ([lora()], [lora(DIFFUSERS, -0.5), lora(KOHYA, 0.3)], []):
         got = packed.generate([PROMPT], loras=loras)[0]
         want = engine.generate([PROMPT], loras=loras)[0]
