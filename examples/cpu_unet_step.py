@@ -40,14 +40,22 @@ def context_shape(engine) -> tuple[int, int]:
     return engine.tokenizer.model_max_length, engine.text_encoder.config.hidden_size
 
 
+def plain_copy(unet):
+    """An fp32 copy of the preset's UNet with its passes undone: the eager reference."""
+    fp32 = copy.deepcopy(unet).float().to(memory_format=torch.contiguous_format)
+    unpack_layers(fp32)
+    if any(getattr(m, "fused_projections", False) for m in fp32.modules()):
+        fp32.unfuse_qkv_projections()
+    return fp32
+
+
 def rows_for(args) -> dict:
     """name -> (callable(sample, t, context) -> noise, setup seconds)."""
     started = time.perf_counter()
     overrides = [f"model_id={args.model}", *args.set]
     cpu = Engine(resolve_settings("cpu", overrides=overrides).settings)
     built = time.perf_counter() - started
-    fp32 = copy.deepcopy(cpu.unet).float()
-    unpack_layers(fp32)
+    fp32 = plain_copy(cpu.unet)
     rows = {"eager fp32": (lambda x, t, c: fp32(x, t, c).sample, 0.0)}
     if cpu_bf16_support():
         bf16 = copy.deepcopy(fp32).to(torch.bfloat16)

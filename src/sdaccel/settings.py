@@ -78,8 +78,9 @@ class OptimizeSettings(_Section):
       reorder the softmax sums (tiny differences); a kernel the device lacks is an error.
       "chunked" (CPU only): bf16 self-attention as oneDNN matrix products over chunks of 512
       queries, 2.2x faster than PyTorch's fused CPU kernel per SD 1.5 4096-token attention on a
-      Zen 4; fp32 and short-key (cross-) attention stay with SDPA. Risk: the softmax is rounded
-      to bf16 (UNet output within bf16's own distance of fp32).
+      Zen 4; fp32 and short-key (cross-) attention stay with SDPA, and so does everything on a
+      CPU with AMX, where SDPA is the faster one. Risk: the softmax is rounded to bf16 (UNet
+      output within bf16's own distance of fp32).
     - vae_tiling: decode the VAE in overlapping tiles (diffusers' enable_tiling). Saves memory at
       large sizes; risk: faint seams where tiles blend, only for images larger than one tile
       (512 px for SD 1.5); smaller images decode unchanged.
