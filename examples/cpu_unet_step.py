@@ -5,15 +5,14 @@ timed in one process in interleaved rounds.
     python examples/cpu_unet_step.py --sizes 256 --rounds 3
     python examples/cpu_unet_step.py --set unet_dtype=fp32   # the preset's fp32 path
 
-Rows: eager fp32 (the reference), eager bf16 (only where the CPU has native bf16), the `cpu`
-preset's UNet (precision `auto`, weights pre-packed for oneDNN, chunked bf16 attention where the CPU
-has no AMX, freed memory reused, built by
-the engine as `sdaccel generate --preset cpu` builds it, with any `--set` overrides), OpenVINO
-at its default precision and at f32 (bench's `--peer openvino` conversion). Each row's time is
-the median over rounds; the speed-up is the median of per-round ratios to eager fp32; the error
-is the UNet output's relative L2 distance to eager fp32's; last, the preset's time over OpenVINO's
-per round. The preset's `reuse_freed_memory` holds for the whole process, so every row runs with
-it. Prints markdown; nothing else should use the CPU meanwhile.
+Rows: eager fp32 (the reference: the preset's UNet with its passes undone), eager bf16 (only where
+the CPU has native bf16), the `cpu` preset's UNet (precision `auto` and the preset's passes, built
+by the engine as `sdaccel generate --preset cpu` builds it, with any `--set` overrides), OpenVINO
+at its default precision and at f32 (bench's `--peer openvino` conversion). Each row's time is the
+median over rounds; the speed-up is the median of per-round ratios to eager fp32; the error is the
+UNet output's relative L2 distance to eager fp32's; last, the preset's time over OpenVINO's per
+round. The preset's `reuse_freed_memory` holds for the whole process, so every row runs with it.
+Prints markdown; nothing else should use the CPU meanwhile.
 """
 
 from __future__ import annotations

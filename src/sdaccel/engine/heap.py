@@ -1,11 +1,11 @@
 """Keep freed memory in the process instead of handing it back to the OS (glibc, Linux).
 
-glibc serves every allocation above 128 KiB-32 MiB with its own `mmap` and unmaps it when freed,
-so each eager UNet call on the CPU maps its activations afresh and the kernel zeroes every page
-at first touch: on a 2-core Xeon a third of an SD 1.5 step's CPU time was system time. With
-mmap'd allocations off and the heap never trimmed, freed blocks are reused by the next call:
-measured per SD 1.5 UNet step in bf16 (A/B rounds in one process) 1.13x at 256x256 and 1.15x at
-512x512. The price is process-wide: the heap stays at its high-water mark until the process
+glibc serves every allocation above 128 KiB-32 MiB with its own `mmap` and unmaps it when freed, so
+each eager UNet call on the CPU maps its activations afresh and the kernel zeroes every page at
+first touch: on a 2-core Xeon, a run of SD 1.5 UNet steps spent a third of its CPU time in the
+kernel. With mmap'd allocations off and the heap never trimmed, freed blocks are reused by the next
+call: measured per SD 1.5 UNet step in bf16 (A/B rounds in one process) 1.13x at 256x256 and 1.15x
+at 512x512. The price is process-wide: the heap stays at its high-water mark until the process
 ends, and it applies to every allocation of the process, not only the engine's.
 """
 
