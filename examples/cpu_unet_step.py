@@ -10,9 +10,10 @@ the CPU has native bf16), the `cpu` preset's UNet (precision `auto` and the pres
 by the engine as `sdaccel generate --preset cpu` builds it, with any `--set` overrides), OpenVINO
 at its default precision and at f32 (bench's `--peer openvino` conversion). Each row's time is the
 median over rounds; the speed-up is the median of per-round ratios to eager fp32; the error is the
-UNet output's relative L2 distance to eager fp32's; last, the preset's time over OpenVINO's per
-round. The preset's `reuse_freed_memory` holds for the whole process, so every row runs with it.
-Prints markdown; nothing else should use the CPU meanwhile.
+UNet output's relative L2 distance to eager fp32's; last, the preset's time over OpenVINO's (at the
+preset's precision: f32 for an fp32 preset) per round. The preset's `reuse_freed_memory` holds for
+the whole process, so every row runs with it. Prints markdown; nothing else should use the CPU
+meanwhile.
 """
 
 from __future__ import annotations
@@ -115,8 +116,9 @@ def main() -> None:
                   f"{statistics.median(ratios):.2f}x ({', '.join(f'{r:.2f}' for r in ratios)})"
                   f" | {first[name]:.1f} | {rows[name][1]:.1f} | {error:.2e} |", flush=True)
         preset = next(name for name in rows if name.startswith("`cpu` preset"))
-        ratios = [a / b for a, b in zip(times[preset], times["OpenVINO default"], strict=True)]
-        print(f"\nThe `cpu` preset's time over OpenVINO default's: "
+        peer = "OpenVINO f32" if cpu.settings.unet_dtype == "fp32" else "OpenVINO default"
+        ratios = [a / b for a, b in zip(times[preset], times[peer], strict=True)]
+        print(f"\nThe `cpu` preset's time over {peer}'s: "
               f"{statistics.median(ratios):.2f}x ({', '.join(f'{r:.2f}' for r in ratios)})\n")
 
 
