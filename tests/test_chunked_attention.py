@@ -1,6 +1,8 @@
 """optimize.attention=chunked: bf16 CPU self-attention as chunked matrix products, the same
 attention as PyTorch's kernel; every call it does not fit goes to SDPA unchanged."""
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -71,3 +73,22 @@ def test_a_cpu_with_amx_keeps_pytorchs_kernel(monkeypatch):
     assert engine.passes == []
     engine.generate(["a red circle"], seed=3)
     assert taken == []
+
+
+def test_inspect_config_says_chunked_runs_as_sdpa_on_a_cpu_with_amx(monkeypatch):
+    from typer.testing import CliRunner
+
+    from sdaccel.cli import app
+
+    for amx in (True, False):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx)
+        result = CliRunner().invoke(app, ["inspect-config", "--preset", "cpu"])
+        assert result.exit_code == 0, result.output
+        lines = [line for line in result.stdout.splitlines()
+                 if line.startswith("# optimize.attention on this machine")]
+        if amx:
+            assert len(lines) == 1 and "chunked -> sdpa (this CPU has AMX" in lines[0]
+        else:
+            assert lines == []  # chunked runs as set: nothing to say
+        as_json = CliRunner().invoke(app, ["inspect-config", "--preset", "cpu", "--json"])
+        assert json.loads(as_json.stdout)["attention_in_force"] == ("sdpa" if amx else "chunked")

@@ -38,11 +38,13 @@ def inspect_config(
     values = settings_as_dict(resolved.settings)
     # The device check comes after the settings are shown: a preset for another machine is
     # still shown, then the command fails (exit code 4).
-    choices, device_error = {}, None
+    choices, device_error, attention = {}, None, resolved.settings.optimize.attention
     if not skip_device_check:
+        from sdaccel.engine.optimize import attention_in_force
         from sdaccel.engine.precision import choose_precisions, device_for
         from sdaccel.errors import DeviceError
 
+        attention = attention_in_force(attention)
         try:
             choices = choose_precisions(resolved.settings, device_for(resolved.settings))
         except DeviceError as exc:
@@ -51,7 +53,8 @@ def inspect_config(
         chosen = {key: {"precision": c.precision, "reason": c.reason} for key, c in
                   choices.items()}
         typer.echo(json.dumps({"preset": resolved.preset, "settings": values,
-                               "sources": resolved.sources, "precisions": chosen}, indent=2))
+                               "sources": resolved.sources, "precisions": chosen,
+                               "attention_in_force": attention}, indent=2))
     else:
         typer.echo(f"# preset: {resolved.preset}")
         typer.echo(annotated_yaml(values, resolved.sources))
@@ -60,6 +63,10 @@ def inspect_config(
         for key, choice in choices.items():
             shown = f"auto -> {choice.precision}" if choice.asked == "auto" else choice.precision
             typer.echo(f"#   {key}: {shown} ({choice.reason})")
+        if attention != resolved.settings.optimize.attention:
+            typer.echo(f"# optimize.attention on this machine: "
+                       f"{resolved.settings.optimize.attention} -> {attention} (this CPU has "
+                       "AMX, where PyTorch's fused attention kernel is the faster one)")
     if device_error is not None:
         raise device_error
 
