@@ -21,7 +21,6 @@ def qkv(keys: int, dtype=torch.float32, queries: int = 1100):
             torch.randn(2, 3, keys, 24, dtype=dtype))
 
 
-
 def test_chunks_compute_the_same_attention():
     # 1100 queries: two full chunks of 512 and a ragged one
     q, k, v = qkv(700)

@@ -44,7 +44,6 @@ def packed_copy(model: nn.Module) -> nn.Module:
     return twin
 
 
-
 @pytest.mark.parametrize("dtype", [torch.float32, BF16])
 def test_one_packing_serves_every_batch_and_size_with_the_plain_layers_output(dtype):
     plain = layers().to(dtype)

@@ -64,9 +64,10 @@ def inspect_config(
             shown = f"auto -> {choice.precision}" if choice.asked == "auto" else choice.precision
             typer.echo(f"#   {key}: {shown} ({choice.reason})")
         if attention != resolved.settings.optimize.attention:
+            from sdaccel.engine.chunked_attention import NOT_HERE
+
             typer.echo(f"# optimize.attention on this machine: "
-                       f"{resolved.settings.optimize.attention} -> {attention} (this CPU has "
-                       "AMX, where PyTorch's fused attention kernel is the faster one)")
+                       f"{resolved.settings.optimize.attention} -> {attention} ({NOT_HERE})")
     if device_error is not None:
         raise device_error
 

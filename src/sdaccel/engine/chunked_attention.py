@@ -20,6 +20,10 @@ QUERY_CHUNK = 512  # fastest of 128/256/512 for 1024- and 4096-token attention (
 MIN_KEYS = 256  # shorter keys: the fused kernel is faster (cross-attention's 77 tokens)
 
 
+# What inspect-config says where `pays_off` is false.
+NOT_HERE = "this CPU has AMX, where PyTorch's fused attention kernel is the faster one"
+
+
 def pays_off() -> bool:
     """Whether this CPU runs chunked bf16 attention faster than PyTorch's fused kernel: yes
     without AMX (measured on a Zen 4), no with it (measured on a Xeon)."""
