@@ -97,6 +97,23 @@ def test_built_once_into_the_cache(monkeypatch):
     assert ct.clip_tokenizer()("a cat").input_ids == [49406, 320, 2368, 49407]
 
 
+def test_a_cache_that_cannot_be_written_builds_it_aside(monkeypatch):
+    """A full disk (or a read-only cache) under the cache root: the tokenizer still loads, from
+    a temporary folder, and no half-built folder is left in the cache."""
+    import errno
+
+    from sdaccel.cache_dir import cache_root
+
+    def disk_full(*_):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ct.os, "replace", disk_full)
+    folder = ct.tokenizer_dir()
+    assert not folder.is_relative_to(cache_root())
+    assert (folder / "tokenizer_config.json").is_file()
+    assert list((cache_root() / "tokenizers").iterdir()) == []
+
+
 def test_without_open_clip_the_error_says_what_to_install(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModelNotFoundError) as info:

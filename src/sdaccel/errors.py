@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -43,9 +44,17 @@ class OutputError(SdaccelError):
 
 @contextmanager
 def writing(path: str | Path) -> Iterator[None]:
-    """Turn an OSError while writing `path` into an OutputError naming the file and the cause."""
+    """Turn an OSError while writing `path` into an OutputError naming the file and the cause.
+    It names `path`, the file the user asked for, not a temporary file or folder on the way."""
     try:
         yield
     except OSError as exc:
-        where = exc.filename or path
-        raise OutputError(f"cannot write {where}: {exc.strerror or exc}") from exc
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
+def readable_by_all(path: str | Path) -> None:
+    """Give a file made by tempfile.mkstemp (owner-only, 0600) the mode a plain open() would
+    have given it under the process umask, before it takes its final name."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)

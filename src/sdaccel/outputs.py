@@ -22,7 +22,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from sdaccel.catalogue import a1111_label
-from sdaccel.errors import SdaccelError, writing
+from sdaccel.errors import SdaccelError, readable_by_all, writing
 
 IMAGE_NAME = re.compile(r"^img_(\d{3,})_steps\d+\.png$")
 
@@ -107,6 +107,7 @@ def _write_new(out_dir: Path, name_for: Callable[[int], str], index: int,
         tmp = Path(tmp_name)
         try:
             write(tmp)
+            readable_by_all(tmp)
             while True:
                 final = out_dir / name_for(index)
                 try:

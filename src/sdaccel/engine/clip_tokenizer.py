@@ -120,8 +120,8 @@ def tokenizer_dir(root: Path | None = None) -> Path:
         write_tokenizer_files(staging, bpe_file)
         os.replace(staging, folder)
     except OSError:  # another process built it first (the folder exists), or a failed write
-        if not (folder / "tokenizer_config.json").is_file():
-            raise
+        if not (folder / "tokenizer_config.json").is_file():  # (a full disk): build it aside
+            return write_tokenizer_files(tempfile.mkdtemp(prefix=f"sdaccel-{NAME}-"), bpe_file)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return folder

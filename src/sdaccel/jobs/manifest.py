@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sdaccel.errors import ConfigError, SdaccelError, writing
+from sdaccel.errors import ConfigError, SdaccelError, readable_by_all, writing
 from sdaccel.jobs.prompts_file import Job
 from sdaccel.outputs import IMAGE_NAME, read_metadata
 from sdaccel.settings import Settings
@@ -163,7 +163,8 @@ def consolidate(jobs: list[Job], settings: Settings, source: Path) -> Plan:
     adopt complete but unrecorded images, drop temporary files. Main process only, while no
     other process writes."""
     out_dir = Path(settings.io.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with writing(out_dir):
+        out_dir.mkdir(parents=True, exist_ok=True)
     per_prompt = settings.generation.num_images_per_prompt
     expected = {job.index * per_prompt + j: (job, expected_fields(job, j, settings))
                 for job in jobs for j in range(per_prompt)}
@@ -246,6 +247,7 @@ def _write_manifest(path: Path, records: dict[int, dict[str, Any]]) -> None:
                     f.write(json.dumps(records[index], sort_keys=True) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
+            readable_by_all(tmp)
             os.replace(tmp, path)
         finally:
             Path(tmp).unlink(missing_ok=True)
