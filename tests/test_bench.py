@@ -243,6 +243,34 @@ def test_cli_outputs_table_json_csv_and_plot(tmp_path):
     assert re.search(r"tiny .* \d+\.\d\dx \(\d+\.\d\d-\d+\.\d\d\)", table.stdout)
 
 
+def test_a_report_file_that_cannot_be_written_is_named_before_anything_runs(tmp_path):
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("keep me")
+    result = runner.invoke(app, ["bench", *set_flags(TINY), "--csv", str(blocker / "b.csv")])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == (f"Error: --csv {str(blocker / 'b.csv')!r}: cannot write "
+                                     f"there ({blocker} is not a folder)")
+    assert blocker.read_text() == "keep me"
+
+
+def test_a_report_write_that_fails_names_the_file(tmp_path, monkeypatch):
+    """A disk that fills up after the run: one OutputError naming the file (exit 1)."""
+    import errno
+    from pathlib import Path
+
+    from sdaccel.bench.report import BenchReport, Row
+    from sdaccel.errors import OutputError
+
+    def full(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    report = BenchReport.__new__(BenchReport)
+    report.rows = [Row.__new__(Row)]
+    monkeypatch.setattr(Path, "open", full)
+    with pytest.raises(OutputError, match=f"cannot write {tmp_path / 'b.csv'}: No space left"):
+        report.write_csv(tmp_path / "b.csv")
+
+
 def test_a_configuration_this_machine_cannot_run_is_named_before_anything_runs(monkeypatch):
     import torch
 

@@ -190,15 +190,23 @@ def test_adaptive_decisions_reach_json_files_and_metadata(tmp_path):
     assert "adaptive: steps per image" in result.stderr
 
 
-@pytest.mark.parametrize("command", [["generate"], ["inspect-config"], ["bench"],
-                                     ["compile-cache", "warm"], ["compile-cache", "load"]])
-def test_every_command_takes_the_same_settings_flags(command):
-    """Declared once (cli/command.py): each command that reads settings offers every layer
-    and the shorthand flags, under the same names."""
-    out = invoke(*command, "--help").output
-    for flag in ("--preset", "--config", "--set", "--model", "--steps", "--sampler", "--seed",
-                 "--height", "--width", "--guidance", "--num-images"):
-        assert flag in out, (command, flag)
+@pytest.mark.parametrize(("command", "excluded"), [
+    (["generate"], ()), (["inspect-config"], ()), (["bench"], ("--out-dir",)),
+    (["compile-cache", "warm"], ("--out-dir",)), (["compile-cache", "load"], ("--out-dir",)),
+    (["serve"], ("--num-images",))])
+def test_every_command_takes_every_settings_flag(command, excluded):
+    """Declared once (cli/options.SHORTHAND): each command that reads settings offers every layer
+    and every shorthand flag, under the same names, but the few it excludes by name."""
+    from sdaccel.cli.options import SHORTHAND
+
+    def long_name(alias) -> str:  # Typer keeps an Option's first name as its `default`
+        info = alias.__metadata__[0]
+        return next(n for n in (info.default, *info.param_decls) if n.startswith("--"))
+
+    flags = [long_name(alias) for _, alias in SHORTHAND.values()]
+    out = runner.invoke(app, [*command, "--help"], env={"COLUMNS": "200"}).output
+    for flag in ("--preset", "--config", "--set", *flags):
+        assert (flag in out) != (flag in excluded), (command, flag)
 
 
 def test_a_full_disk_is_one_line_and_keeps_the_images_already_saved(tmp_path, monkeypatch):
@@ -223,6 +231,33 @@ def test_a_full_disk_is_one_line_and_keeps_the_images_already_saved(tmp_path, mo
     assert message.startswith(f"Error: cannot write {out / 'img_001_steps2.png'}: No space")
     assert "Traceback" not in result.output
     assert sorted(p.name for p in out.iterdir()) == ["img_000_steps2.png"]  # no partial file
+
+
+def test_images_are_readable_as_any_file_the_user_writes(tmp_path):
+    """Written through a private temporary file, but given the umask's mode (not 0600)."""
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        out = tmp_path / "out"
+        assert invoke("generate", "a red circle", *TINY_FLAGS, "--out-dir", str(out)).exit_code == 0
+    finally:
+        os.umask(umask)
+    assert (out / "img_000_steps2.png").stat().st_mode & 0o777 == 0o644
+
+
+def test_a_prompts_file_run_whose_out_dir_cannot_be_made_is_one_line(tmp_path):
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("keep me")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n")
+    result = invoke("generate", "--prompts-file", str(prompts), *TINY_FLAGS,
+                    "--out-dir", str(blocker / "out"))
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"Error: cannot write {blocker / 'out'}: Not a directory")
+    assert "Traceback" not in result.output
+    assert blocker.read_text() == "keep me"
 
 
 def test_out_dir_naming_a_file_is_an_error_before_anything_loads(tmp_path):

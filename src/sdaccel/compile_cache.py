@@ -10,8 +10,8 @@ caches, so compiling then takes cache hits; an entry made by other versions or a
 reported and skipped, never loaded, and a damaged entry never stops a run.
 
 This module sits above the engine: the engine compiles (`sdaccel.engine.compile`) and knows
-nothing of stored entries. A front end that wants a warm start calls `load_matching(settings)`
-before the engine's first call (what `generate`, `bench` and `compile-cache load` do).
+nothing of stored entries. Front ends build their engine with `start_engine(settings)`, which
+loads the matching entries before the engine's first call compiles.
 """
 
 from __future__ import annotations
@@ -226,6 +226,15 @@ def _info_items(info) -> Iterator[tuple[str, list]]:
 _loaded: set[tuple[str, float]] = set()  # (entry path, mtime) already loaded in this process
 
 
+def start_engine(settings: Settings, on_event: EventHandler = ignore,
+                 environ: dict[str, str] | None = None) -> tuple[Engine, list[CacheEntry]]:
+    """The engine for `settings`, started warm: the stored entries that match them are loaded
+    first (load_matching), so its first call compiles from them. Returns it and those entries;
+    every front end (generate, bench, serve, compile-cache load) builds its engine here."""
+    loaded = load_matching(settings, on_event, environ)
+    return Engine(settings, on_event=on_event), loaded
+
+
 def load_matching(settings: Settings, on_event: EventHandler = ignore,
                   environ: dict[str, str] | None = None) -> list[CacheEntry]:
     """Load every stored entry for these graph settings (any shape) into torch's caches; nothing
@@ -387,8 +396,7 @@ def load(settings: Settings, preset: str, prompt: str = DEFAULT_PROMPT,
         raise ConfigError(f"compile-cache load: preset {preset!r} has compile.enabled=false or "
                           "compile.cache=false; nothing to load")
     started = time.perf_counter()
-    loaded = load_matching(settings, on_event, environ)
-    engine = Engine(settings, on_event=on_event)
+    engine, loaded = start_engine(settings, on_event, environ)
     engine.generate([prompt])
     warm_seconds = time.perf_counter() - started
     return LoadResult(entry_key(settings, settings.generation.num_images_per_prompt), loaded,

@@ -85,8 +85,7 @@ def weight_bytes(modules) -> int:
 def load_engine(config: BenchConfig, prompts, calls: int) -> Contestant:
     """Our Engine for one configuration (kind "config"; the runner relabels equal-cost rows)."""
     from sdaccel.bench.configs import compile_label, precision_label
-    from sdaccel.compile_cache import load_matching
-    from sdaccel.engine.engine import Engine
+    from sdaccel.compile_cache import start_engine
     from sdaccel.events import StepDone, Warning
 
     settings = config.settings
@@ -100,8 +99,7 @@ def load_engine(config: BenchConfig, prompts, calls: int) -> Contestant:
         elif isinstance(event, Warning) and event.message not in notes:
             notes.append(event.message)
 
-    cache_entries = load_matching(settings, on_event)  # before the first call, which compiles
-    engine = Engine(settings, on_event=on_event)
+    engine, cache_entries = start_engine(settings, on_event)
     contestant: Contestant
 
     def call(prompt: str, seed: int) -> CallResult:

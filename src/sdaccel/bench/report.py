@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sdaccel.errors import ConfigError
+from sdaccel.errors import ConfigError, writing
 
 # The seed's three default prompts (scripts/run_benchmark.py).
 DEFAULT_PROMPTS = ("a photo of a cat", "a futuristic city at sunset", "a watercolor landscape")
@@ -120,18 +120,22 @@ class BenchReport:
             "rows": [asdict(r) for r in self.rows],
         }
 
+    def table(self):
+        """The report as one Rich table (what `sdaccel bench` prints)."""
+        return report_table(self)
+
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
 
     def write_csv(self, path: Path) -> Path:
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        names = list(asdict(self.rows[0]))
-        with path.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=names)
-            writer.writeheader()
-            for row in self.rows:
-                writer.writerow(asdict(row))
+        with writing(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=list(asdict(self.rows[0])))
+                writer.writeheader()
+                for row in self.rows:
+                    writer.writerow(asdict(row))
         return path
 
     def plot(self, path: Path) -> Path:
@@ -165,10 +169,81 @@ class BenchReport:
                      "fixed steps at equal cost, red below fidelity bound", fontsize=8)
         fig.tight_layout()
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
+        try:
+            with writing(path):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fig.savefig(path, dpi=120)
+        finally:
+            plt.close(fig)
         return path
+
+
+def _num(value, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.{digits}f}"
+
+
+def _speedup(r) -> str:
+    if not r.speedup:
+        return "-"
+    if r.speedup_p25 is None or r.speedup_p75 is None or r.label == r.baseline:
+        return f"{r.speedup:.2f}x"
+    return f"{r.speedup:.2f}x ({r.speedup_p25:.2f}-{r.speedup_p75:.2f})"
+
+
+_FLAGS = {"baseline": "baseline", "peer": "peer", "equal-cost": "equal cost", "config": ""}
+
+
+def report_table(report: BenchReport):
+    """The report as one Rich table: baselines dimmed, drifting rows flagged."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    # Equal-cost rows differ from their configuration by their steps alone, which their label
+    # says: they do not break a shared run description.
+    runs = {f"{r.model} / {r.sampler} {r.steps} steps / {r.height}x{r.width} / guidance "
+            f"{r.guidance:g} / batch {r.batch}" for r in report.rows if r.kind != "equal-cost"}
+    shared = next(iter(runs)) if len(runs) == 1 else None
+    low, high = SPREAD_PERCENTILES
+    table = Table(title=f"sdaccel bench on {escape(report.device_name)}: {report.iters} timed "
+                  f"rounds (every row once per round, interleaved) after {report.warmup} "
+                  f"warm-up call(s), {len(report.prompts)} prompt(s)"
+                  + (f"\n{escape(shared)}" if shared else ""),
+                  caption=f"speed-up: median over rounds of the baseline's s/img / the row's "
+                  f"s/img in the same round (p{low}-p{high} of those ratios); cost: UNet work "
+                  "per image in full guided UNet calls; memory: "
+                  f"{report.memory_note}; PSNR/SSIM: against the baseline's image of the same "
+                  f"prompt and seed; DRIFT: worst image below {report.min_psnr:g} dB or SSIM "
+                  f"{report.min_ssim:g}",
+                  title_justify="left", caption_justify="left")
+    columns = [("configuration", "left")] + ([] if shared else [("run", "left")]) + [
+        ("precision u/v/t", "left"), ("compile, passes", "left"), ("first call s", "right"),
+        ("UNet steps/s", "right"), ("s/img p50", "right"), ("p90", "right"),
+        ("img/s", "right"), ("peak MiB", "right"), ("NFE", "right"), ("cost", "right"),
+        (f"speed-up (p{low}-p{high})", "right"), ("PSNR dB", "right"), ("SSIM", "right"),
+        ("", "left")]
+    for name, justify in columns:
+        table.add_column(name, justify=justify)
+    for r in report.rows:
+        psnr = "∞" if r.psnr_db is not None and r.psnr_db >= PSNR_CAP_DB else _num(r.psnr_db, 1)
+        flag = "[bold red]DRIFT[/]" if r.drift else _FLAGS.get(r.kind, "")
+        if r.drift and r.kind in ("peer", "equal-cost"):
+            flag += f" {_FLAGS[r.kind]}"
+        if r.compile_cache_entries:
+            flag += " cache"
+        run = [] if shared else [escape(f"{r.model} / {r.sampler} {r.steps} / "
+                                        f"{r.height}x{r.width}")]
+        table.add_row(
+            escape(r.label), *run, r.precision,
+            escape(r.compile + (f", {r.passes}" if r.passes else "")),
+            _num(r.first_call_seconds), _num(r.unet_steps_per_s, 1),
+            _num(r.seconds_per_image_median, 3), _num(r.seconds_per_image_p90, 3),
+            _num(r.images_per_s), f"{r.peak_memory_bytes / 2**20:.0f}", _num(r.nfe, 0),
+            _num(r.cost, 2), _speedup(r), psnr, _num(r.ssim, 4), flag.strip(),
+            style="dim" if r.kind == "baseline" else None,
+        )
+    return table
 
 
 def percentile(values: Sequence[float], q: float) -> float:

@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
 from sdaccel.cli import options as opt
-from sdaccel.cli.command import SettingsFlags, command
+from sdaccel.cli.command import SettingsFlags, command, stdout_console
 from sdaccel.errors import ConfigError
 
 
-@command(settings="flags", presets="many",
-         shorthand=("model", "steps", "sampler", "seed", "height", "width", "guidance",
-                    "num_images"), engine=True)
+@command(settings="flags", presets="many", exclude=opt.NO_IMAGES, engine=True)
 def bench(
     console: Console,
     settings: SettingsFlags,
@@ -65,20 +61,16 @@ def bench(
     """
     specs: list = list(settings.preset or []) + list(settings.config or []) or ["tiny"]
     prompts = _read_prompts(prompts_file) if prompts_file else None
-    if csv_file is not None and csv_file.suffix.lower() != ".csv":
-        raise ConfigError(f"--csv {str(csv_file)!r}: expected a .csv file name")
-    if plot_file is not None and plot_file.suffix.lower() != ".png":
-        raise ConfigError(f"--plot {str(plot_file)!r}: expected a .png file name")
+    for flag, path, suffix in (("--csv", csv_file, ".csv"), ("--plot", plot_file, ".png")):
+        if path is not None:
+            _check_writable(flag, path, suffix)
     report = _run(specs, prompts, iters, warmup, settings.overrides, settings.shorthand,
                   baseline_dtype, also_baselines or [], peers or [], equal_cost, min_psnr,
                   min_ssim, console)
     if as_json:
         typer.echo(report.to_json())
     else:
-        out = Console()
-        if not out.is_terminal:  # files and pipes get every column unwrapped
-            out = Console(width=240)
-        out.print(report_table(report))
+        stdout_console().print(report.table())
     if csv_file is not None:
         console.print(f"[green]csv[/] {report.write_csv(csv_file)}", highlight=False)
     if plot_file is not None:
@@ -87,6 +79,18 @@ def bench(
         if row.notes:
             console.print(f"[yellow]Note:[/] {escape(row.label)}: {escape(row.notes)}",
                           highlight=False)
+
+
+def _check_writable(flag: str, path: Path, suffix: str) -> None:
+    """Before the long run: a report file that could not be written is a settings error."""
+    import os
+
+    if path.suffix.lower() != suffix:
+        raise ConfigError(f"{flag} {str(path)!r}: expected a {suffix} file name")
+    folder = next(p for p in path.absolute().parents if p.exists())
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise ConfigError(f"{flag} {str(path)!r}: cannot write there ({folder} is "
+                          f"{'not a folder' if not folder.is_dir() else 'not writable'})")
 
 
 def _read_prompts(path: Path) -> list[str]:
@@ -122,70 +126,3 @@ def _run(specs, prompts, iters, warmup, overrides, flags, baseline_dtype, also_b
                          baseline_dtype=baseline_dtype, also_baselines=also_baselines,
                          peers=peers, equal_cost=equal_cost, min_psnr=min_psnr,
                          min_ssim=min_ssim, on_progress=on_progress)
-
-
-def _num(value, digits: int = 2) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    return f"{value:.{digits}f}"
-
-
-def _speedup(r) -> str:
-    if not r.speedup:
-        return "-"
-    if r.speedup_p25 is None or r.speedup_p75 is None or r.label == r.baseline:
-        return f"{r.speedup:.2f}x"
-    return f"{r.speedup:.2f}x ({r.speedup_p25:.2f}-{r.speedup_p75:.2f})"
-
-
-_FLAGS = {"baseline": "baseline", "peer": "peer", "equal-cost": "equal cost", "config": ""}
-
-
-def report_table(report) -> Table:
-    """The report as one Rich table: baselines dimmed, drifting rows flagged."""
-    from sdaccel.bench import PSNR_CAP_DB, SPREAD_PERCENTILES
-
-    # Equal-cost rows differ from their configuration by their steps alone, which their label
-    # says: they do not break a shared run description.
-    runs = {f"{r.model} / {r.sampler} {r.steps} steps / {r.height}x{r.width} / guidance "
-            f"{r.guidance:g} / batch {r.batch}" for r in report.rows if r.kind != "equal-cost"}
-    shared = next(iter(runs)) if len(runs) == 1 else None
-    low, high = SPREAD_PERCENTILES
-    table = Table(title=f"sdaccel bench on {escape(report.device_name)}: {report.iters} timed "
-                  f"rounds (every row once per round, interleaved) after {report.warmup} "
-                  f"warm-up call(s), {len(report.prompts)} prompt(s)"
-                  + (f"\n{escape(shared)}" if shared else ""),
-                  caption=f"speed-up: median over rounds of the baseline's s/img / the row's "
-                  f"s/img in the same round (p{low}-p{high} of those ratios); cost: UNet work "
-                  "per image in full guided UNet calls; memory: "
-                  f"{report.memory_note}; PSNR/SSIM: against the baseline's image of the same "
-                  f"prompt and seed; DRIFT: worst image below {report.min_psnr:g} dB or SSIM "
-                  f"{report.min_ssim:g}",
-                  title_justify="left", caption_justify="left")
-    columns = [("configuration", "left")] + ([] if shared else [("run", "left")]) + [
-        ("precision u/v/t", "left"), ("compile, passes", "left"), ("first call s", "right"),
-        ("UNet steps/s", "right"), ("s/img p50", "right"), ("p90", "right"),
-        ("img/s", "right"), ("peak MiB", "right"), ("NFE", "right"), ("cost", "right"),
-        (f"speed-up (p{low}-p{high})", "right"), ("PSNR dB", "right"), ("SSIM", "right"),
-        ("", "left")]
-    for name, justify in columns:
-        table.add_column(name, justify=justify)
-    for r in report.rows:
-        psnr = "∞" if r.psnr_db is not None and r.psnr_db >= PSNR_CAP_DB else _num(r.psnr_db, 1)
-        flag = "[bold red]DRIFT[/]" if r.drift else _FLAGS.get(r.kind, "")
-        if r.drift and r.kind in ("peer", "equal-cost"):
-            flag += f" {_FLAGS[r.kind]}"
-        if r.compile_cache_entries:
-            flag += " cache"
-        run = [] if shared else [escape(f"{r.model} / {r.sampler} {r.steps} / "
-                                        f"{r.height}x{r.width}")]
-        table.add_row(
-            escape(r.label), *run, r.precision,
-            escape(r.compile + (f", {r.passes}" if r.passes else "")),
-            _num(r.first_call_seconds), _num(r.unet_steps_per_s, 1),
-            _num(r.seconds_per_image_median, 3), _num(r.seconds_per_image_p90, 3),
-            _num(r.images_per_s), f"{r.peak_memory_bytes / 2**20:.0f}", _num(r.nfe, 0),
-            _num(r.cost, 2), _speedup(r), psnr, _num(r.ssim, 4), flag.strip(),
-            style="dim" if r.kind == "baseline" else None,
-        )
-    return table

@@ -62,6 +62,12 @@ def reported_errors(console: Console) -> Iterator[None]:
         raise typer.Exit(EXIT_INTERRUPTED) from None
 
 
+def stdout_console() -> Console:
+    """The console for a command's result (tables); files and pipes get every column unwrapped."""
+    out = Console()
+    return out if out.is_terminal else Console(width=240)
+
+
 def quiet_library_logs() -> None:
     """Libraries' notices that a user cannot act on stay out of the output (errors still show):
     bitsandbytes' note on an optional 4-bit kernel, diffusers' remarks on dtype casts. The
@@ -81,7 +87,7 @@ def command(
     settings: Literal["resolved", "flags"] | None = "resolved",
     *,
     presets: Literal["one", "many"] = "one",
-    shorthand: tuple[str, ...] = tuple(opt.SHORTHAND),
+    exclude: tuple[str, ...] = (),
     aliases: dict[str, Any] | None = None,
     engine: bool = False,
 ) -> Callable[[Callable[..., None]], Callable[..., None]]:
@@ -89,13 +95,15 @@ def command(
 
     settings: "resolved" hands the command a ResolvedSettings, "flags" the SettingsFlags (for
     commands that resolve several configurations), None adds no settings options. presets:
-    "many" takes --preset/--config as lists. shorthand: which shorthand flags the command
-    takes; aliases: a different option alias for one of them (e.g. compile-cache's --batch).
+    "many" takes --preset/--config as lists. Every shorthand flag of `options.SHORTHAND` is
+    taken but those in `exclude` (flags meaningless to the command, e.g. --out-dir where no
+    image is written); aliases: a different option alias for one of them (e.g. compile-cache's
+    --batch).
     engine: the command loads models, so library notices are silenced first.
     """
 
     def decorate(func: Callable[..., None]) -> Callable[..., None]:
-        added = _settings_parameters(presets, shorthand, aliases or {}) if settings else []
+        added = _settings_parameters(presets, exclude, aliases or {}) if settings else []
         names = [p.name for p in added]
 
         @functools.wraps(func)
@@ -132,10 +140,13 @@ def _own_parameters(func: Callable[..., None]) -> list[inspect.Parameter]:
     return own
 
 
-def _settings_parameters(presets: str, shorthand: tuple[str, ...],
+def _settings_parameters(presets: str, exclude: tuple[str, ...],
                          aliases: dict[str, Any]) -> list[inspect.Parameter]:
+    unknown = set(exclude) - set(opt.SHORTHAND)
+    assert not unknown, f"exclude names no shorthand flag: {unknown}"
     declared = {**_LAYERS[presets], "overrides": opt.Overrides,
-                **{name: aliases.get(name, opt.SHORTHAND[name][1]) for name in shorthand}}
+                **{name: aliases.get(name, alias) for name, (_, alias) in opt.SHORTHAND.items()
+                   if name not in exclude}}
     return [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
                               annotation=alias) for name, alias in declared.items()]
 

@@ -15,7 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from sdaccel.cli import options as opt
-from sdaccel.cli.command import command
+from sdaccel.cli.command import command, stdout_console
 from sdaccel.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -31,11 +31,11 @@ Sizes = Annotated[list[str] | None, typer.Option(
     show_default=False)]
 Batch = opt.shorthand(int, "--batch", "--num-images", "-n", help="Images per call "
                       "(generation.num_images_per_prompt).  [default: the settings' value]")
-# The same flags as `generate` (but --out-dir), so the same command line finds the same entry;
-# steps and seed do not change the graph, but are accepted.
-CACHE_FLAGS = ("model", "steps", "sampler", "seed", "height", "width", "guidance", "num_images")
-Prompt = Annotated[str, typer.Option("--prompt", help="Prompt of the compiling call (any prompt "
-                                     "gives the same graph).")]
+# The same flags as `generate` but --out-dir (no image is kept), so the same command line finds
+# the same entry; steps, seed and LoRAs do not change the graph, but are accepted.
+Prompt = Annotated[str | None, typer.Option(
+    "--prompt", help="Prompt of the compiling call (any prompt gives the same graph).  "
+    "[default: a fixed one]", show_default=False)]
 
 
 def _sizes(sizes: list[str] | None, settings) -> list[tuple[int, int]]:
@@ -55,12 +55,12 @@ def _sizes(sizes: list[str] | None, settings) -> list[tuple[int, int]]:
 
 
 @app.command("warm")
-@command(shorthand=CACHE_FLAGS, aliases={"num_images": Batch}, engine=True)
+@command(exclude=opt.NO_IMAGES, aliases={"num_images": Batch}, engine=True)
 def warm(
     console: Console,
     settings: ResolvedSettings,
     sizes: Sizes = None,
-    prompt: Prompt = "a red circle on a blue background",
+    prompt: Prompt = None,
     as_json: opt.Json = False,
 ) -> None:
     """Compile the settings cold for each size and batch, and store the artifacts."""
@@ -95,25 +95,22 @@ def list_(console: Console, as_json: opt.Json = False) -> None:
                       str(r.get("triton")), str(r.get("diffusers")),
                       escape(str(r.get("device_name"))), str(r["cold_seconds"]),
                       f"{r['size_bytes'] / 2**20:.1f}", status)
-    out = Console()
-    if not out.is_terminal:  # files and pipes get every column unwrapped
-        out = Console(width=240)
-    out.print(table)
+    stdout_console().print(table)
 
 
 @app.command("load")
-@command(shorthand=CACHE_FLAGS, aliases={"num_images": Batch}, engine=True)
+@command(exclude=opt.NO_IMAGES, aliases={"num_images": Batch}, engine=True)
 def load(
     console: Console,
     settings: ResolvedSettings,
-    prompt: Prompt = "a red circle on a blue background",
+    prompt: Prompt = None,
     as_json: opt.Json = False,
 ) -> None:
     """Load the matching entries, time a warm start (build + first image), compare with cold."""
     _start(console, settings, prompt, as_json)
 
 
-def _start(console: Console, resolved: ResolvedSettings, prompt: str, as_json: bool,
+def _start(console: Console, resolved: ResolvedSettings, prompt: str | None, as_json: bool,
            sizes: list[tuple[int, int]] | None = None) -> None:
     """The body `warm` and `load` share: a cold start compiled and stored for each of `sizes`,
     or (no sizes) a warm start from the stored entries, timed beside its cold one. Progress on
@@ -122,6 +119,7 @@ def _start(console: Console, resolved: ResolvedSettings, prompt: str, as_json: b
     from sdaccel.cli.render import ProgressRenderer
 
     settings, preset = resolved.settings, resolved.preset
+    prompt = prompt or compile_cache.DEFAULT_PROMPT
     batch = settings.generation.num_images_per_prompt
     if sizes is not None:
         console.print(f"[dim]compiling preset {preset} ({settings.model_id}, "

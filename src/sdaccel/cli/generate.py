@@ -68,15 +68,13 @@ def _describe(resolved) -> str:
 def _run(resolved, prompts: list[str], negative_prompt: str, as_json: bool,
          console: Console) -> None:
     from sdaccel.cli.render import ProgressRenderer
-    from sdaccel.compile_cache import load_matching
-    from sdaccel.engine.engine import Engine
+    from sdaccel.compile_cache import start_engine
     from sdaccel.outputs import RunWriter
 
     settings = resolved.settings
     renderer = ProgressRenderer(console)
     console.print(_describe(resolved), highlight=False)
-    load_matching(settings, renderer)  # compile-cache entries, before the compiling first call
-    engine = Engine(settings, on_event=renderer)
+    engine, _ = start_engine(settings, renderer)
     writer = RunWriter(settings, engine.components.name, engine.components.model_hash)
     per_prompt = settings.generation.num_images_per_prompt
     try:
@@ -105,19 +103,11 @@ def _run_jobs(resolved, prompts_file: Path, negative_prompt: str, as_json: bool,
     of all of them (read from the per-process manifests) and merges the manifests."""
     from sdaccel import jobs
     from sdaccel.cli.render import JobsProgress, ProgressRenderer
-    from sdaccel.compile_cache import load_matching
-    from sdaccel.engine.engine import Engine
-    from sdaccel.engine.precision import resolve_device
     from sdaccel.events import ignore
-    from sdaccel.outputs import RunWriter
 
-    settings = resolved.settings
-    job_list = jobs.read_jobs(prompts_file, settings, negative_prompt)
-    state = jobs.process_state(cpu=resolve_device(settings.device).type == "cpu")
+    job_list = jobs.read_jobs(prompts_file, resolved.settings, negative_prompt)
+    state, settings = jobs.process_settings(resolved.settings)
     main = state.is_main_process
-    if state.num_processes > 1 and state.device.type == "cuda":
-        # cuda:{local rank}, whatever device said; a copy, so resolved.sources stay true
-        settings = settings.model_copy(update={"device": str(state.device)})
     if main:
         console.print(_describe(resolved) + f"[dim], {len(job_list)} jobs from {prompts_file}, "
                       f"{state.num_processes} process(es)[/]", highlight=False)
@@ -126,11 +116,7 @@ def _run_jobs(resolved, prompts_file: Path, negative_prompt: str, as_json: bool,
                           highlight=False)
     # Notices go through a plain renderer until the progress display exists.
     notices = ProgressRenderer(console) if main else ignore
-    load_matching(settings, lambda event: notices(event))  # compile-cache entries
-    engine = Engine(settings, on_event=lambda event: notices(event))
-    jobs.check_sizes(job_list, engine.check_size, prompts_file)
-    jobs.check_loras(job_list, engine.prepare_loras, prompts_file)
-    writer = RunWriter(settings, engine.components.name, engine.components.model_hash)
+    engine, writer = jobs.start(settings, job_list, prompts_file, lambda event: notices(event))
     out_dir = writer.out_dir
     follower = jobs.ManifestFollower(out_dir)
     stop = threading.Event()

@@ -43,7 +43,8 @@ def shorthand(kind: type, *names: str, help: str) -> Any:  # noqa: A002 - Typer'
 
 
 # Shorthand flag (parameter name) -> (the settings key it sets, its option). Adding one is one
-# line here: every command that reads settings takes it (cli/command.py).
+# line here: every command that reads settings takes it (cli/command.py), but a command that
+# excludes it by name.
 SHORTHAND: dict[str, tuple[str, Any]] = {
     "model": ("model_id", shorthand(str, "--model", "-m", help="Model: hub id, folder, "
                                     ".safetensors file, random:tiny|sd15, bundled:shapes.")),
@@ -65,6 +66,9 @@ SHORTHAND: dict[str, tuple[str, Any]] = {
                                           "textual-inversion file (.pt, .safetensors, .bin or "
                                           "a diffusers folder); repeatable")),
 }
+
+# What commands that write no image leave out of SHORTHAND (`command(exclude=...)`).
+NO_IMAGES = ("out_dir",)
 
 Json = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout; "
                                     "everything else goes to stderr.")]

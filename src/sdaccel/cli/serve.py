@@ -30,8 +30,7 @@ MaxPixels = Annotated[int, typer.Option("--max-pixels", min=64, help="Width x he
                                         "one image.")]
 
 
-@command(shorthand=("model", "steps", "sampler", "seed", "height", "width", "guidance",
-                    "out_dir"), engine=True)
+@command(exclude=("num_images",), engine=True)  # each request says its batch
 def serve(
     console: Console,
     settings: ResolvedSettings,
@@ -52,7 +51,6 @@ def serve(
     """
     import uvicorn
 
-    from sdaccel.compile_cache import load_matching
     from sdaccel.serve.app import Limits, create_app
 
     def notice(message: str) -> None:
@@ -61,7 +59,6 @@ def serve(
     if host not in ("127.0.0.1", "localhost", "::1"):
         notice(f"--host {host}: the API is reachable from other machines"
                + ("" if api_key else " and anyone there can use it (set --api-key)"))
-    load_matching(settings.settings, lambda event: notice(event.message))
     limits = Limits(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
                     max_pixels=max_pixels)
     console.print(f"[dim]loading {settings.settings.model_id} (preset {settings.preset})[/]",

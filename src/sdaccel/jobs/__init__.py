@@ -21,7 +21,8 @@ work across processes and runs it.
 
 from sdaccel.jobs.manifest import MANIFEST, ManifestFollower, read_manifest
 from sdaccel.jobs.prompts_file import JOB_KEYS, Job, check_loras, check_sizes, read_jobs
-from sdaccel.jobs.run import RunReport, process_state, run_jobs
+from sdaccel.jobs.run import RunReport, process_settings, process_state, run_jobs, start
 
 __all__ = ["JOB_KEYS", "MANIFEST", "Job", "ManifestFollower", "RunReport", "check_loras",
-           "check_sizes", "process_state", "read_jobs", "read_manifest", "run_jobs"]
+           "check_sizes", "process_settings", "process_state", "read_jobs", "read_manifest",
+           "run_jobs", "start"]

@@ -12,13 +12,34 @@ from typing import Any
 
 from sdaccel.errors import SdaccelError
 from sdaccel.jobs.manifest import ManifestWriter, Plan, consolidate, manifest_record, read_manifest
-from sdaccel.jobs.prompts_file import Job
+from sdaccel.jobs.prompts_file import Job, check_loras, check_sizes
 
 # The end-of-run barrier waits for the slowest process; the default (10-30 min) is too short for
 # a long, unevenly split job list. A failed process still ends the run: the launcher stops all.
 BARRIER_TIMEOUT = timedelta(hours=24)
 
 
+def process_settings(settings):
+    """This process's Accelerate state, and the settings it runs with: with several processes
+    on CUDA, cuda:{local rank} whatever `device` said (a copy: the caller's stay as resolved)."""
+    from sdaccel.engine.precision import resolve_device
+
+    state = process_state(cpu=resolve_device(settings.device).type == "cpu")
+    if state.num_processes > 1 and state.device.type == "cuda":
+        settings = settings.model_copy(update={"device": str(state.device)})
+    return state, settings
+
+
+def start(settings, jobs: list[Job], source: Path, on_event: Callable[[Any], None]):
+    """The engine (warm from the compile cache) and the writer for `jobs`, with every line's size
+    and LoRA files checked before any image is made (errors name the line of `source`)."""
+    from sdaccel.compile_cache import start_engine
+    from sdaccel.outputs import RunWriter
+
+    engine, _ = start_engine(settings, on_event)
+    check_sizes(jobs, engine.check_size, source)
+    check_loras(jobs, engine.prepare_loras, source)
+    return engine, RunWriter(settings, engine.components.name, engine.components.model_hash)
 
 
 def process_state(cpu: bool):

@@ -91,8 +91,9 @@ class BadRequest(ValueError):
 
 def create_app(settings: Settings, limits: Limits = Limits(), api_key: str | None = None,
                on_notice: Callable[[str], None] = lambda message: None) -> FastAPI:
-    """Load the engine for `settings` (its warnings go to `on_notice`) and build the app."""
-    from sdaccel.engine.engine import Engine
+    """Load the engine for `settings`, warm from the compile cache (its warnings go to
+    `on_notice`), and build the app."""
+    from sdaccel.compile_cache import start_engine
     from sdaccel.events import StepDone, Warning
 
     def on_event(event) -> None:
@@ -101,7 +102,7 @@ def create_app(settings: Settings, limits: Limits = Limits(), api_key: str | Non
         elif isinstance(event, Warning):
             on_notice(event.message)
 
-    engine = Engine(settings, on_event=on_event)
+    engine, _ = start_engine(settings, on_event)
     app = FastAPI(title="sdaccel", docs_url="/docs", redoc_url=None)
     app.state.engine = engine
     metrics = Metrics()
