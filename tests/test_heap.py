@@ -55,4 +55,4 @@ def test_without_glibc_it_says_it_does_nothing(monkeypatch):
                     on_event=lambda e: warnings.append(e.message) if isinstance(e, Warning)
                     else None)
     assert engine.passes == []
-    assert any("reuse_freed_memory has no effect: needs glibc on Linux" in w for w in warnings)
+    assert any("reuse_freed_memory has no effect here: needs glibc on Linux" in w for w in warnings)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -155,16 +156,6 @@ def check_attention(name: str, device: torch.device, dtype: torch.dtype) -> None
         ) from None
 
 
-# `optimize.<key>` -> the pass and the modules it rewrites, run in this order (after SDPA
-# attention). Adding a module pass: its function above, one entry here, one OptimizeSettings key.
-MODULE_PASSES: dict[str, tuple[Callable[[torch.nn.Module], torch.nn.Module], tuple[str, ...]]] = {
-    "fuse_qkv": (fuse_qkv, ("unet", "vae")),
-    "channels_last": (channels_last, ("unet", "vae")),
-    "vae_tiling": (vae_tiling, ("vae",)),
-    "prepack_weights": (prepack_weights, ("unet", "vae")),
-}
-
-
 def _why_not_prepack(settings: Settings, device: torch.device) -> str | None:
     if device.type != "cpu":
         return f"on {device.type}: oneDNN packs CPU weights only"
@@ -172,6 +163,43 @@ def _why_not_prepack(settings: Settings, device: torch.device) -> str | None:
         return ("with compile.enabled=true: the compiled graph cannot take packed weights "
                 "(compile.freezing packs them inside it)")
     return None
+
+
+def _reuse_freed_memory(settings: Settings, device: torch.device) -> str | None:
+    """Process-wide: it tunes the C allocator here and now (heap.py), or says why not."""
+    if device.type != "cpu":
+        return f"on {device.type}: it tunes CPU memory"
+    unusable = keep_freed_memory()
+    return f"here: {unusable}" if unusable else None
+
+
+def _why_not_inductor_flags(settings: Settings, device: torch.device) -> str | None:
+    # Applied with the compile call (compile.compile_options).
+    return None if settings.compile.enabled else ("without compile.enabled=true: nothing is "
+                                                  "compiled")
+
+
+@dataclass(frozen=True)
+class Pass:
+    """One `optimize.<key>` switch: `apply` rewrites each of the `targets` modules in place;
+    `why_not(settings, device)` names a reason it cannot act here (a warning; the run goes on
+    without it), and for a pass that acts outside the modules, acts."""
+
+    apply: Callable[[torch.nn.Module], torch.nn.Module] | None = None
+    targets: tuple[str, ...] = ()
+    why_not: Callable[[Settings, torch.device], str | None] = lambda settings, device: None
+
+
+# `optimize.<key>` -> its pass, run in this order (after SDPA attention). Adding a speed pass:
+# its function above, one entry here, one OptimizeSettings key (a test checks the two agree).
+PASSES: dict[str, Pass] = {
+    "fuse_qkv": Pass(fuse_qkv, ("unet", "vae")),
+    "channels_last": Pass(channels_last, ("unet", "vae")),
+    "vae_tiling": Pass(vae_tiling, ("vae",)),
+    "prepack_weights": Pass(prepack_weights, ("unet", "vae"), _why_not_prepack),
+    "reuse_freed_memory": Pass(why_not=_reuse_freed_memory),
+    "inductor_flags": Pass(why_not=_why_not_inductor_flags),
+}
 
 
 def apply_passes(unet: torch.nn.Module, vae: torch.nn.Module, settings: Settings,
@@ -187,29 +215,16 @@ def apply_passes(unet: torch.nn.Module, vae: torch.nn.Module, settings: Settings
     sdpa_attention(unet)
     sdpa_attention(vae)
     modules = {"unet": unet, "vae": vae}
-    for key, (apply, targets) in MODULE_PASSES.items():
+    for key, speed_pass in PASSES.items():
         if not getattr(options, key):
             continue
-        if key == "prepack_weights" and (unusable := _why_not_prepack(settings, device)):
-            on_event(Warning(f"optimize.prepack_weights has no effect {unusable}"))
+        if unusable := speed_pass.why_not(settings, device):
+            on_event(Warning(f"optimize.{key} has no effect {unusable}"))
             continue
-        for target in targets:
-            apply(modules[target])
+        for target in speed_pass.targets:
+            speed_pass.apply(modules[target])
         applied.append(key)
-    if options.reuse_freed_memory:
-        unusable = (f"on {device.type}: it tunes CPU memory" if device.type != "cpu"
-                    else keep_freed_memory())
-        if unusable:
-            on_event(Warning(f"optimize.reuse_freed_memory has no effect: {unusable}"))
-        else:
-            applied.append("reuse_freed_memory")
     if (attention := attention_in_force(options.attention)) != "sdpa":
         applied.append(f"attention={attention}")
-    if options.inductor_flags:
-        if settings.compile.enabled:
-            applied.append("inductor_flags")
-        else:
-            on_event(Warning("optimize.inductor_flags has no effect without "
-                             "compile.enabled=true: nothing is compiled"))
     log.debug("speed passes applied: %s", ", ".join(applied) or "none")
     return applied
