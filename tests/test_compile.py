@@ -13,9 +13,11 @@ from sdaccel.settings import CompileSettings
 
 
 def test_compile_failure_falls_back_to_eager_with_a_warning(monkeypatch):
+    from torch._inductor.exc import CppCompileError
+
     def broken_compile(fn, **_options):
         def fails(*_args, **_kwargs):
-            raise RuntimeError("inductor exploded")
+            raise CppCompileError(["g++", "kernel.cpp"], "inductor exploded")
         return fails
 
     monkeypatch.setattr(torch, "compile", broken_compile)
@@ -27,20 +29,23 @@ def test_compile_failure_falls_back_to_eager_with_a_warning(monkeypatch):
     assert engine.compile_fell_back and engine.compile_fallbacks == ("UNet", "VAE decode")
     warnings = [e.message for e in events if isinstance(e, Warning)]
     assert warnings == [
-        "torch.compile of the UNet failed (RuntimeError: inductor exploded); running it eagerly",
-        "torch.compile of the VAE decode failed (RuntimeError: inductor exploded); running it "
-        "eagerly"]
+        "torch.compile of the UNet failed (CppCompileError: C++ compile error); running it "
+        "eagerly",
+        "torch.compile of the VAE decode failed (CppCompileError: C++ compile error); running it"
+        " eagerly"]
     assert torch.equal(result.latents, Engine(tiny_settings()).generate(["a red circle"])[0]
                        .latents)
 
 
-def test_a_runtime_error_after_a_successful_compile_propagates(monkeypatch):
+@pytest.mark.parametrize("failing_call", [1, 2])
+def test_a_runtime_error_of_the_compiled_code_propagates(monkeypatch, failing_call):
+    """On the first call (which compiles, then runs) as on a later one: not a failed compile."""
     def flaky_compile(fn, **_options):
         calls = []
 
         def compiled(*args, **kwargs):
             calls.append(1)
-            if len(calls) == 2:
+            if len(calls) == failing_call:
                 raise RuntimeError("CUDA error: an illegal memory access was encountered")
             return fn(*args, **kwargs)
         return compiled

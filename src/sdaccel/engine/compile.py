@@ -48,10 +48,22 @@ def compile_callable(
 
 
 def _compile_error(exc: Exception) -> bool:
-    """An error of dynamo or inductor compiling (BackendCompilerFailed, Unsupported, ...)."""
+    """An error of compiling: dynamo's (BackendCompilerFailed, Unsupported, ...), inductor's own
+    (a C++ or CUDA kernel that does not build, a missing compiler, an op it cannot lower) or
+    Triton's; not an error of running what was compiled."""
     from torch._dynamo.exc import TorchDynamoException
+    from torch._inductor import exc as inductor
 
-    return isinstance(exc, TorchDynamoException)
+    kinds: tuple[type, ...] = (TorchDynamoException, inductor.CppCompileError,
+                               inductor.CppWrapperCodegenError, inductor.InvalidCxxCompiler,
+                               inductor.OperatorIssue, inductor.SubgraphLoweringException)
+    try:
+        from triton.compiler.errors import CompilationError
+    except ImportError:  # no Triton (CPU builds)
+        pass
+    else:
+        kinds += (CompilationError,)
+    return isinstance(exc, kinds)
 
 
 class EagerFallback:
@@ -59,9 +71,10 @@ class EagerFallback:
     failure shows. A failed compile switches to eager for good and tells the user why (a Warning
     event); `fell_back` says it happened.
 
-    What counts as a failed compile: any error (but running out of memory) of the first call,
-    which compiles, and a dynamo/inductor error of a later call, which compiles again for a new
-    shape. Any other error of a later call propagates: the compiled function already ran.
+    What counts as a failed compile: an error of dynamo, inductor or Triton (`_compile_error`),
+    on the first call, which compiles, or a later one, which compiles again for a new shape. Any
+    other error propagates (out of memory, a fault of the compiled code as it runs): falling back
+    would hide it and leave the rest of the process eager.
 
     With CUDA graphs (reduce-overhead, max-autotune) every call starts a new graph step: the
     denoising loop never keeps a previous call's raw output, so its memory may be reused."""
@@ -73,7 +86,6 @@ class EagerFallback:
         self.what = what
         self._on_event = on_event
         self._cudagraphs = cudagraphs
-        self._ran = False  # a compiled call has completed
         self.fell_back = False
 
     def __call__(self, *args, **kwargs):
@@ -84,11 +96,10 @@ class EagerFallback:
                 torch.compiler.cudagraph_mark_step_begin()
             out = self._active(*args, **kwargs)
         except Exception as exc:
-            if isinstance(exc, torch.OutOfMemoryError) or (self._ran and not _compile_error(exc)):
+            if not _compile_error(exc):
                 raise
             self._fall_back(exc)
             return self._eager(*args, **kwargs)
-        self._ran = True
         return out
 
     def _fall_back(self, exc: Exception) -> None:
