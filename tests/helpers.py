@@ -33,11 +33,11 @@ def set_flags(assignments: Iterable[str]) -> list[str]:
     return [arg for assignment in assignments for arg in ("--set", assignment)]
 
 
-def pipeline_latents(engine, prompts: list[str], seed: int, **call):
-    """diffusers' StableDiffusionPipeline on `engine`'s own components and sampler: the final
-    latents for `prompts`, image k drawn from a CPU generator seeded `seed + k` as the engine
-    does. Size, steps, guidance and images per prompt default to the engine's settings; `call`
-    overrides them or adds pipeline arguments (`timesteps=[...]`)."""
+def pipeline_latents(engine, prompts: list[str], seed: int, sampler: str | None = None, **call):
+    """diffusers' StableDiffusionPipeline on `engine`'s own components and sampler (or
+    `sampler`): the final latents for `prompts`, image k drawn from a CPU generator seeded
+    `seed + k` as the engine does. Size, steps, guidance and images per prompt default to the
+    engine's settings; `call` overrides them or adds pipeline arguments (`timesteps=[...]`)."""
     import torch
     from diffusers import StableDiffusionPipeline
 
@@ -46,7 +46,8 @@ def pipeline_latents(engine, prompts: list[str], seed: int, **call):
     s, parts = engine.settings, engine.components
     pipe = StableDiffusionPipeline(
         vae=engine.vae, text_encoder=engine.text_encoder, tokenizer=parts.tokenizer,
-        unet=engine.unet, scheduler=build_scheduler(s.sampler.name, parts.scheduler_config),
+        unet=engine.unet,
+        scheduler=build_scheduler(sampler or s.sampler.name, parts.scheduler_config),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)

@@ -25,12 +25,13 @@ def engine():
     (48, 32, 7.5, 2),
 ])
 def test_latents_equal_diffusers(engine, sampler, height, width, guidance, per_prompt):
-    s = engine.settings
-    s.sampler.name, s.sampler.steps = sampler, 5
-    s.generation.height, s.generation.width = height, width
-    s.generation.guidance_scale, s.generation.num_images_per_prompt = guidance, per_prompt
-    ours = torch.stack([r.latents for r in engine.generate(PROMPTS, seed=11)])
-    theirs = pipeline_latents(engine, PROMPTS, seed=11)
+    size = {"height": height, "width": width, "guidance_scale": guidance,
+            "num_images_per_prompt": per_prompt}
+    ours = torch.stack([r.latents for r in engine.generate(
+        PROMPTS, seed=11, generation=engine.settings.generation.model_copy(update=size),
+        sampler=engine.settings.sampler.model_copy(update={"name": sampler, "steps": 5}))])
+    theirs = pipeline_latents(engine, PROMPTS, seed=11, sampler=sampler, num_inference_steps=5,
+                              **size)
     assert ours.shape == theirs.shape
     assert (ours - theirs).abs().max().item() <= 1e-4
 
@@ -39,16 +40,20 @@ def test_image_regenerates_alone_from_its_seed(engine, tmp_path):
     """README's claim: image j of a batch, generated alone with its seed, has latents within
     1e-4 (batch size changes float rounding only) and identical 8-bit pixels in its file."""
     s = engine.settings
-    s.sampler.name, s.generation.num_images_per_prompt = "ddpm", 3
-    s.generation.height = s.generation.width = 32
-    batch = engine.generate(["a red circle"], seed=100)
-    s.generation.num_images_per_prompt = 1
-    alone = engine.generate(["a red circle"], seed=batch[2].seed)[0]
+    ddpm = s.sampler.model_copy(update={"name": "ddpm"})
+
+    def generation(images: int):
+        return s.generation.model_copy(update={"height": 32, "width": 32,
+                                               "num_images_per_prompt": images})
+
+    batch = engine.generate(["a red circle"], seed=100, generation=generation(3), sampler=ddpm)
+    alone = engine.generate(["a red circle"], seed=batch[2].seed, generation=generation(1),
+                            sampler=ddpm)[0]
     assert batch[2].seed == 102
     assert (alone.latents - batch[2].latents).abs().max().item() <= 1e-4
     saved = []
     for out, result in (("batch", batch[2]), ("alone", alone)):
-        s.io.out_dir = tmp_path / out
-        with Image.open(RunWriter(s, model_name="random:tiny").save(result)["path"]) as png:
+        writes_to = s.model_copy(update={"io": s.io.model_copy(update={"out_dir": tmp_path / out})})
+        with Image.open(RunWriter(writes_to, model_name="random:tiny").save(result)["path"]) as png:
             saved.append(np.asarray(png.convert("RGB")))
     assert np.array_equal(*saved)
