@@ -6,6 +6,7 @@ no recompile; the CLI, prompts files and PNG metadata carry it; bad files are on
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -411,6 +412,21 @@ def garbage(tmp_path):
     return path
 
 
+class _RunsAShell:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch lora-pickle-ran",))
+
+
+def pickle_with_code(tmp_path):
+    """A .pt LoRA whose pickle calls os.system: torch blocks that module outright (another
+    wording of its refusal than for builtins)."""
+    path = tmp_path / "evil.pt"
+    torch.save({"lora_unet_x.lora_down.weight": _RunsAShell()}, path)
+    return path
+
+
 def checkpoint_not_lora(tmp_path):
     path = tmp_path / "model.safetensors"
     save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4)}, str(path))
@@ -424,6 +440,7 @@ def checkpoint_not_lora(tmp_path):
     (lambda p: sdxl_file(p, "unet"), "does not fit model bundled:shapes"),
     (truncated, "is not a readable .safetensors file (truncated or corrupt?)"),
     (garbage, "is not a readable .safetensors file"),
+    (pickle_with_code, "holds more than tensors (posix.system): loading it would run code"),
     (checkpoint_not_lora, "is not a LoRA"),
     (lambda p: p / "missing.safetensors", "does not exist"),
     (lambda p: f"{KOHYA}:abc", "weight 'abc' is not a number"),
@@ -439,7 +456,7 @@ def test_bad_loras_are_one_line_exit_3_and_nothing_written(tmp_path, make, messa
     error = next(x for x in lines if x.startswith("Error:"))
     assert message in error and name in error, error
     assert "Traceback" not in result.output and result.stdout == ""
-    assert not out.exists()
+    assert not out.exists() and not Path("lora-pickle-ran").exists()
 
 
 def test_a_bad_lora_on_a_prompts_file_line_names_the_line(tmp_path):

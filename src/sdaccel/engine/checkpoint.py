@@ -417,9 +417,11 @@ def load_tensor_pickle(data: bytes, what: str, error: type[Exception]) -> Any:
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        wanted = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        # Both of torch's wordings: "Unsupported global: GLOBAL x" and "... GLOBAL posix.system
+        # whose module posix is blocked"
+        wanted = _refused_globals(str(exc))
         if wanted:
-            raise error(f"{what} holds more than tensors ({wanted.group(1)}): loading it would "
+            raise error(f"{what} holds more than tensors ({wanted[0]}): loading it would "
                         "run code from the file, which sdaccel never does (convert it to "
                         ".safetensors where you trust it)") from None
         raise error(f"{what} is not a readable PyTorch file (truncated or corrupt?): "
