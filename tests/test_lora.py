@@ -134,6 +134,27 @@ def test_fused_unfused_and_diffusers_agree(engine, tmp_path):
     assert torch.allclose(ours.latents, expected[0].float(), atol=1e-4)
 
 
+def test_a_kohya_text_encoder_part_with_attention_layers_only_is_applied(engine, tmp_path):
+    """diffusers names such layers `to_k_lora` (not `.lora`): the part must not be dropped. The
+    fused q_proj is W + weight * alpha / rank * up @ down."""
+    from safetensors.torch import load_file
+
+    tensors = {k: v for k, v in load_file(KOHYA).items()
+               if k.startswith("lora_te_") and "_self_attn_" in k}
+    path = tmp_path / "te_attention.safetensors"
+    save_file(tensors, str(path))
+    name = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+    down, up = tensors[f"{name}.lora_down.weight"], tensors[f"{name}.lora_up.weight"]
+    alpha = float(tensors[f"{name}.alpha"])
+    q_proj = engine.text_encoder.get_submodule("encoder.layers.0.self_attn.q_proj")
+    base = engine.generate([PROMPT], loras=[])[0]
+    before = q_proj.weight.detach().clone()
+    with_lora = engine.generate([PROMPT], loras=[lora(path, 0.8)])[0]
+    expected = before + 0.8 * alpha / down.shape[0] * (up.float() @ down.float())
+    assert torch.allclose(q_proj.weight.detach(), expected, atol=1e-6)
+    assert not torch.allclose(with_lora.latents, base.latents, atol=1e-3)
+
+
 def test_switching_returns_exactly_to_the_base_weights_and_images(engine):
     """A -> B -> none -> A: no reload, every weight back bit for bit, no drift."""
     base = engine.generate([PROMPT], loras=[])[0]

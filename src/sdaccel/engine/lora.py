@@ -173,12 +173,21 @@ def _convert(tensors: dict[str, Any], given: str) -> tuple[dict[str, Any], dict 
     return state_dict, alphas
 
 
+# diffusers' names for a kohya file's text-encoder attention layers (`...self_attn.to_k_lora.
+# down.weight`) -> the CLIP modules they change
+_TEXT_ATTENTION = {f".{old}_lora.": f".{new}_proj.lora." for old, new in (
+    ("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out", "out"))}
+
+
 def _modules_by_component(state_dict: dict[str, Any], given: str) -> dict[str, set[str]]:
     """component -> the modules the file changes ("down_blocks.1....to_q")."""
     modules: dict[str, set[str]] = {}
     for key in state_dict:
         prefix, _, rest = key.partition(".")
-        if ".lora" not in key or not rest:
+        if prefix == "text_encoder":
+            for old, new in _TEXT_ATTENTION.items():
+                rest = rest.replace(old, new)
+        if ".lora" not in rest:
             continue
         modules.setdefault(prefix, set()).add(rest.split(".lora")[0])
     foreign = sorted(set(modules) - set(COMPONENTS))
