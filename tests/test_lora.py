@@ -111,8 +111,7 @@ def test_fused_unfused_and_diffusers_agree(engine, tmp_path):
     assert not torch.allclose(fused.latents, engine.generate([PROMPT], loras=[])[0].latents,
                               atol=1e-2)
 
-    # diffusers loads the UNet part itself (its text-encoder step hands over to transformers'
-    # load_adapter, which wants a PEFT release not out yet: see engine/lora.py)
+    # diffusers loads the UNet part itself
     with safe_open(str(DIFFUSERS), "pt") as f:
         metadata = json.loads(f.metadata()["lora_adapter_metadata"])
     unet_only = {k: v for k, v in load_file(DIFFUSERS).items() if k.startswith("unet.")}

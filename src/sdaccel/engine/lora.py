@@ -221,9 +221,9 @@ def _inject(component: str, model: torch.nn.Module, lora: LoraFile, adapter: str
 
 def _inject_text_encoder(model: torch.nn.Module, lora: LoraFile, adapter: str) -> None:
     """diffusers' `_load_lora_into_text_encoder`, step for step (its key conversions, rank
-    per layer and LoraConfig), but injecting with PEFT directly: diffusers hands the last step
-    to transformers' `load_adapter`, which in transformers 5 wants a PEFT release (0.22) that
-    is not out, so a plain diffusers pipeline cannot load a LoRA's text-encoder part here."""
+    per layer and LoraConfig), but injecting with PEFT directly rather than through
+    transformers' `load_adapter` (diffusers' last step), so this module knows every layer it
+    changes and keeps its exact original."""
     from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft
     from diffusers.utils.peft_utils import _create_lora_config
     from peft import inject_adapter_in_model, set_peft_model_state_dict
