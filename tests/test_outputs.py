@@ -70,3 +70,24 @@ def test_grid_holds_the_run(tmp_path):
     grid = writer.finish()
     assert grid.name == "grid_000-002.png"
     assert Image.open(grid).size == (64, 64)  # 2 x 2 cells of 32 px
+
+
+def test_a_local_model_is_recorded_by_its_absolute_path(tmp_path, monkeypatch):
+    """The PNG's settings regenerate the image from any working directory: a model given as a
+    relative folder (or file) path is recorded absolute."""
+    import json
+    import os
+
+    from typer.testing import CliRunner
+
+    from sdaccel.cli import app
+    from sdaccel.outputs import read_metadata
+    from sdaccel.shapes import BUNDLED_DIR
+
+    monkeypatch.chdir(tmp_path)
+    relative = os.path.relpath(BUNDLED_DIR, tmp_path)
+    result = CliRunner().invoke(app, ["generate", "a red circle", "--model", relative,
+                                      "--steps", "2", "--out-dir", "out"])
+    assert result.exit_code == 0, result.output
+    chunk = json.loads(read_metadata(tmp_path / "out" / "img_000_steps2.png")["sdaccel"])
+    assert chunk["settings"]["model_id"] == str(BUNDLED_DIR.resolve())

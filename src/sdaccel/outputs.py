@@ -186,7 +186,8 @@ def image_metadata(result, settings, model_name: str, model_hash: str | None = N
     )
     metadata = png_metadata(parameters, {
         "version": __version__, "image": image_info,
-        "settings": {**settings_as_dict(s), "generation": g.model_dump(mode="json"),
+        "settings": {**settings_as_dict(s), "model_id": _absolute_if_local(s.model_id),
+                     "generation": g.model_dump(mode="json"),
                      # the files in force, each with its token and sha256
                      "embeddings": [dict(e) for e in result.embeddings],
                      # the LoRAs it was made with (a prompts-file line's own), sha256 included
@@ -194,6 +195,13 @@ def image_metadata(result, settings, model_name: str, model_hash: str | None = N
                                for lora in loras]},
     })
     return image_info, parameters, metadata
+
+
+def _absolute_if_local(model_id: str) -> str:
+    """A model folder or file as an absolute path (as the loader reads it, `~` expanded), so the
+    metadata regenerates the image from any working directory; other ids as they are."""
+    path = Path(model_id).expanduser()
+    return str(path.resolve()) if path.exists() else model_id
 
 
 class RunWriter:
