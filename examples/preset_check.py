@@ -14,7 +14,7 @@ on 180 images one image is 0.6 points, and the unpaired rates of neighbouring fi
 move by several points.
 
 Last, the paired comparison alone on many more seeds (--paired-seeds, 20 by default: 720
-images), narrow enough to settle "within one point".
+images), which measures the difference to about +-1.6 points.
 
     python examples/preset_check.py                   # ~25 min on 2 cores
     python examples/preset_check.py --preset tiny-fast --seeds 3000 4000
