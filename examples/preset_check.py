@@ -59,6 +59,18 @@ def aligned_each(results, captions: list[str]) -> list[bool]:
     return [judge.score(r.image, c).aligned for r, c in zip(results, captions, strict=True)]
 
 
+def image_by_image(plain: list[bool], ours: list[bool]) -> tuple[float, str]:
+    """The paired difference in aligned rate against the plain run, and a line saying it:
+    images lost (aligned there, not here) and won, a 95% interval and a sign test."""
+    pairs = list(zip(plain, ours, strict=True))
+    lost = sum(before and not after for before, after in pairs)
+    won = sum(after and not before for before, after in pairs)
+    difference = (won - lost) / len(pairs)
+    low, high = paired_interval(lost, won, len(pairs))
+    return difference, (f"{lost} lost, {won} won ({difference:+.1%}, 95% interval {low:+.1%} "
+                        f"to {high:+.1%}; sign test p = {sign_test(lost, won):.2f})")
+
+
 def check(args, title: str, captions: list[str]) -> list[str]:
     all_captions = captions * len(args.seeds)
     reference = frontier.run(frontier.engine_for(args, "sampler.steps=100"), captions,
@@ -74,14 +86,11 @@ def check(args, title: str, captions: list[str]) -> list[str]:
     point = frontier.score(args.preset, results, reference, all_captions, True,
                            plain=runs[20])
     plain = fixed[-1]
-    pairs = list(zip(aligned_each(runs[20], all_captions), aligned_each(results, all_captions),
-                     strict=True))
-    lost = sum(before and not after for before, after in pairs)
-    won = sum(after and not before for before, after in pairs)
+    _, paired = image_by_image(aligned_each(runs[20], all_captions),
+                               aligned_each(results, all_captions))
     d_psnr = frontier.versus_fixed(point, fixed, "psnr")
     d_aligned = frontier.versus_fixed(point, fixed, "aligned")
     cost_share = point.cost / plain.cost
-    low, high = paired_interval(lost, won, len(pairs))
     lines = [f"## {title} ({len(results)} images per row)", "",
              "| run | cost | PSNR to 100 steps | aligned |", "|---|---|---|---|"]
     lines += [f"| {p.label} | {p.cost:.2f} | {p.psnr:.2f} | {p.aligned:.1%} |"
@@ -95,8 +104,7 @@ def check(args, title: str, captions: list[str]) -> list[str]:
         f"- aligned: {point.aligned:.1%}, plain run {plain.aligned:.1%} "
         f"({point.aligned - plain.aligned:+.1%}, bar within 1 point: "
         f"{_verdict(point.aligned >= plain.aligned - 0.01)}); against the plain run image by "
-        f"image: {lost} lost, {won} won ({(won - lost) / len(pairs):+.1%}, 95% interval "
-        f"{low:+.1%} to {high:+.1%}; sign test p = {sign_test(lost, won):.2f})",
+        f"image: {paired}",
         f"- aligned against fixed steps at equal cost: {d_aligned:+.1%} (bar >= 0): "
         f"{_verdict(d_aligned >= 0)}",
         f"- the same image as the plain run: worst {point.plain_psnr_min:.1f} dB / SSIM "
@@ -112,20 +120,14 @@ def paired_only(args, captions: list[str]) -> list[str]:
     plain = frontier.run(frontier.engine_for(args, "sampler.steps=20"), captions, seeds)
     preset = Engine(resolve_settings(args.preset, environ={}).settings)
     results = frontier.run(preset, captions, seeds)
-    pairs = list(zip(aligned_each(plain, all_captions), aligned_each(results, all_captions),
-                     strict=True))
-    lost = sum(before and not after for before, after in pairs)
-    won = sum(after and not before for before, after in pairs)
-    n = len(pairs)
-    low, high = paired_interval(lost, won, n)
+    plain_aligned, aligned = aligned_each(plain, all_captions), aligned_each(results, all_captions)
+    difference, paired = image_by_image(plain_aligned, aligned)
     lines = [f"## Held-out captions, image by image, seeds {seeds[0]}-{seeds[-1]} "
-             f"(step {seeds[0]}; {n} images)", "",
+             f"(step {seeds[0]}; {len(results)} images)", "",
              f"- cost {statistics.fmean(r.cost for r in results):.2f} per image; aligned "
-             f"{sum(after for _, after in pairs) / n:.1%}, plain run "
-             f"{sum(before for before, _ in pairs) / n:.1%}",
-             f"- {lost} lost, {won} won: {(won - lost) / n:+.1%}, 95% interval {low:+.1%} to "
-             f"{high:+.1%}, sign test p = {sign_test(lost, won):.2f}; within one point of the "
-             f"plain run: {_verdict((won - lost) / n >= -0.01)}", ""]
+             f"{statistics.fmean(aligned):.1%}, plain run {statistics.fmean(plain_aligned):.1%}",
+             f"- {paired}; within one point of the plain run: "
+             f"{_verdict(difference >= -0.01)}", ""]
     print("\n".join(lines), flush=True)
     return lines
 
