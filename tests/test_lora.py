@@ -521,6 +521,53 @@ def test_a1111_lora_tags_in_a_prompt_are_named_in_a_warning():
     assert any(m.startswith("<lora:ring:0.8>: LoRA tags in a prompt") for m in warnings)
 
 
+def test_the_unknown_word_warning_knows_the_words_a_lora_in_force_teaches(tmp_path):
+    """The shipped files state "ring, rings" (ModelSpec's trigger phrase): with either in force
+    "ring" is no unknown word; a LoRA whose file lists no words leaves the warning, hedged."""
+    from safetensors.torch import load_file, save_file
+
+    from sdaccel.events import Warning
+
+    silent = tmp_path / "silent.safetensors"
+    save_file(load_file(KOHYA), silent)  # the same LoRA, its metadata gone
+    events = []
+    engine = Engine(settings("sampler.steps=2"), on_event=events.append)
+
+    def warnings(prompt, loras):
+        events.clear()
+        engine.generate([prompt], loras=loras)
+        return [e.message for e in events if isinstance(e, Warning) and "never saw" in e.message]
+
+    assert warnings(PROMPT, [lora(KOHYA)]) == []
+    assert warnings(PROMPT, [lora(DIFFUSERS)]) == []
+    [hedged] = warnings(PROMPT, [lora(silent)])
+    assert hedged.startswith("bundled:shapes never saw the word(s) 'ring' (unless the LoRA "
+                             "'silent' teaches them: its file lists no training words)")
+    [plain] = warnings("two red rings", [])
+    assert plain.startswith("bundled:shapes never saw the word(s) 'rings': it ignores them")
+
+
+def test_the_trainer_writes_both_formats_stating_the_words_they_teach(tmp_path):
+    """`train_lora --smoke` (seconds): the kohya and the diffusers file both load, and both
+    carry the trigger phrase the unknown-word warning reads."""
+    from sdaccel.engine.lora import read_lora
+    from sdaccel.shapes.train_lora import main
+
+    main(["--out", str(tmp_path), "--smoke"])
+    kohya, diffusers = (read_lora(tmp_path / f"ring{s}.safetensors") for s in ("", "_diffusers"))
+    assert kohya.trained_words == diffusers.trained_words == {"ring", "rings"}
+
+
+def test_trained_words_come_from_kohya_tags_and_the_modelspec_trigger_phrase():
+    from sdaccel.engine.lora import trained_words
+
+    tags = json.dumps({"10_cats": {"a Cat, sitting": 3, "blue sky": 1}})
+    assert trained_words({"ss_tag_frequency": tags}) == {"a", "cat", "sitting", "blue", "sky"}
+    assert trained_words({"modelspec.trigger_phrase": "sks dog"}) == {"sks", "dog"}
+    assert trained_words({"ss_tag_frequency": "not json", "ss_network_dim": "4"}) is None
+    assert trained_words({}) is None
+
+
 def test_loras_are_not_part_of_the_compile_cache_key():
     """Fused weights are the compiled graph's inputs, not constants: an entry warmed without
     LoRAs serves a run with them (test_a_switch_under_*: the graph and the images)."""

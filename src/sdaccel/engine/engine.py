@@ -270,7 +270,8 @@ class Engine:
 
     def _warn_unknown_words(self, texts: list[str]) -> None:
         """The bundled model knows only its training captions' words: say so once per word
-        instead of drawing, say, "black" silently as purple."""
+        instead of drawing, say, "black" silently as purple. The LoRAs in force add the words
+        their files say they were trained on."""
         if self.components.name != "bundled:shapes":
             return
         from sdaccel.shapes.dataset import unknown_words, vocabulary
@@ -280,12 +281,19 @@ class Engine:
             names = sorted((e.file.token for e in self.embeddings), key=len, reverse=True)
             own = re.compile("|".join(rf"{re.escape(n)}(_\d+)?" for n in names), re.I)
             texts = [own.sub(" ", text) for text in texts]
-        new = [w for text in texts for w in unknown_words(text) if w not in self._warned]
+        loras = self.lora.in_force()
+        taught = set().union(*(lora.trained_words or () for lora in loras))
+        new = [w for text in texts for w in unknown_words(text)
+               if w not in self._warned and w not in taught]
         if new:
             self._warned.update(new)
+            # A LoRA whose file does not list its training words may teach these.
+            silent = [lora.name for lora in loras if lora.trained_words is None]
+            unless = (f" (unless the LoRA {', '.join(map(repr, silent))} teaches them: its file "
+                      "lists no training words)" if silent else "")
             self.on_event(Warning(
-                f"{self.components.name} never saw the word(s) {', '.join(map(repr, new))}: it "
-                f"ignores them or draws a word it knows instead. It knows: "
+                f"{self.components.name} never saw the word(s) {', '.join(map(repr, new))}{unless}"
+                f": it ignores them or draws a word it knows instead. It knows: "
                 f"{', '.join(vocabulary())}"))
 
     def _shallow_cost(self, latents: torch.Tensor, embeddings: torch.Tensor) -> float:

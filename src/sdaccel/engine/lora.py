@@ -79,6 +79,8 @@ class LoraFile:
     state_dict: dict[str, Any]  # diffusers' conversion (CPU tensors)
     network_alphas: dict[str, float] | None  # kohya's alphas, when the file had them
     metadata: dict[str, Any] | None  # diffusers' adapter metadata (rank, alpha), when saved
+    # the words it was trained on, from the file's metadata; None when the file does not say
+    trained_words: frozenset[str] | None = None
     modules: dict[str, set[str]] = field(default_factory=dict)  # component -> module names
 
     def record(self, weight: float) -> dict[str, Any]:
@@ -114,19 +116,39 @@ def read_lora(path: str | Path, sha256: str | None = None) -> LoraFile:
         # AUTOMATIC1111 (and kohya's trainer) hash a .safetensors LoRA's tensor data only, so
         # that editing its metadata keeps the hash ("AutoV3"); other files: the whole file.
         short = hashlib.sha256(data[8 + int.from_bytes(data[:8], "little"):]).hexdigest()[:12]
-        raw = (header.get("__metadata__") or {}).get("lora_adapter_metadata")
+        file_metadata = header.get("__metadata__") or {}
+        raw = file_metadata.get("lora_adapter_metadata")
         try:
             metadata = json.loads(raw) if raw else None
         except ValueError:
             metadata = None
     else:
         tensors, metadata, short = _load_pickle(data, given), None, digest[:12]
+        file_metadata = {}
     state_dict, alphas = _convert(tensors, given)
     if metadata is not None and alphas:
         metadata = None  # diffusers takes one or the other; kohya's alphas are the file's own
-    lora = LoraFile(where.resolve(), where.stem, digest, short, state_dict, alphas, metadata)
+    lora = LoraFile(where.resolve(), where.stem, digest, short, state_dict, alphas, metadata,
+                    trained_words(file_metadata))
     lora.modules = _modules_by_component(state_dict, given)
     return lora
+
+
+def trained_words(file_metadata: dict[str, str]) -> frozenset[str] | None:
+    """The words a LoRA was trained on, as its .safetensors metadata states them: kohya's
+    `ss_tag_frequency` (JSON: folder -> caption tag -> count) and ModelSpec's
+    `modelspec.trigger_phrase`. None when it states neither (most files from other trainers)."""
+    texts = []
+    if phrase := file_metadata.get("modelspec.trigger_phrase"):
+        texts.append(phrase)
+    try:
+        folders = json.loads(file_metadata.get("ss_tag_frequency") or "{}")
+        texts += [tag for tags in folders.values() if isinstance(tags, dict) for tag in tags]
+    except (ValueError, AttributeError, TypeError):
+        pass  # a malformed optional field: the file still loads, it just lists no words
+    if not texts:
+        return None
+    return frozenset(w for text in texts for w in re.findall(r"[a-z0-9']+", text.lower()))
 
 
 def _load_safetensors(data: bytes, given: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -397,6 +419,10 @@ class LoraSwitcher:
     def active(self) -> tuple[tuple[Path, float], ...]:
         """(absolute path, weight) of each LoRA in force, weight 0 left out."""
         return self._active
+
+    def in_force(self) -> list[LoraFile]:
+        """The files of the LoRAs in force, weight 0 left out."""
+        return [self._files[path] for path, _ in self._active]
 
     def add_files(self, files: Sequence[LoraFile]) -> None:
         """Files read before the model loaded (read_loras), kept for apply()."""

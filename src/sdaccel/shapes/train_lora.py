@@ -52,6 +52,9 @@ from sdaccel.shapes import BUNDLED_DIR, dataset, judge, train
 log = logging.getLogger("sdaccel.shapes.train_lora")
 
 NEW_SHAPE = "ring"
+# ModelSpec's field for the words a LoRA teaches: loaders, and sdaccel's unknown-word warning,
+# read it from the file
+TRIGGER_PHRASE = {"modelspec.trigger_phrase": f"{NEW_SHAPE}, {NEW_SHAPE}s"}
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj",
                 "ff.net.2"]
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
@@ -221,13 +224,25 @@ def save(cfg: LoraTrainConfig, unet, text_encoder, unet_config, text_config,
         str(out), unet_lora_layers=unet_sd, text_encoder_lora_layers=text_sd,
         weight_name=diffusers_name, unet_lora_adapter_metadata=unet_config.to_dict(),
         text_encoder_lora_adapter_metadata=text_config.to_dict())
+    add_metadata(out / diffusers_name, TRIGGER_PHRASE)
     kohya_name = f"{cfg.name}.safetensors"
     save_file(kohya_state_dict(unet_sd, text_sd, cfg.alpha), str(out / kohya_name), metadata={
         "ss_network_module": "networks.lora", "ss_network_dim": str(cfg.rank),
         "ss_network_alpha": f"{cfg.alpha:g}", "ss_output_name": cfg.name,
         "ss_base_model_version": "sd_v1", "sdaccel_base_model": "bundled:shapes",
-        "sdaccel_command": command})
+        "sdaccel_command": command, **TRIGGER_PHRASE})
     return {"kohya": kohya_name, "diffusers": diffusers_name}
+
+
+def add_metadata(path: Path, extra: dict[str, str]) -> None:
+    """Add keys to a .safetensors file's metadata; the tensors stay byte for byte the same."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+    save_file(tensors, str(path), metadata={**metadata, **extra})
 
 
 # --------------------------------------------------------------------------- evaluation
