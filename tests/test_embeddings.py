@@ -122,6 +122,10 @@ def test_cli_embeddings_reach_the_metadata_and_the_png_regenerates_from_it(tmp_p
     assert [(e["path"], e["token"]) for e in listed] == [
         (str(first.resolve()), "<crimson>"), (str(second.resolve()), "azure")]
     assert all(len(e["sha256"]) == 64 for e in listed)
+    # AUTOMATIC1111's readers (and civitai) find the embeddings by their 12-hex file hashes.
+    settings_line = read_metadata(png)["parameters"].splitlines()[-1]
+    crimson, azure = (e["sha256"][:12] for e in listed)
+    assert settings_line.endswith(f'TI hashes: "<crimson>: {crimson}, azure: {azure}"')
 
     # From the metadata alone: its settings as a config file, its prompt and seed.
     config = tmp_path / "from_png.yaml"

@@ -91,3 +91,15 @@ def test_a_local_model_is_recorded_by_its_absolute_path(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     chunk = json.loads(read_metadata(tmp_path / "out" / "img_000_steps2.png")["sdaccel"])
     assert chunk["settings"]["model_id"] == str(BUNDLED_DIR.resolve())
+
+
+def test_ti_hashes_list_the_embeddings_the_prompts_use_and_no_other():
+    from sdaccel.outputs import a1111_parameters
+
+    records = [{"token": t, "sha256": c * 64} for t, c in (("<cat-toy>", "a"), ("sks", "b"),
+                                                             ("unused", "c"))]
+    line = a1111_parameters("a (<Cat-Toy>:1.2) photo", "sks, blurry", 20, "Euler", 7.0, 1, 512,
+                            512, "m", embeddings=records).splitlines()[-1]
+    assert line.endswith(f'TI hashes: "<cat-toy>: {"a" * 12}, sks: {"b" * 12}"')
+    assert "TI hashes" not in a1111_parameters("asks", "", 20, "Euler", 7.0, 1, 512, 512, "m",
+                                               embeddings=records)

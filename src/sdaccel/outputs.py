@@ -43,11 +43,12 @@ def a1111_parameters(
     prompt: str, negative_prompt: str, steps: int, sampler: str, cfg_scale: float, seed: int,
     width: int, height: int, model: str, adaptive: str | None = None,
     compute: str | None = None, model_hash: str | None = None,
-    loras: Sequence[dict[str, Any]] = (),
+    loras: Sequence[dict[str, Any]] = (), embeddings: Sequence[dict[str, str]] = (),
 ) -> str:
     """The 'parameters' text chunk in the layout AUTOMATIC1111's readers parse (extra
     `Key: value` pairs, like the adaptive decision, are part of that layout). `model_hash`: a
-    single-file model's A1111 hash (Components.model_hash), before `Model:` as A1111 writes it."""
+    single-file model's A1111 hash (Components.model_hash), before `Model:` as A1111 writes it.
+    `embeddings`: the embedding records in force; those the prompts use go to `TI hashes`."""
     for lora in loras:  # A1111 keeps <lora:name:weight> in the prompt it records
         if f"<lora:{lora['name']}:" not in prompt:
             prompt += f" <lora:{lora['name']}:{lora['weight']:g}>"
@@ -65,8 +66,17 @@ def a1111_parameters(
         hashes = ", ".join(f"{re.sub('[:,]', '', lora['name'])}: {lora['short_hash']}"
                            for lora in loras)
         settings_line += f', Lora hashes: "{hashes}"'
+    used = [e for e in embeddings if _uses(f"{prompt}\n{negative_prompt}", e["token"])]
+    if used:  # as A1111: the embeddings the prompts use, 12 hex of the whole file's sha256
+        hashes = ", ".join(f"{re.sub('[:,]', '', e['token'])}: {e['sha256'][:12]}" for e in used)
+        settings_line += f', TI hashes: "{hashes}"'
     lines.append(settings_line)
     return "\n".join(lines)
+
+
+def _uses(text: str, token: str) -> bool:
+    """Whether `text` has `token` as a word of its own (the tokenizer lower-cases both)."""
+    return re.search(rf"(?<!\w){re.escape(token)}(?!\w)", text, re.IGNORECASE) is not None
 
 
 def describe_plan(plan) -> str:
@@ -182,7 +192,7 @@ def image_metadata(result, settings, model_name: str, model_hash: str | None = N
         g.guidance_scale, result.seed, g.width, g.height, model_name,
         describe_plan(result.plan) if result.plan else None,
         describe_compute(result.cost, result.steps, result.decisions), loras=loras,
-        model_hash=model_hash,
+        model_hash=model_hash, embeddings=result.embeddings,
     )
     metadata = png_metadata(parameters, {
         "version": __version__, "image": image_info,
