@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -51,10 +50,3 @@ def writing(path: str | Path) -> Iterator[None]:
     except OSError as exc:
         raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
 
-
-def readable_by_all(path: str | Path) -> None:
-    """Give a file made by tempfile.mkstemp (owner-only, 0600) the mode a plain open() would
-    have given it under the process umask, before it takes its final name."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)

@@ -22,7 +22,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from sdaccel.catalogue import a1111_label
-from sdaccel.errors import SdaccelError, readable_by_all, writing
+from sdaccel.errors import SdaccelError, writing
 
 IMAGE_NAME = re.compile(r"^img_(\d{3,})_steps\d+\.png$")
 
@@ -106,18 +106,27 @@ def read_metadata(path: Path) -> dict[str, str]:
         return dict(image.text)
 
 
+def temporary_file(folder: Path, prefix: str) -> tuple[int, str]:
+    """tempfile.mkstemp in `folder` (fd, path), given the mode a plain open() would have under
+    the process umask, not mkstemp's owner-only 0600: it takes its final name by link or rename."""
+    fd, name = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)
+    return fd, name
+
+
 def _write_new(out_dir: Path, name_for: Callable[[int], str], index: int,
                write: Callable[[Path], None], exact: bool = False) -> tuple[int, Path]:
     """Write via `write(tmp_path)`, then claim the first free name from `index` on (only
     `index` itself where `exact`: a taken name is then an error)."""
     with writing(out_dir / name_for(index)):
         out_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=out_dir, prefix=".partial-", suffix=".tmp")
+        fd, tmp_name = temporary_file(out_dir, ".partial-")
         os.close(fd)
         tmp = Path(tmp_name)
         try:
             write(tmp)
-            readable_by_all(tmp)
             while True:
                 final = out_dir / name_for(index)
                 try:

@@ -165,12 +165,8 @@ def _why_not_prepack(settings: Settings, device: torch.device) -> str | None:
     return None
 
 
-def _reuse_freed_memory(settings: Settings, device: torch.device) -> str | None:
-    """Process-wide: it tunes the C allocator here and now (heap.py), or says why not."""
-    if device.type != "cpu":
-        return f"on {device.type}: it tunes CPU memory"
-    unusable = keep_freed_memory()
-    return f"here: {unusable}" if unusable else None
+def _why_not_on_the_cpu(settings: Settings, device: torch.device) -> str | None:
+    return f"on {device.type}: it tunes CPU memory" if device.type != "cpu" else None
 
 
 def _why_not_inductor_flags(settings: Settings, device: torch.device) -> str | None:
@@ -183,11 +179,13 @@ def _why_not_inductor_flags(settings: Settings, device: torch.device) -> str | N
 class Pass:
     """One `optimize.<key>` switch: `apply` rewrites each of the `targets` modules in place;
     `why_not(settings, device)` names a reason it cannot act here (a warning; the run goes on
-    without it), and for a pass that acts outside the modules, acts."""
+    without it); `process_wide()`, for a pass that acts outside the modules, acts and returns
+    None, or returns why it could not."""
 
     apply: Callable[[torch.nn.Module], torch.nn.Module] | None = None
     targets: tuple[str, ...] = ()
     why_not: Callable[[Settings, torch.device], str | None] = lambda settings, device: None
+    process_wide: Callable[[], str | None] | None = None
 
 
 # `optimize.<key>` -> its pass, run in this order (after SDPA attention). Adding a speed pass:
@@ -197,7 +195,7 @@ PASSES: dict[str, Pass] = {
     "channels_last": Pass(channels_last, ("unet", "vae")),
     "vae_tiling": Pass(vae_tiling, ("vae",)),
     "prepack_weights": Pass(prepack_weights, ("unet", "vae"), _why_not_prepack),
-    "reuse_freed_memory": Pass(why_not=_reuse_freed_memory),
+    "reuse_freed_memory": Pass(why_not=_why_not_on_the_cpu, process_wide=keep_freed_memory),
     "inductor_flags": Pass(why_not=_why_not_inductor_flags),
 }
 
@@ -220,6 +218,9 @@ def apply_passes(unet: torch.nn.Module, vae: torch.nn.Module, settings: Settings
             continue
         if unusable := speed_pass.why_not(settings, device):
             on_event(Warning(f"optimize.{key} has no effect {unusable}"))
+            continue
+        if speed_pass.process_wide and (unusable := speed_pass.process_wide()):
+            on_event(Warning(f"optimize.{key} has no effect here: {unusable}"))
             continue
         for target in speed_pass.targets:
             speed_pass.apply(modules[target])

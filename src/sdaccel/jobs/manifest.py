@@ -13,15 +13,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sdaccel.errors import ConfigError, SdaccelError, readable_by_all, writing
+from sdaccel.errors import ConfigError, SdaccelError, writing
 from sdaccel.jobs.prompts_file import Job
-from sdaccel.outputs import IMAGE_NAME, read_metadata
+from sdaccel.outputs import IMAGE_NAME, read_metadata, temporary_file
 from sdaccel.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -240,14 +239,13 @@ def _adopt(path: Path, index: int, job: Job, wanted: dict[str, Any],
 def _write_manifest(path: Path, records: dict[int, dict[str, Any]]) -> None:
     """All records ordered by index, replacing manifest.jsonl in one rename."""
     with writing(path):
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".partial-manifest-", suffix=".tmp")
+        fd, tmp = temporary_file(path.parent, ".partial-manifest-")
         try:
             with os.fdopen(fd, "w") as f:
                 for index in sorted(records):
                     f.write(json.dumps(records[index], sort_keys=True) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
-            readable_by_all(tmp)
             os.replace(tmp, path)
         finally:
             Path(tmp).unlink(missing_ok=True)
