@@ -7,6 +7,7 @@ import csv
 import importlib
 import importlib.util
 import json
+import mmap
 import re
 
 import pytest
@@ -291,10 +292,12 @@ def test_cli_errors_name_the_file():
 def test_cpu_peak_memory_window_resets():
     assert gpu_stats.reset_peak("cpu")
     before = gpu_stats.peak("cpu").peak_bytes
-    block = bytearray(64 * 2**20)
+    # Fresh pages from the kernel: a malloc'd block may reuse freed heap memory already
+    # resident (always so once optimize.reuse_freed_memory ran in this process).
+    block = mmap.mmap(-1, 64 * 2**20)
     block[::4096] = b"x" * len(block[::4096])  # touch every page
     grown = gpu_stats.peak("cpu").peak_bytes
-    del block
+    block.close()
     assert grown - before > 48 * 2**20
     gpu_stats.reset_peak("cpu")
     assert gpu_stats.peak("cpu").peak_bytes < grown
