@@ -84,6 +84,20 @@ def test_fp16_file_loads_in_fp32(tmp_path):
         assert torch.equal(p, parts.unet.state_dict()[name].half().float()), name
 
 
+@pytest.mark.parametrize("source", ["folder", "file"])
+def test_parts_read_in_their_precision_are_the_fp32_weights_cast(shapes_file, source):
+    """Read straight into bf16 / fp16 (no fp32 copy held beside them), from the bundled folder
+    (whose UNet is stored in fp16) or its single file: the same weights as fp32 then a cast."""
+    ref = "bundled:shapes" if source == "folder" else str(shapes_file)
+    dtypes = {"unet": torch.bfloat16, "vae": torch.float16, "text_encoder": torch.bfloat16}
+    fp32, direct = load_components(ref), load_components(ref, dtypes=dtypes)
+    for part, dtype in dtypes.items():
+        weights = getattr(direct, part).state_dict()
+        assert {w.dtype for w in weights.values() if w.is_floating_point()} == {dtype}, part
+        cast = getattr(fp32, part).to(dtype).state_dict()
+        assert all(torch.equal(weights[k], cast[k]) for k in cast), part
+
+
 def test_ckpt_is_loaded_weights_only(tmp_path, monkeypatch):
     parts = load_components("bundled:shapes")
     path = save_checkpoint(parts, tmp_path / "shapes.ckpt")

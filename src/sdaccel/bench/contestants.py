@@ -128,7 +128,8 @@ def load_engine(config: BenchConfig, prompts, calls: int) -> Contestant:
 
 def load_pipeline(settings: Settings, dtype: str, prompts, calls: int,
                   peer: PeerSpec | None = None) -> Contestant:
-    """A plain StableDiffusionPipeline on its own fp32 copy of the model (cast to `dtype`) with
+    """A plain StableDiffusionPipeline on its own copy of the model, read in `dtype` as
+    `from_pretrained(torch_dtype=...)` reads it (random weights: drawn in fp32, then cast), with
     the configuration's scheduler class; patched by `peer` when given."""
     import torch
     from diffusers import StableDiffusionPipeline
@@ -138,7 +139,8 @@ def load_pipeline(settings: Settings, dtype: str, prompts, calls: int,
     from sdaccel.engine.samplers import build_scheduler
 
     device = resolve_device(settings.device)
-    parts = load_components(settings.model_id, device=str(device))  # its own fp32 copy
+    parts = load_components(settings.model_id, device=str(device), dtypes=dict.fromkeys(
+        ("unet", "vae", "text_encoder"), DTYPES[dtype]))
     pipe = StableDiffusionPipeline(
         vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
         unet=parts.unet, scheduler=build_scheduler(settings.sampler.name,

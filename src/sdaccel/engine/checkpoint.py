@@ -191,24 +191,30 @@ def check_sd15(state: dict[str, Any], ref: str) -> None:
 # --------------------------------------------------------------------------- converting
 
 
-def convert_components(state: dict[str, Any], config_dir: str | Path, ref: str):
-    """(unet, vae, text_encoder) in fp32 from an LDM-layout state dict, by diffusers' own
-    single-file conversion with the diffusers configs in `config_dir` (a local folder with
-    unet/, vae/, text_encoder/ configs: nothing is fetched)."""
+def convert_components(state: dict[str, Any], config_dir: str | Path, ref: str,
+                       dtypes: dict[str, Any] | None = None):
+    """(unet, vae, text_encoder) from an LDM-layout state dict, by diffusers' own single-file
+    conversion with the diffusers configs in `config_dir` (a local folder with unet/, vae/,
+    text_encoder/ configs: nothing is fetched); each in the torch dtype `dtypes` gives it
+    ("unet", "vae", "text_encoder"), else fp32."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
     from transformers import CLIPTextModel
 
     config = str(config_dir)
-    common = {"config": config, "torch_dtype": torch.float32, "local_files_only": True}
+    dtypes = dtypes or {}
+
+    def common(part: str) -> dict[str, Any]:
+        return {"subfolder": part, "config": config, "local_files_only": True,
+                "torch_dtype": dtypes.get(part, torch.float32)}
+
     parts = []
     for what, load in (
-        ("UNet", lambda: UNet2DConditionModel.from_single_file(state, subfolder="unet", **common)),
-        ("VAE", lambda: AutoencoderKL.from_single_file(state, subfolder="vae", **common)),
+        ("UNet", lambda: UNet2DConditionModel.from_single_file(state, **common("unet"))),
+        ("VAE", lambda: AutoencoderKL.from_single_file(state, **common("vae"))),
         ("text encoder", lambda: create_diffusers_clip_model_from_ldm(
-            CLIPTextModel, state, subfolder="text_encoder", config=config,
-            torch_dtype=torch.float32, local_files_only=True)),
+            CLIPTextModel, state, **common("text_encoder"))),
     ):
         try:
             model = load()

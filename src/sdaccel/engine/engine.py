@@ -20,7 +20,7 @@ from sdaccel.engine.feature_cache import LayeredUNet
 from sdaccel.engine.lora import LoraSwitcher, prompt_tags, read_loras
 from sdaccel.engine.models import Components, load_components
 from sdaccel.engine.optimize import apply_passes, with_attention
-from sdaccel.engine.precision import DTYPES, cast, choose_precisions, device_for
+from sdaccel.engine.precision import DTYPES, cast, choose_precisions, device_for, load_dtypes
 from sdaccel.engine.prompts import PromptEncoder, plain_text
 from sdaccel.engine.samplers import build_scheduler
 from sdaccel.engine.stepwise import StepPolicy, StepwiseDenoiser
@@ -83,7 +83,8 @@ class Engine:
         self.planner = Planner.from_settings(adaptive) if replan else None
         self.policy = StepPolicy.from_settings(adaptive) if per_step else None
         embedding_files = read_embeddings(settings.embeddings)  # a bad file fails before loading
-        self.components = load_components(settings.model_id, device=str(self.device))
+        self.components = load_components(settings.model_id, device=str(self.device),
+                                          dtypes=load_dtypes(self.settings))
         self.embeddings = add_embeddings(embedding_files, self.components.tokenizer,
                                          self.components.text_encoder, settings.model_id)
         self._warned: set[str] = set()  # unknown prompt words already reported

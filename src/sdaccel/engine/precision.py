@@ -17,6 +17,14 @@ from sdaccel.errors import DeviceError
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def load_dtypes(settings) -> dict[str, torch.dtype]:
+    """The dtype each model part is read from its files in: its settings precision (resolved,
+    not "auto"); int8 parts are read in fp32, which bitsandbytes quantizes from."""
+    precisions = {"unet": settings.unet_dtype, "vae": settings.vae_dtype,
+                  "text_encoder": settings.text_encoder_dtype}
+    return {part: DTYPES.get(p, torch.float32) for part, p in precisions.items()}
+
+
 def resolve_device(device: str) -> torch.device:
     """'auto' -> cuda when present, else cpu; 'cuda' without CUDA is an error."""
     if device == "auto":
