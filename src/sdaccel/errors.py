@@ -49,4 +49,3 @@ def writing(path: str | Path) -> Iterator[None]:
         yield
     except OSError as exc:
         raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
-
