@@ -49,7 +49,7 @@ def with_noisy_unet(engine, level: float, seed: int = 0):
 
 
 def psnrs(results, plain) -> list[float]:
-    return [frontier._psnr(a.image, b.image) for a, b in zip(results, plain, strict=True)]
+    return [frontier.capped_psnr(a.image, b.image) for a, b in zip(results, plain, strict=True)]
 
 
 def main() -> None:

@@ -101,19 +101,21 @@ def run(engine: Engine, captions: list[str], seeds: list[int]):
     return [r for seed in seeds for r in engine.generate(captions, seed=seed)]
 
 
-def _psnr(a, b) -> float:
+def capped_psnr(a, b) -> float:
+    """PSNR capped at PSNR_CAP_DB, so that an identical image does not make a mean infinite."""
     return min(metrics.psnr(a, b), PSNR_CAP_DB)
 
 
 def score(label, results, reference, captions, judge, overrides=(), plain=None) -> Point:
     images = [r.image for r in results]
-    psnrs = [_psnr(a, b.image) for a, b in zip(images, reference, strict=True)]
+    psnrs = [capped_psnr(a, b.image) for a, b in zip(images, reference, strict=True)]
     point = Point(label, statistics.fmean(r.cost for r in results), [r.cost for r in results],
                   statistics.fmean(psnrs), metrics.ssim(images, [r.image for r in reference]),
                   metrics.alignment(images, captions)["aligned"] if judge else None, psnrs,
                   overrides=tuple(overrides))
     if plain is not None:
-        point.plain_psnr_min = min(_psnr(a, b.image) for a, b in zip(images, plain, strict=True))
+        point.plain_psnr_min = min(capped_psnr(a, b.image)
+                                   for a, b in zip(images, plain, strict=True))
         point.plain_ssim_min = min(metrics.ssim(a, b.image)
                                    for a, b in zip(images, plain, strict=True))
     return point

@@ -78,7 +78,7 @@ def main() -> None:
     for start in range(2, args.steps, args.stride):
         steps = [s for s in range(start, start + 2 * args.skips, 2) if s < args.steps]
         stepwise.StepwiseDenoiser._decide = skipping_only(set(steps))
-        psnrs = sorted(frontier._psnr(a.image, b.image)
+        psnrs = sorted(frontier.capped_psnr(a.image, b.image)
                        for a, b in zip(frontier.run(engine, captions, seeds), plain, strict=True))
         lines.append(f"| {', '.join(map(str, steps))} | {psnrs[0]:.1f} | {psnrs[1]:.1f} | "
                      f"{sum(p < 30 for p in psnrs)} |")
