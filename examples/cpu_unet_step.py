@@ -8,12 +8,12 @@ timed in one process in interleaved rounds.
 Rows: eager fp32 (the reference: the preset's UNet with its passes undone), eager bf16 (only where
 the CPU has native bf16), the `cpu` preset's UNet (precision `auto` and the preset's passes, built
 by the engine as `sdaccel generate --preset cpu` builds it, with any `--set` overrides), OpenVINO
-at its default precision and at f32 (bench's `--peer openvino` conversion). Each row's time is the
-median over rounds; the speed-up is the median of per-round ratios to eager fp32; the error is the
-UNet output's relative L2 distance to eager fp32's; last, the preset's time over OpenVINO's (at the
-preset's precision: f32 for an fp32 preset) per round. The preset's `reuse_freed_memory` holds for
-the whole process, so every row runs with it. Prints markdown; nothing else should use the CPU
-meanwhile.
+at its default precision (only where the CPU has native bf16; elsewhere that is f32) and at f32
+(bench's `--peer openvino` conversion). Each row's time is the median over rounds; the speed-up
+is the median of per-round ratios to eager fp32; the error is the UNet output's relative L2
+distance to eager fp32's; last, the preset's time over OpenVINO's (at the preset's precision: f32
+for an fp32 preset) per round. The preset's `reuse_freed_memory` holds for the whole process, so
+every row runs with it. Prints markdown; nothing else should use the CPU meanwhile.
 """
 
 from __future__ import annotations
@@ -65,7 +65,9 @@ def rows_for(args) -> dict:
     rows[f"`cpu` preset ({cpu.settings.unet_dtype}, {passes})"] = (
         lambda x, t, c: cpu._unet_forward(x.to(cpu.unet_dtype), t,
                                           c.to(cpu.unet_dtype)).sample.float(), built)
-    for precision in ("default", "f32"):
+    # Without native bf16 OpenVINO's default precision is f32 on x86: one row, not two identical
+    # models (each holds its own weights and buffers: two overran 24 GiB at 512x512).
+    for precision in ("default", "f32") if cpu_bf16_support() else ("f32",):
         started = time.perf_counter()
         converted = convert_unet(fp32, context_shape(cpu), openvino_config(precision))
         rows[f"OpenVINO {precision}"] = (
