@@ -33,11 +33,13 @@ def set_flags(assignments: Iterable[str]) -> list[str]:
     return [arg for assignment in assignments for arg in ("--set", assignment)]
 
 
-def pipeline_latents(engine, prompts: list[str], seed: int, sampler: str | None = None, **call):
+def pipeline_latents(engine, prompts: list[str], seed: int, sampler: str | None = None,
+                     scheduler=None, **call):
     """diffusers' StableDiffusionPipeline on `engine`'s own components and sampler (or
-    `sampler`): the final latents for `prompts`, image k drawn from a CPU generator seeded
-    `seed + k` as the engine does. Size, steps, guidance and images per prompt default to the
-    engine's settings; `call` overrides them or adds pipeline arguments (`timesteps=[...]`)."""
+    `sampler`, or a diffusers `scheduler` made by the caller): the final latents for `prompts`,
+    image k drawn from a CPU generator seeded `seed + k` as the engine does. Size, steps,
+    guidance and images per prompt default to the engine's settings; `call` overrides them or
+    adds pipeline arguments (`timesteps=[...]`, `eta=...`)."""
     import torch
     from diffusers import StableDiffusionPipeline
 
@@ -47,7 +49,8 @@ def pipeline_latents(engine, prompts: list[str], seed: int, sampler: str | None 
     pipe = StableDiffusionPipeline(
         vae=engine.vae, text_encoder=engine.text_encoder, tokenizer=parts.tokenizer,
         unet=engine.unet,
-        scheduler=build_scheduler(sampler or s.sampler.name, parts.scheduler_config),
+        scheduler=scheduler or build_scheduler(sampler or s.sampler.name,
+                                               parts.scheduler_config),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)

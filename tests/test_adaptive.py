@@ -1,11 +1,14 @@
 """Adaptive steps: sound re-planning, the seed's decision rule, batches, honest NFE."""
 
+import inspect
+
 import diffusers
 import pytest
 import torch
 from helpers import pipeline_latents, tiny_settings
 
 import sdaccel.engine.adaptive as adaptive_module
+from sdaccel.catalogue import PER_STEP
 from sdaccel.engine.adaptive import (
     decide_total,
     pred_var,
@@ -15,7 +18,7 @@ from sdaccel.engine.adaptive import (
 )
 from sdaccel.engine.engine import Engine
 from sdaccel.engine.models import arch_dir
-from sdaccel.engine.samplers import REPLANNABLE, SAMPLER_NAMES, build_scheduler
+from sdaccel.engine.samplers import REPLANNABLE, build_scheduler
 from sdaccel.errors import ConfigError
 from sdaccel.events import PlanDecided
 
@@ -164,10 +167,11 @@ def test_estimators_stay_finite_on_a_zero_terminal_snr_schedule(scheduler_name):
 
 
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
-@pytest.mark.parametrize("sampler", SAMPLER_NAMES)
+@pytest.mark.parametrize("sampler", PER_STEP)  # every sampler an adaptive mode can use
 def test_predicted_x0_is_the_schedulers_own(sampler, prediction):
     """predicted_x0 (the estimators' and step skipping's x0) against the x0 each diffusers
-    scheduler computes itself: step()'s pred_original_sample, DPM-Solver++'s converted output."""
+    scheduler computes itself: step()'s pred_original_sample, the multistep solvers' converted
+    output."""
     config = diffusers.DDPMScheduler.load_config(arch_dir("tiny") / "scheduler")
     scheduler = build_scheduler(sampler, {**config, "prediction_type": prediction})
     scheduler.set_timesteps(10)
@@ -175,10 +179,13 @@ def test_predicted_x0_is_the_schedulers_own(sampler, prediction):
     for t in scheduler.timesteps[[1, 5, 9]]:
         ours = predicted_x0(scheduler, sample, output, t)
         scheduler._step_index = None  # the scheduler finds t's index in its plan
-        if isinstance(scheduler, diffusers.DPMSolverMultistepScheduler):
+        if isinstance(scheduler, (diffusers.DPMSolverMultistepScheduler,
+                                  diffusers.UniPCMultistepScheduler)):
             scheduler._init_step_index(t)
             theirs = scheduler.convert_model_output(output, sample=sample)
         else:
-            theirs = scheduler.step(output, t, sample, generator=torch.Generator().manual_seed(0),
+            noise = ({"generator": torch.Generator().manual_seed(0)}
+                     if "generator" in inspect.signature(scheduler.step).parameters else {})
+            theirs = scheduler.step(output, t, sample, **noise,
                                     return_dict=True).pred_original_sample
         assert torch.allclose(ours, theirs, rtol=1e-5, atol=1e-5), (sampler, float(t))

@@ -14,7 +14,14 @@ import pytest
 from helpers import tiny_settings
 
 from sdaccel import catalogue
-from sdaccel.catalogue import ESTIMATORS, REPLANNABLE, SAMPLER_NAMES, SAMPLER_TABLE
+from sdaccel.catalogue import (
+    ESTIMATORS,
+    REPLANNABLE,
+    SAMPLER_NAMES,
+    SAMPLER_TABLE,
+    SCHEDULE_OPTIONS,
+    SCHEDULES,
+)
 from sdaccel.errors import ConfigError
 from sdaccel.settings import SamplerSettings, UncertaintySettings
 
@@ -61,29 +68,79 @@ def test_names_and_a1111_labels_are_unique():
 
 @pytest.mark.parametrize("entry", SAMPLER_TABLE, ids=lambda e: e.name)
 def test_replannable_is_what_the_re_planner_can_do(entry):
-    """Re-planning hands the scheduler a custom timestep list mid-run (adaptive.replan); the flag
-    says whether the scheduler takes one, and settings refuse mode replan where it does not."""
+    """Re-planning hands the scheduler a custom timestep list mid-run (adaptive.replan): a
+    re-plannable sampler takes one, on every schedule that is a timestep spacing, and takes one
+    step per timestep (Heun's two calls a step would be cut in half). Settings refuse mode
+    replan for the others; LCM and TCD take a list but have no plan worth re-making."""
     from sdaccel.engine.adaptive import replan, tail_timesteps
     from sdaccel.engine.samplers import build_scheduler, scheduler_class
 
-    takes_timesteps = "timesteps" in inspect.signature(
-        scheduler_class(entry.name).set_timesteps).parameters
-    assert entry.replannable == takes_timesteps
-
-    scheduler = build_scheduler(entry.name, bundled_scheduler_config())
-    scheduler.set_timesteps(10)
-    visited = [t.item() for t in scheduler.timesteps[:3]]
-    tail = tail_timesteps(visited[-1], scheduler.timesteps[-1].item(), 4)
-    if entry.replannable:
-        replan(scheduler, visited + tail)
-        assert len(scheduler.timesteps) == 7
-        adaptive_replan = tiny_settings("adaptive.enabled=true", f"sampler.name={entry.name}")
-        assert adaptive_replan.adaptive.mode == "replan"
-    else:
-        with pytest.raises(TypeError):
+    cls = scheduler_class(entry.name)
+    takes_timesteps = "timesteps" in inspect.signature(cls.set_timesteps).parameters
+    for schedule in ("default", "trailing")[:len(entry.schedules)]:
+        scheduler = build_scheduler(entry.name, bundled_scheduler_config(), schedule)
+        scheduler.set_timesteps(10)
+        visited = [t.item() for t in scheduler.timesteps[:3]]
+        tail = tail_timesteps(visited[-1], scheduler.timesteps[-1].item(), 4)
+        if entry.replannable:
+            assert takes_timesteps and cls.order == 1
             replan(scheduler, visited + tail)
+            assert len(scheduler.timesteps) == 7
+            adaptive_replan = tiny_settings("adaptive.enabled=true", f"sampler.name={entry.name}",
+                                            f"sampler.schedule={schedule}")
+            assert adaptive_replan.adaptive.mode == "replan"
+        elif not takes_timesteps:
+            with pytest.raises(TypeError):
+                replan(scheduler, visited + tail)
+    if not entry.replannable:
         with pytest.raises(ConfigError, match=f"sampler.name '{entry.name}' cannot"):
             tiny_settings("adaptive.enabled=true", f"sampler.name={entry.name}")
+
+
+@pytest.mark.parametrize("entry", SAMPLER_TABLE, ids=lambda e: e.name)
+def test_a_sampler_takes_exactly_the_schedules_that_change_its_plan(entry):
+    """Each schedule an entry lists sets its diffusers option and changes the plan (timesteps
+    or sigmas) from the default; each it does not list would leave the plan as it is (the
+    class has no such option, or, as LCM's and TCD's timestep_spacing, ignores it)."""
+    from sdaccel.engine.samplers import build_scheduler
+
+    def plan(schedule):
+        scheduler = build_scheduler(entry.name, bundled_scheduler_config(), schedule)
+        scheduler.set_timesteps(7)
+        sigmas = getattr(scheduler, "sigmas", None)
+        return scheduler, [scheduler.timesteps.tolist(), None if sigmas is None
+                           else [round(float(s), 6) for s in sigmas]]
+
+    default = plan("default")[1]
+    for schedule in SCHEDULES[1:]:
+        scheduler, changed = plan(schedule)
+        assert (schedule in entry.schedules) == (changed != default), schedule
+        if schedule in entry.schedules:
+            for key, value in SCHEDULE_OPTIONS[schedule].items():
+                assert scheduler.config[key] == value
+
+
+def test_a_named_schedule_replaces_the_models_own_sigmas():
+    """A model whose scheduler config asks for Karras sigmas keeps them on "default" and gets
+    what it asks for on another schedule."""
+    from sdaccel.engine.samplers import build_scheduler
+
+    karras_model = {**bundled_scheduler_config(), "use_karras_sigmas": True}
+    assert build_scheduler("dpm_solver++", karras_model).config.use_karras_sigmas
+    trailing = build_scheduler("dpm_solver++", karras_model, "trailing").config
+    assert not trailing.use_karras_sigmas and trailing.timestep_spacing == "trailing"
+    exponential = build_scheduler("euler", karras_model, "exponential").config
+    assert not exponential.use_karras_sigmas and exponential.use_exponential_sigmas
+
+
+def test_eta_defaults_are_those_of_the_samplers_steps():
+    """An entry's eta default exists exactly where its diffusers step takes an eta."""
+    from sdaccel.engine.samplers import scheduler_class
+
+    for entry in SAMPLER_TABLE:
+        takes_eta = "eta" in inspect.signature(scheduler_class(entry.name).step).parameters
+        assert takes_eta == (entry.eta is not None), entry.name
+    assert catalogue.sampler("tcd").eta == 0.3 and catalogue.sampler("ddim").eta == 0.0
 
 
 def test_every_estimator_is_an_adaptive_function_the_planner_accepts():

@@ -44,6 +44,25 @@ def test_generate_json_and_files(tmp_path):
     assert json.loads(again.stdout)["path"].endswith("img_004_steps2.png")
 
 
+def test_schedule_and_eta_reach_the_metadata_as_a1111_writes_them(tmp_path):
+    result = invoke("generate", "a red circle", *TINY_FLAGS, "--sampler", "ddim", "--schedule",
+                    "trailing", "--set", "sampler.eta=0.5", "--out-dir", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    meta = read_metadata(tmp_path / "img_000_steps2.png")
+    assert "Sampler: DDIM, Schedule type: SGM Uniform, CFG scale: " in meta["parameters"]
+    assert meta["parameters"].splitlines()[-1].endswith("Model: random:tiny, Eta DDIM: 0.5")
+    sampler = json.loads(meta["sdaccel"])["settings"]["sampler"]
+    assert (sampler["schedule"], sampler["eta"]) == ("trailing", 0.5)
+
+
+def test_a_schedule_the_sampler_cannot_take_is_exit_2_and_nothing_written(tmp_path):
+    result = invoke("generate", "a red circle", *TINY_FLAGS, "--sampler", "tcd", "--schedule",
+                    "karras", "--out-dir", str(tmp_path))
+    assert result.exit_code == 2
+    assert "sampler.schedule 'karras' is not available with sampler.name 'tcd'" in result.output
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
+
+
 def test_negative_prompt_and_set_reach_the_metadata(tmp_path):
     result = invoke("generate", "a red circle", *TINY_FLAGS, "--negative-prompt", "blurry",
                     "--set", "sampler.name=ddim", "--set", f"io.out_dir={tmp_path}")

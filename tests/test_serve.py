@@ -117,7 +117,17 @@ def test_the_native_endpoint_takes_our_settings_schema(server):
     ({"enable_hr": True}, "enable_hr", "hires fix"),
     ({"restore_faces": True}, "restore_faces", "face restoration"),
     ({"styles": ["cinematic"]}, "styles", "styles"),
-    ({"sampler_name": "LMS Karras"}, "sampler_name", "valid: DDPM, DDIM, DPM++ 2M"),
+    ({"sampler_name": "DPM adaptive"}, "sampler_name", "valid: DDPM, DDIM, DPM++ 2M"),
+    ({"sampler_name": "DPM++ 2M Beta"}, "sampler_name", "older combined names"),
+    ({"scheduler": "Align Your Steps"}, "scheduler", "valid: Automatic, Karras, Exponential, "
+                                                     "SGM Uniform"),
+    ({"sampler_name": "DDIM", "scheduler": "Karras"}, "scheduler",
+     "sampler.schedule 'karras' is not available with sampler.name 'ddim'"),
+    ({"sampler_name": "LCM", "scheduler": "sgm_uniform"}, "scheduler", "valid: default"),
+    ({"sampler_name": "DPM++ 2M Karras", "scheduler": "Exponential"}, "scheduler",
+     "names the karras schedule already"),
+    ({"sampler_name": "Euler", "eta": 0.5}, "eta", "takes no eta; samplers that do: DDIM, TCD"),
+    ({"sampler_name": "TCD", "eta": 1.5}, "eta", "less than or equal to 1"),
     ({"width": 60}, "width", "multiple"),
     ({"width": 512, "height": 512}, "width", "--max-pixels"),
     ({"steps": 0}, "steps", "at least 1"),
@@ -134,6 +144,37 @@ def test_requests_we_cannot_honour_are_422_naming_the_field(server, change, fiel
     assert response.json()["field"] == field and message in response.json()["detail"]
 
 
+@pytest.mark.parametrize(("change", "recorded"), [
+    ({"sampler_name": "DPM++ 2M Karras"}, "Sampler: DPM++ 2M, Schedule type: Karras, CFG"),
+    ({"sampler_name": "DPM++ 2M SDE", "scheduler": "exponential"},
+     "Sampler: DPM++ 2M SDE, Schedule type: Exponential, CFG"),
+    ({"sampler_name": "DDIM", "scheduler": "SGM Uniform", "eta": 0.5},
+     "Sampler: DDIM, Schedule type: SGM Uniform, CFG"),
+    ({"sampler_name": "TCD", "eta": 0.3, "cfg_scale": 1}, "Sampler: TCD, CFG scale: 1,"),
+    ({"sampler_name": "LCM", "cfg_scale": 1, "scheduler": "Automatic"}, "Sampler: LCM, CFG"),
+])
+def test_schedule_types_old_combined_names_and_eta_are_honoured(server, change, recorded):
+    """A1111 1.9+ names a sampler and a schedule type, older clients one combined name; both
+    reach the engine (the image is the engine's own for that sampler setting) and the infotext
+    records them as A1111 does: the schedule type unless Automatic, an eta unless default."""
+    from sdaccel.serve.a1111 import Txt2ImgRequest, sampler_for
+
+    response = server.post("/sdapi/v1/txt2img", json={**BODY, **change})
+    assert response.status_code == 200, response.text
+    infotext = json.loads(response.json()["info"])["infotexts"][0]
+    assert recorded in infotext
+    assert ("Eta DDIM: 0.5" in infotext) == (change.get("eta") == 0.5)
+    assert "Eta:" not in infotext  # TCD's 0.3 is its default
+    engine = server.app.state.engine
+    sampler = sampler_for(Txt2ImgRequest(**{**BODY, **change}), engine.settings.sampler)
+    generation = engine.settings.generation.model_copy(
+        update={"guidance_scale": float(change.get("cfg_scale", BODY["cfg_scale"]))})
+    own = engine.generate([BODY["prompt"]], seed=BODY["seed"], generation=generation,
+                          sampler=sampler.model_copy(update={"steps": 4}))[0].image
+    assert np.abs(pixels(response.json()["images"][0]).astype(int)
+                  - np.asarray(own).astype(int)).max() <= 1
+
+
 def test_malformed_and_oversized_bodies(server):
     broken = server.post("/sdapi/v1/txt2img", content=b'{"prompt": ',
                          headers={"content-type": "application/json"})
@@ -145,7 +186,12 @@ def test_malformed_and_oversized_bodies(server):
 
 def test_samplers_models_options_progress(server):
     names = [s["name"] for s in server.get("/sdapi/v1/samplers").json()]
-    assert names == ["DDPM", "DDIM", "DPM++ 2M", "Euler", "Euler a"]
+    assert names == ["DDPM", "DDIM", "DPM++ 2M", "DPM++ 2M SDE", "Euler", "Euler a", "Heun",
+                     "LMS", "UniPC", "LCM", "TCD"]
+    schedulers = server.get("/sdapi/v1/schedulers").json()
+    assert [(s["name"], s["label"]) for s in schedulers] == [
+        ("automatic", "Automatic"), ("karras", "Karras"), ("exponential", "Exponential"),
+        ("sgm_uniform", "SGM Uniform")]
     assert server.get("/sdapi/v1/sd-models").json()[0]["title"] == "bundled:shapes"
     assert server.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == "bundled:shapes"
     assert server.post("/sdapi/v1/options",

@@ -185,3 +185,67 @@ def test_layer_over_changes_only_the_named_keys():
     assert layered.sources["generation.width"] == "--set"
     assert layered.sources["seed"] == "given settings"
     assert base.sampler.steps != 7  # the given settings are not changed
+
+
+# --------------------------------------------------------------------------- samplers
+
+
+def test_schedule_and_eta_default_to_the_samplers_own():
+    s = resolve(overrides=["sampler.name=tcd"]).settings
+    assert (s.sampler.schedule, s.sampler.eta, s.sampler.eta_in_force) == ("default", None, 0.3)
+    s = resolve(overrides=["sampler.name=ddim", "sampler.eta=0.5",
+                           "sampler.schedule=trailing"]).settings
+    assert (s.sampler.schedule, s.sampler.eta_in_force) == ("trailing", 0.5)
+    assert resolve(overrides=["sampler.name=euler"]).settings.sampler.eta_in_force is None
+
+
+@pytest.mark.parametrize(("overrides", "expected"), [
+    # a schedule the sampler's diffusers class does not have
+    (["sampler.name=ddim", "sampler.schedule=karras"],
+     ["--set", "sampler.schedule 'karras'", "sampler.name 'ddim'", "valid: default, trailing"]),
+    (["sampler.name=euler_a", "sampler.schedule=exponential"],
+     ["sampler.schedule 'exponential'", "valid: default, trailing"]),
+    # one its class ignores: LCM and TCD space their own timesteps
+    (["sampler.name=tcd", "sampler.schedule=trailing"],
+     ["sampler.schedule 'trailing'", "sampler.name 'tcd'", "valid: default (",
+      "ignores timestep_spacing"]),
+    (["sampler.name=lcm", "sampler.schedule=karras"], ["sampler.name 'lcm'", "valid: default"]),
+    (["sampler.schedule=beta"], ["sampler.schedule", "'default', 'karras', 'exponential' or "
+                                 "'trailing'", "'beta'"]),
+    # eta where the step takes none, and outside [0, 1]
+    (["sampler.name=lcm", "sampler.eta=0.3"],
+     ["sampler.eta 0.3", "sampler.name 'lcm' takes no eta", "valid: null", "ddim, tcd"]),
+    (["sampler.name=tcd", "sampler.eta=1.5"], ["sampler.eta", "less than or equal to 1", "1.5"]),
+    (["sampler.name=ddim", "sampler.eta=-0.1"], ["sampler.eta", "greater than or equal to 0"]),
+    # adaptive modes that cannot work with the sampler, and why
+    (["sampler.name=lcm", "adaptive.enabled=true"],
+     ["adaptive.mode replan", "sampler.name 'lcm' cannot", "few-step sampler",
+      "valid: ddpm, dpm_solver++, dpm_solver++_sde, euler", "adaptive.enabled false"]),
+    (["sampler.name=tcd", "adaptive.enabled=true", "adaptive.mode=per_step"],
+     ["adaptive.mode per_step cannot use sampler.name 'tcd'", "few-step sampler",
+      "no plan to re-make", "valid: ddpm, ddim,", "adaptive.enabled false"]),
+    (["sampler.name=heun", "adaptive.enabled=true", "adaptive.mode=per_step"],
+     ["adaptive.mode per_step", "sampler.name 'heun'", "2 UNet calls a step", "valid: ddpm"]),
+    (["sampler.name=heun", "adaptive.enabled=true"],
+     ["adaptive.mode replan", "sampler.name 'heun' cannot", "or adaptive.enabled false"]),
+    (["sampler.name=unipc", "adaptive.enabled=true"],
+     ["sampler.name 'unipc' cannot", "or adaptive.mode per_step"]),
+    (["sampler.name=euler", "sampler.schedule=karras", "adaptive.enabled=true"],
+     ["adaptive.mode replan", "sampler.schedule 'karras'",
+      "valid with replan: default, trailing"]),
+])
+def test_a_sampler_setting_it_cannot_honour_is_one_line_naming_key_and_valid_values(
+        overrides, expected):
+    with pytest.raises(ConfigError) as info:
+        resolve(overrides=overrides)
+    message = str(info.value)
+    assert "\n" not in message
+    for fragment in expected:
+        assert fragment in message, (fragment, message)
+
+
+def test_samplers_that_adaptive_modes_can_use_still_resolve():
+    assert resolve(overrides=["sampler.name=dpm_solver++_sde", "sampler.schedule=trailing",
+                              "adaptive.enabled=true"]).settings.adaptive.enabled
+    assert resolve(overrides=["sampler.name=unipc", "sampler.schedule=karras",
+                              "adaptive.enabled=true", "adaptive.mode=per_step"]).settings

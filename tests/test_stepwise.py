@@ -6,12 +6,13 @@ import torch
 from helpers import tiny_settings
 
 from sdaccel import metrics
+from sdaccel.catalogue import PER_STEP as PER_STEP_SAMPLERS
 from sdaccel.engine.adaptive import model_output_for, predicted_x0
 from sdaccel.engine.cost import flop_counter
 from sdaccel.engine.engine import Engine
 from sdaccel.engine.feature_cache import LayeredUNet
 from sdaccel.engine.models import load_components
-from sdaccel.engine.samplers import SAMPLER_NAMES, build_scheduler
+from sdaccel.engine.samplers import build_scheduler
 from sdaccel.engine.stepwise import StepwiseDenoiser
 from sdaccel.errors import ConfigError
 from sdaccel.settings import resolve_settings
@@ -59,7 +60,7 @@ def test_cache_level_out_of_range_names_the_valid_levels():
 # --------------------------------------------------------------------------- plain runs
 
 
-@pytest.mark.parametrize("sampler", SAMPLER_NAMES)
+@pytest.mark.parametrize("sampler", PER_STEP_SAMPLERS)
 def test_per_step_with_nothing_to_save_is_the_plain_run_bit_for_bit(sampler):
     settings = [f"sampler.name={sampler}", "generation.num_images_per_prompt=2"]
     plain = Engine(tiny_settings(*settings, "sampler.steps=6")).generate(["a"], seed=3)

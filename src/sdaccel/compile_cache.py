@@ -78,6 +78,8 @@ def graph_settings(settings: Settings) -> dict[str, Any]:
         "compile": settings.compile.model_dump(exclude={"cache"}),
         "optimize": settings.optimize.model_dump(),
         "guided": settings.generation.guidance_scale > 1.0,
+        # the decoder compile.compile_vae compiles (absent for the VAE: older entries match)
+        **({"tiny_decoder": settings.tiny_decoder} if settings.tiny_decoder else {}),
     }
 
 

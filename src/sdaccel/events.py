@@ -15,13 +15,14 @@ class BatchStarted:
     """A batch of images (one prompt x num_images_per_prompt, or several prompts) begins."""
 
     batch_size: int
-    steps: int
+    steps: int  # UNet calls in the plan (StepDone's total_steps)
     prompts: tuple[str, ...]
 
 
 @dataclass(frozen=True)
 class StepDone:
-    """A solver step finished for `batch_size` images (a group, once adaptive plans split it)."""
+    """A step of the plan finished for `batch_size` images (a group, once adaptive plans split
+    it). Steps here are UNet calls: one a solver step, but Heun's 2n - 1 for n steps."""
 
     step: int  # 1-based
     total_steps: int

@@ -21,7 +21,8 @@ from typing import Any
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from sdaccel.catalogue import a1111_label
+from sdaccel.catalogue import SCHEDULE_LABELS, a1111_label
+from sdaccel.catalogue import sampler as catalogue_sampler
 from sdaccel.errors import SdaccelError, writing
 
 IMAGE_NAME = re.compile(r"^img_(\d{3,})_steps\d+\.png$")
@@ -44,11 +45,15 @@ def a1111_parameters(
     width: int, height: int, model: str, adaptive: str | None = None,
     compute: str | None = None, model_hash: str | None = None,
     loras: Sequence[dict[str, Any]] = (), embeddings: Sequence[dict[str, str]] = (),
+    decoder: dict[str, str] | None = None, schedule_type: str | None = None,
+    eta: tuple[str, float] | None = None,
 ) -> str:
     """The 'parameters' text chunk in the layout AUTOMATIC1111's readers parse (extra
     `Key: value` pairs, like the adaptive decision, are part of that layout). `model_hash`: a
     single-file model's A1111 hash (Components.model_hash), before `Model:` as A1111 writes it.
-    `embeddings`: the embedding records in force; those the prompts use go to `TI hashes`."""
+    `embeddings`: the embedding records in force; those the prompts use go to `TI hashes`.
+    `schedule_type`: A1111 1.9+'s label of a schedule other than the model's own (Karras);
+    `eta`: (A1111's key, value) of an eta other than the sampler's default ("Eta DDIM", 0.5)."""
     for lora in loras:  # A1111 keeps <lora:name:weight> in the prompt it records
         if f"<lora:{lora['name']}:" not in prompt:
             prompt += f" <lora:{lora['name']}:{lora['weight']:g}>"
@@ -56,8 +61,14 @@ def a1111_parameters(
     if negative_prompt:
         lines.append(f"Negative prompt: {negative_prompt}")
     hashed = f"Model hash: {model_hash}, " if model_hash else ""
-    settings_line = (f"Steps: {steps}, Sampler: {sampler}, CFG scale: {cfg_scale:g}, "
+    scheduled = f"Schedule type: {schedule_type}, " if schedule_type else ""
+    settings_line = (f"Steps: {steps}, Sampler: {sampler}, {scheduled}CFG scale: {cfg_scale:g}, "
                      f"Seed: {seed}, Size: {width}x{height}, {hashed}Model: {model}")
+    if decoder:  # a tiny decoder, where A1111 names the VAE file: 10 hex of its sha256, name
+        name = re.sub("[:,]", "", decoder["name"])  # A1111 splits the line at ", " and ": "
+        settings_line += f", VAE hash: {decoder['sha256'][:10]}, VAE: {name}"
+    if eta:  # where A1111 writes its extra generation parameters
+        settings_line += f", {eta[0]}: {eta[1]:g}"
     if adaptive:
         settings_line += f", Adaptive steps: {adaptive}"
     if compute:
@@ -196,16 +207,21 @@ def image_metadata(result, settings, model_name: str, model_hash: str | None = N
         "plan": dataclasses.asdict(result.plan) if result.plan else None,
         "loras": [dict(lora) for lora in loras],  # path, weight, sha256, name, hash
     }
+    decoder = getattr(result, "decoder", None)  # a tiny decoder's record (engine/decoders.py)
+    if decoder:
+        image_info["tiny_decoder"] = dict(decoder)  # path, name, sha256
     parameters = a1111_parameters(
         result.prompt, result.negative_prompt, result.steps, a1111_label(s.sampler.name),
         g.guidance_scale, result.seed, g.width, g.height, model_name,
         describe_plan(result.plan) if result.plan else None,
         describe_compute(result.cost, result.steps, result.decisions), loras=loras,
-        model_hash=model_hash, embeddings=result.embeddings,
+        model_hash=model_hash, embeddings=result.embeddings, decoder=decoder,
+        **_a1111_sampler_fields(s.sampler),
     )
     metadata = png_metadata(parameters, {
         "version": __version__, "image": image_info,
         "settings": {**settings_as_dict(s), "model_id": _absolute_if_local(s.model_id),
+                     "tiny_decoder": s.tiny_decoder and _absolute_if_local(s.tiny_decoder),
                      "generation": g.model_dump(mode="json"),
                      # the files in force, each with its token and sha256
                      "embeddings": [dict(e) for e in result.embeddings],
@@ -214,6 +230,17 @@ def image_metadata(result, settings, model_name: str, model_hash: str | None = N
                                for lora in loras]},
     })
     return image_info, parameters, metadata
+
+
+def _a1111_sampler_fields(sampler) -> dict[str, Any]:
+    """The schedule and eta as A1111 records them: only where they are not the defaults."""
+    entry = catalogue_sampler(sampler.name)
+    fields: dict[str, Any] = {}
+    if sampler.schedule != "default":
+        fields["schedule_type"] = SCHEDULE_LABELS[sampler.schedule]
+    if sampler.eta is not None and sampler.eta != entry.eta:
+        fields["eta"] = (entry.eta_label, sampler.eta)
+    return fields
 
 
 def _absolute_if_local(model_id: str) -> str:

@@ -21,7 +21,16 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 
-from sdaccel.catalogue import ESTIMATORS, REPLANNABLE, SAMPLER_NAMES
+from sdaccel.catalogue import (
+    ESTIMATORS,
+    PER_STEP,
+    REPLANNABLE,
+    SAMPLER_NAMES,
+    SAMPLERS,
+    SCHEDULES,
+    SIGMA_SCHEDULES,
+    TAKE_ETA,
+)
 from sdaccel.errors import ConfigError, LoraError
 
 DEFAULT_PRESET = "tiny"
@@ -42,6 +51,7 @@ PRESET_ALIASES = {
 Precision = Literal["fp32", "fp16", "bf16", "auto"]
 TextEncoderPrecision = Literal["fp32", "fp16", "bf16", "int8", "auto"]
 SamplerName = Literal[SAMPLER_NAMES]  # type: ignore[valid-type]
+ScheduleName = Literal[SCHEDULES]  # type: ignore[valid-type]
 EstimatorName = Literal[ESTIMATORS]  # type: ignore[valid-type]
 
 
@@ -111,6 +121,62 @@ class OptimizeSettings(_Section):
 class SamplerSettings(_Section):
     name: SamplerName = "dpm_solver++"
     steps: int = Field(20, ge=1, le=1000)
+    # Not in the seed: the noise schedule, "default" being the model's own scheduler config
+    # (karras / exponential sigmas, trailing timestep spacing: catalogue.SCHEDULE_OPTIONS), and
+    # the eta of samplers whose step takes one (ddim, tcd; null: the sampler's own default).
+    # Each sampler takes the schedules and eta its catalogue entry names.
+    schedule: ScheduleName = "default"
+    eta: float | None = Field(None, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _the_sampler_takes_them(self) -> SamplerSettings:
+        if problem := sampler_problem(self):
+            raise ValueError(problem)
+        return self
+
+    @property
+    def eta_in_force(self) -> float | None:
+        """The eta the sampler's step takes: sampler.eta, else the sampler's own default;
+        None for a sampler whose step takes none."""
+        return SAMPLERS[self.name].eta if self.eta is None else self.eta
+
+
+def sampler_problem(sampler: SamplerSettings) -> str | None:
+    """Why the sampler cannot honour its schedule or eta, in one line; None when it can."""
+    entry = SAMPLERS[sampler.name]
+    if sampler.schedule not in entry.schedules:
+        why = f" ({entry.own_schedule})" if entry.own_schedule else ""
+        return (f"sampler.schedule {sampler.schedule!r} is not available with sampler.name "
+                f"{sampler.name!r}; valid: {', '.join(entry.schedules)}{why}")
+    if sampler.eta is not None and entry.eta is None:
+        return (f"sampler.eta {sampler.eta:g}: sampler.name {sampler.name!r} takes no eta; "
+                f"valid: null, or a sampler that takes one ({', '.join(TAKE_ETA)})")
+    return None
+
+
+def adaptive_problem(adaptive: AdaptiveSettings, sampler: SamplerSettings) -> str | None:
+    """Why the adaptive mode cannot run with this sampler, in one line; None when it can."""
+    if not adaptive.enabled:
+        return None
+    entry = SAMPLERS[sampler.name]
+    why = f": {entry.not_adaptive}" if entry.not_adaptive else ""
+    if adaptive.mode == "per_step":
+        if entry.per_step:
+            return None
+        return (f"adaptive.mode per_step cannot use sampler.name {sampler.name!r}{why} "
+                f"(valid: {', '.join(PER_STEP)}; or adaptive.enabled false)")
+    if not entry.replannable:
+        other = ("or adaptive.mode per_step, which works with it" if entry.per_step
+                 else "or adaptive.enabled false")
+        return (f"adaptive.mode replan needs a sampler that can re-plan mid-trajectory; "
+                f"sampler.name {sampler.name!r} cannot{why} (valid: {', '.join(REPLANNABLE)}; "
+                f"{other})")
+    if sampler.schedule in SIGMA_SCHEDULES:
+        valid = [k for k in entry.schedules if k not in SIGMA_SCHEDULES]
+        return (f"adaptive.mode replan hands the scheduler a new timestep list, which diffusers "
+                f"refuses with sampler.schedule {sampler.schedule!r} (it sets its own sigmas); "
+                f"valid with replan: {', '.join(valid)}")
+    return None
 
 
 class UncertaintySettings(_Section):
@@ -202,6 +268,7 @@ class AdaptiveSettings(_Section):
 
 
 LORA_SUFFIXES = (".safetensors", ".pt", ".bin")
+BUNDLED_LORAS = Path(__file__).resolve().parent / "bundled" / "loras"
 
 
 def split_lora(text: str) -> tuple[str, float]:
@@ -238,6 +305,21 @@ class LoraEntry(_Section):
     path: Path
     weight: float = 1.0
     sha256: str | None = None
+
+    @field_validator("path", mode="before")
+    @classmethod
+    def _bundled_file(cls, value: Any) -> Any:
+        """`bundled:NAME`: a LoRA shipped in the package (src/sdaccel/bundled/loras/), so that
+        a preset can name one wherever sdaccel is installed."""
+        name = str(value).removeprefix("bundled:")
+        if name == str(value):
+            return value
+        path = BUNDLED_LORAS / f"{name}.safetensors"
+        if not path.is_file():
+            valid = ", ".join(sorted(f"bundled:{p.stem}" for p in BUNDLED_LORAS.glob(
+                "*.safetensors")))
+            raise LoraError(f"LoRA {str(value)!r}: no such bundled LoRA; valid: {valid}")
+        return path
 
     @model_validator(mode="before")
     @classmethod
@@ -344,6 +426,18 @@ class Settings(BaseSettings):
     # Not in the seed: prompt syntax and textual-inversion embeddings.
     prompt: PromptSettings = PromptSettings()
     embeddings: list[EmbeddingEntry] = []
+    # Not in the seed: decode with a tiny decoder (TAESD, diffusers' AutoencoderTiny) instead
+    # of the model's VAE (engine/decoders.py): a diffusers AutoencoderTiny folder, TAESD's
+    # taesd_decoder.safetensors (or .pth), or a hub id in the local cache. None: the full VAE.
+    tiny_decoder: str | None = None
+
+    @field_validator("tiny_decoder")
+    @classmethod
+    def _a_decoder_or_none(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("give a TAESD file, an AutoencoderTiny folder or a hub id "
+                             "(e.g. madebyollin/taesd), or null for the model's own VAE")
+        return value
 
     @field_validator("device")
     @classmethod
@@ -353,14 +447,9 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
-    def _adaptive_sampler_can_replan(self) -> Settings:
-        adaptive = self.adaptive
-        if adaptive.enabled and adaptive.mode == "replan" and self.sampler.name not in REPLANNABLE:
-            raise ValueError(
-                f"adaptive.mode replan needs a sampler that can re-plan mid-trajectory; "
-                f"sampler.name {self.sampler.name!r} cannot (valid: {', '.join(REPLANNABLE)}; "
-                "or adaptive.mode per_step, which works with every sampler)"
-            )
+    def _adaptive_mode_fits_the_sampler(self) -> Settings:
+        if problem := adaptive_problem(self.adaptive, self.sampler):
+            raise ValueError(problem)
         return self
 
     @classmethod

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from sdaccel.catalogue import SAMPLER_NAMES
+from sdaccel.catalogue import SAMPLER_NAMES, SCHEDULES
 
 Preset = Annotated[
     str | None,
@@ -54,6 +54,8 @@ SHORTHAND: dict[str, tuple[str, Any]] = {
     "steps": ("sampler.steps", shorthand(int, "--steps", help="sampler.steps")),
     "sampler": ("sampler.name", shorthand(str, "--sampler",
                                           help=f"sampler.name: {', '.join(SAMPLER_NAMES)}")),
+    "schedule": ("sampler.schedule", shorthand(str, "--schedule", help="sampler.schedule: "
+                                               f"{', '.join(SCHEDULES)}")),
     "seed": ("seed", shorthand(int, "--seed", help="seed (image k of a run uses seed + k)")),
     "height": ("generation.height", shorthand(int, "--height", help="generation.height")),
     "width": ("generation.width", shorthand(int, "--width", help="generation.width")),
@@ -65,6 +67,9 @@ SHORTHAND: dict[str, tuple[str, Any]] = {
     "embedding": ("embeddings", shorthand(list[Path], "--embedding", help="embeddings: a "
                                           "textual-inversion file (.pt, .safetensors, .bin or "
                                           "a diffusers folder); repeatable")),
+    "tiny_decoder": ("tiny_decoder", shorthand(str, "--tiny-decoder", help="tiny_decoder: TAESD "
+                                               "(taesd_decoder.safetensors, a folder or hub id) "
+                                               "decodes instead of the model's VAE")),
 }
 
 # What commands that write no image leave out of SHORTHAND (`command(exclude=...)`).

@@ -49,7 +49,7 @@ def alpha_sigma(scheduler, timestep) -> tuple[float, float]:
 def predicted_x0(scheduler, sample: torch.Tensor, model_output: torch.Tensor,
                  timestep) -> torch.Tensor:
     """The clean latents the model predicts from `sample` at `timestep` (VP form; sample is the
-    unscaled latent as the loop holds it for ddpm/dpm, the sigma-scaled one for euler)."""
+    unscaled latent as the loop holds it for ddpm/dpm, the sigma-scaled one for euler/heun/lms)."""
     alpha, sigma = alpha_sigma(scheduler, timestep)
     if _is_sigma_space(scheduler):
         sample = sample * alpha  # Euler samplers hold x_t / alpha_t
@@ -76,7 +76,8 @@ def model_output_for(scheduler, sample: torch.Tensor, x0: torch.Tensor,
 
 
 def _is_sigma_space(scheduler) -> bool:
-    return type(scheduler).__name__.startswith("Euler")
+    """The k-diffusion-style schedulers hold x_t / alpha_t (x0 + sigma * noise)."""
+    return type(scheduler).__name__.startswith(("Euler", "Heun", "LMS"))
 
 
 def pred_var(x0_history: Sequence[torch.Tensor]) -> torch.Tensor:

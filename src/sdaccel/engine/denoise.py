@@ -13,6 +13,7 @@ re-planned copy of the scheduler (see adaptive.py).
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -41,14 +42,24 @@ class DenoiseOutput:
     latents: torch.Tensor
     steps: list[int]  # per image: solver steps taken
     decisions: list[Decision]  # the re-planner's, one per image (empty without it)
-    codes: list[str]  # per image: what ran at each step, one letter a step (stepwise.py)
+    # per image: what ran at each UNet call of the plan, one letter a call (stepwise.py); one
+    # call a step but for Heun (2n - 1 calls for n steps)
+    codes: list[str]
     costs: list[float]  # per image: UNet work in full-UNet equivalents
 
     @classmethod
-    def full_calls(cls, latents: torch.Tensor, steps: list[int],
-                   decisions: list[Decision]) -> DenoiseOutput:
-        """The plain loop's and the re-planner's output: a full UNet call at every step."""
-        return cls(latents, steps, decisions, ["F" * n for n in steps], [float(n) for n in steps])
+    def full_calls(cls, latents: torch.Tensor, steps: list[int], decisions: list[Decision],
+                   calls: list[int] | None = None) -> DenoiseOutput:
+        """The plain loop's and the re-planner's output: a full UNet call at every call of the
+        plan (`calls` per image; default: one a step)."""
+        calls = steps if calls is None else calls
+        return cls(latents, steps, decisions, ["F" * n for n in calls], [float(n) for n in calls])
+
+
+def solver_steps(scheduler: Any) -> int:
+    """Solver steps in the scheduler's plan. Its timesteps list one entry per UNet call, and a
+    step of an order-2 scheduler (Heun) takes two calls but the first: 2n - 1 for n steps."""
+    return math.ceil(len(scheduler.timesteps) / scheduler.order)
 
 
 @dataclass
@@ -60,6 +71,7 @@ class _Group:
     embeddings: torch.Tensor
     generators: list[torch.Generator]
     scheduler: Any
+    eta: float | None = None  # the step's eta where it takes one (sampler.eta or its default)
 
     @property
     def guided(self) -> bool:
@@ -68,7 +80,7 @@ class _Group:
     @cached_property
     def step_extra(self) -> dict[str, Any]:
         """The scheduler.step() extras, worked out once per group rather than per step."""
-        return step_kwargs(self.scheduler, self.generators)
+        return step_kwargs(self.scheduler, self.generators, self.eta)
 
     def select(self, rows: torch.Tensor, scheduler: Any) -> _Group:
         embeddings = self.embeddings
@@ -78,15 +90,17 @@ class _Group:
         else:
             embeddings = embeddings[rows]
         return _Group(self.positions[rows], self.latents[rows], embeddings,
-                      [self.generators[int(r)] for r in rows], scheduler)
+                      [self.generators[int(r)] for r in rows], scheduler, self.eta)
 
 
-def step_kwargs(scheduler: Any, generators: Sequence[torch.Generator]) -> dict[str, Any]:
-    """The per-step extras this scheduler takes: its noise generators, and eta=0 for DDIM."""
+def step_kwargs(scheduler: Any, generators: Sequence[torch.Generator],
+                eta: float | None = None) -> dict[str, Any]:
+    """The per-step extras this scheduler takes: its noise generators, and its eta (DDIM, TCD)
+    as given, else 0 as StableDiffusionPipeline's own default passes it."""
     accepted = inspect.signature(scheduler.step).parameters
     kwargs: dict[str, Any] = {}
     if "eta" in accepted:
-        kwargs["eta"] = 0.0
+        kwargs["eta"] = 0.0 if eta is None else eta
     if "generator" in accepted:
         kwargs["generator"] = list(generators)
     return kwargs
@@ -129,19 +143,22 @@ def denoise(
     generators: Sequence[torch.Generator],
     on_step: StepCallback,
     planner: Planner | None = None,
+    eta: float | None = None,
 ) -> DenoiseOutput:
     """Run `scheduler`'s plan from `latents` (fp32, already scaled by init_noise_sigma).
 
     `embeddings` holds [unconditional; conditional] when guidance is on, else the conditional
     embeddings alone; that choice was made by whoever encoded the prompts. With a planner the
-    scheduler must hold the plan for planner.max_steps and accept custom timesteps.
+    scheduler must hold the plan for planner.max_steps and accept custom timesteps. `eta`:
+    the step's eta for schedulers that take one (None: 0, as the pipeline's default).
     """
     batch = latents.shape[0]
-    group = _Group(torch.arange(batch), latents, embeddings, list(generators), scheduler)
-    total = len(scheduler.timesteps)
+    group = _Group(torch.arange(batch), latents, embeddings, list(generators), scheduler, eta)
+    total = len(scheduler.timesteps)  # UNet calls (Heun: two a step but the first)
     if planner is None or planner.warmup_steps >= total:
         _run(unet, unet_dtype, group, 0, guidance_scale, on_step)
-        return DenoiseOutput.full_calls(group.latents, [total] * batch, [])
+        return DenoiseOutput.full_calls(group.latents, [solver_steps(scheduler)] * batch, [],
+                                        [total] * batch)
 
     timesteps = scheduler.timesteps
     history = []

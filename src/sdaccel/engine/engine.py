@@ -10,10 +10,10 @@ from dataclasses import dataclass
 import torch
 from diffusers.image_processor import VaeImageProcessor
 
-from sdaccel.catalogue import REPLANNABLE
 from sdaccel.engine.adaptive import Planner
 from sdaccel.engine.compile import EagerFallback, compile_callable
 from sdaccel.engine.cost import UNetCost
+from sdaccel.engine.decoders import TinyDecoder, read_tiny_decoder
 from sdaccel.engine.denoise import denoise, step_kwargs
 from sdaccel.engine.embeddings import add_embeddings, expansions, read_embeddings
 from sdaccel.engine.feature_cache import LayeredUNet
@@ -24,7 +24,7 @@ from sdaccel.engine.precision import DTYPES, cast, choose_precisions, device_for
 from sdaccel.engine.prompts import PromptEncoder, plain_text
 from sdaccel.engine.samplers import build_scheduler
 from sdaccel.engine.stepwise import StepPolicy, StepwiseDenoiser
-from sdaccel.errors import ConfigError
+from sdaccel.errors import ConfigError, ModelNotFoundError
 from sdaccel.events import (
     BatchDone,
     BatchStarted,
@@ -34,7 +34,14 @@ from sdaccel.events import (
     Warning,
     ignore,
 )
-from sdaccel.settings import GenerationSettings, LoraEntry, SamplerSettings, Settings
+from sdaccel.settings import (
+    GenerationSettings,
+    LoraEntry,
+    SamplerSettings,
+    Settings,
+    adaptive_problem,
+    sampler_problem,
+)
 
 
 @dataclass
@@ -43,7 +50,9 @@ class ImageResult:
     negative_prompt: str
     seed: int  # this image's own seed: generating it alone with this seed gives it again
     steps: int  # solver steps this image took (its own total under adaptive steps)
-    nfe: int  # UNet evaluations spent on it: steps, twice that with guidance (cond + uncond)
+    # UNet evaluations spent on it: one a step (Heun: 2 a step but the first, 2n - 1), twice
+    # that with guidance (cond + uncond)
+    nfe: int
     cost: float  # UNet work in full-UNet equivalents: one full (guided) call of this image = 1
     decisions: str  # what ran at each step, one letter a step (F full, C cached, f/c cond only,
     # - skipped; see engine/stepwise.py)
@@ -56,6 +65,8 @@ class ImageResult:
     loras: tuple[dict, ...] = ()
     # The textual-inversion embeddings in force: settings entries with path, token and sha256.
     embeddings: tuple[dict[str, str], ...] = ()
+    # The tiny decoder that decoded it (path, name, sha256; engine/decoders.py); None: the VAE.
+    decoder: dict[str, str] | None = None
 
 
 def _nfe(decisions: str, halves: int) -> int:
@@ -83,6 +94,8 @@ class Engine:
         self.planner = Planner.from_settings(adaptive) if replan else None
         self.policy = StepPolicy.from_settings(adaptive) if per_step else None
         embedding_files = read_embeddings(settings.embeddings)  # a bad file fails before loading
+        self.tiny: TinyDecoder | None = (read_tiny_decoder(settings.tiny_decoder)
+                                         if settings.tiny_decoder else None)  # so does this one
         self.components = load_components(settings.model_id, device=str(self.device),
                                           dtypes=load_dtypes(self.settings))
         self.embeddings = add_embeddings(embedding_files, self.components.tokenizer,
@@ -98,6 +111,8 @@ class Engine:
         s = self.settings
         self.unet = cast(parts.unet, s.unet_dtype, self.device).eval()
         self.vae = cast(parts.vae, s.vae_dtype, self.device).eval()
+        # What decodes: the tiny decoder when the settings name one, else the model's VAE.
+        self.decoder = self._cast_tiny_decoder() if self.tiny else self.vae
         self.text_encoder = cast(parts.text_encoder, s.text_encoder_dtype, self.device).eval()
         self.tokenizer = parts.tokenizer
         self.prompts = PromptEncoder(self.tokenizer, self.text_encoder, self.device,
@@ -105,11 +120,12 @@ class Engine:
                                      expansions(self.embeddings), self.on_event)
         self.unet_dtype = DTYPES[s.unet_dtype]
         self.vae_dtype = DTYPES[s.vae_dtype]
-        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        # As diffusers' pipeline: the latent grid is the image over the decoder's upscaling.
+        self.vae_scale_factor = 2 ** (len(self.decoder.config.block_out_channels) - 1)
         self._image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
         self.check_size(s.generation.height, s.generation.width)
         # PyTorch SDPA attention, then the speed passes the settings switch on.
-        self.passes = apply_passes(self.unet, self.vae, s, self.device, self.on_event)
+        self.passes = apply_passes(self.unet, self.decoder, s, self.device, self.on_event)
         # LoRAs fused into these weights and switched per batch (an int8 text encoder: unfused)
         self.lora = LoraSwitcher({"unet": self.unet, "text_encoder": self.text_encoder},
                                  s.model_id, unfused=["text_encoder"] * (
@@ -120,6 +136,23 @@ class Engine:
             self.layered = LayeredUNet(self.unet)
             self.layered.check_level(self.policy.cache_level)
         self._costs: dict[tuple[int, ...], UNetCost] = {}
+
+    def _cast_tiny_decoder(self) -> torch.nn.Module:
+        """The tiny decoder in the VAE's precision on the device, checked against the UNet."""
+        tiny, made = self.tiny, self.unet.config.out_channels
+        if tiny.latent_channels != made:
+            raise ModelNotFoundError(
+                f"tiny_decoder {tiny.reference!r} decodes {tiny.latent_channels}-channel "
+                f"latents; model {self.settings.model_id!r} makes {made}-channel ones (SD 1.5: "
+                "4, TAESD's taesd_decoder.safetensors; taesd3/taef1 decode 16)")
+        theirs = 2 ** (len(tiny.model.config.block_out_channels) - 1)
+        ours = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        if theirs != ours:  # TAESD is made for SD's 8x VAE; the bundled model's VAE is 4x
+            self.on_event(Warning(
+                f"tiny_decoder {tiny.reference!r} upscales latents {theirs}x, the VAE of "
+                f"{self.settings.model_id!r} {ours}x: the latents here are 1/{theirs} of the "
+                f"image's size, not the 1/{ours} this model was made for"))
+        return cast(tiny.model, self.settings.vae_dtype, self.device).eval()
 
     def _compile(self) -> None:
         """The UNet and VAE decode callables: compiled when the settings say so (lazily, on the
@@ -211,9 +244,10 @@ class Engine:
         if generation is not None:
             self.check_size(g.height, g.width)
         sampler = s.sampler if sampler is None else sampler
-        if self.planner and sampler.name not in REPLANNABLE:
-            raise ConfigError(f"sampler.name: {sampler.name!r} cannot re-plan (adaptive.mode "
-                              f"replan); valid: {', '.join(REPLANNABLE)}")
+        # A per-call sampler (a server request, a prompts-file line) meets the settings'
+        # adaptive mode only here; model_copy() skips its own validators.
+        if problem := sampler_problem(sampler) or adaptive_problem(s.adaptive, sampler):
+            raise ConfigError(problem)
         guided = g.guidance_scale > 1.0  # as diffusers: <= 1 means no unconditional pass
         per_prompt = g.num_images_per_prompt
         batch = len(prompts) * per_prompt
@@ -226,12 +260,14 @@ class Engine:
         generators = [torch.Generator("cpu").manual_seed(k) for k in seeds]
         # Adaptive runs start on the max_steps plan and re-plan after the warm-up.
         planned = s.adaptive.max_steps if self.planner else sampler.steps
-        scheduler = build_scheduler(sampler.name, self.components.scheduler_config)
+        scheduler = build_scheduler(sampler.name, self.components.scheduler_config,
+                                    sampler.schedule)
         scheduler.set_timesteps(planned, device=self.device)
         image_prompts = [prompts[k // per_prompt] for k in range(batch)]
 
         self._warn_unknown_words([*prompts, negative_prompt])
-        self.on_event(BatchStarted(batch, planned, tuple(prompts)))
+        # Progress counts UNet calls: the plan's steps, but Heun's 2n - 1 for n steps.
+        self.on_event(BatchStarted(batch, len(scheduler.timesteps), tuple(prompts)))
         started = time.perf_counter()
         embeddings = self._encode(list(prompts), negative_prompt, per_prompt, guided)
         latents = self._initial_latents(generators, scheduler.init_noise_sigma, g)
@@ -243,10 +279,11 @@ class Engine:
             stepwise = StepwiseDenoiser(self._unet_forward, self.layered, self.unet_dtype,
                                         self.policy, self._shallow_cost(latents, embeddings))
             out = stepwise(scheduler, latents, embeddings, g.guidance_scale,
-                           step_kwargs(scheduler, generators), on_step)
+                           step_kwargs(scheduler, generators, sampler.eta_in_force), on_step)
         else:
             out = denoise(self._unet_forward, self.unet_dtype, scheduler, latents, embeddings,
-                          g.guidance_scale, generators, on_step, self.planner)
+                          g.guidance_scale, generators, on_step, self.planner,
+                          sampler.eta_in_force)
         plans = [None] * batch
         for d in out.decisions:
             plans[d.position] = PlanDecided(
@@ -265,6 +302,7 @@ class Engine:
                 latents=out.latents[k].detach().float().cpu(), seconds=seconds / batch,
                 generation=g, plan=plans[k], loras=lora_records,
                 embeddings=tuple(e.file.record() for e in self.embeddings),
+                decoder=self.tiny.record() if self.tiny else None,
             )
             for k in range(batch)
         ]
@@ -329,9 +367,10 @@ class Engine:
         return noise.to(self.device) * sigma
 
     def _decode_eager(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(latents, return_dict=False)[0]
+        return self.decoder.decode(latents, return_dict=False)[0]
 
     def _decode(self, latents: torch.Tensor) -> list:
-        scaled = (latents / self.vae.config.scaling_factor).to(self.vae_dtype)
+        # A tiny decoder's scaling_factor is 1.0: TAESD takes the UNet's latents unscaled.
+        scaled = (latents / self.decoder.config.scaling_factor).to(self.vae_dtype)
         pixels = self._vae_decode(scaled).float()
         return self._image_processor.postprocess(pixels, output_type="pil")

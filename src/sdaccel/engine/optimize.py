@@ -46,7 +46,8 @@ def sdpa_attention(module: torch.nn.Module) -> torch.nn.Module:
     Quality risk: none beyond float reassociation."""
     from diffusers.models.attention_processor import AttnProcessor2_0
 
-    module.set_attn_processor(AttnProcessor2_0())
+    if hasattr(module, "set_attn_processor"):  # a tiny decoder (TAESD) has no attention
+        module.set_attn_processor(AttnProcessor2_0())
     return module
 
 
@@ -62,7 +63,8 @@ def fuse_qkv(module: torch.nn.Module) -> torch.nn.Module:
     cross-attention): diffusers' `fuse_qkv_projections`, with its fused SDPA processor.
 
     Quality risk: none beyond float reassociation (same weights, concatenated)."""
-    module.fuse_qkv_projections()
+    if hasattr(module, "fuse_qkv_projections"):  # a tiny decoder (TAESD) has no attention
+        module.fuse_qkv_projections()
     return module
 
 
@@ -165,6 +167,14 @@ def _why_not_prepack(settings: Settings, device: torch.device) -> str | None:
     return None
 
 
+def _why_not_tiling(settings: Settings, device: torch.device) -> str | None:
+    # diffusers' AutoencoderTiny tiles even a 512 px image (56-latent steps over 64-latent
+    # tiles), so tiling would change every image; TAESD's own activations are small (64
+    # channels at the image's size: 64 MB per 512x512 image in fp32).
+    return ("with tiny_decoder set: the tiny decoder decodes in one piece"
+            if settings.tiny_decoder else None)
+
+
 def _why_not_on_the_cpu(settings: Settings, device: torch.device) -> str | None:
     return f"on {device.type}: it tunes CPU memory" if device.type != "cpu" else None
 
@@ -193,7 +203,7 @@ class Pass:
 PASSES: dict[str, Pass] = {
     "fuse_qkv": Pass(fuse_qkv, ("unet", "vae")),
     "channels_last": Pass(channels_last, ("unet", "vae")),
-    "vae_tiling": Pass(vae_tiling, ("vae",)),
+    "vae_tiling": Pass(vae_tiling, ("vae",), _why_not_tiling),
     "prepack_weights": Pass(prepack_weights, ("unet", "vae"), _why_not_prepack),
     "reuse_freed_memory": Pass(why_not=_why_not_on_the_cpu, process_wide=keep_freed_memory),
     "inductor_flags": Pass(why_not=_why_not_inductor_flags),

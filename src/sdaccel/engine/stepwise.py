@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import torch
 
 from sdaccel.engine.adaptive import lambda_of, model_output_for, predicted_x0
-from sdaccel.engine.denoise import DenoiseOutput
+from sdaccel.engine.denoise import DenoiseOutput, solver_steps
 
 COND, UNCOND = 1, 0
 
@@ -152,7 +152,7 @@ class StepwiseDenoiser:
             latents = scheduler.step(noise, t, latents, **step_extra, return_dict=False)[0]
             on_step(index + 1, len(timesteps), batch, "".join(i.codes[-1] for i in images),
                     tuple(i.cost for i in images))
-        return DenoiseOutput(latents, [len(timesteps)] * batch, [],
+        return DenoiseOutput(latents, [solver_steps(scheduler)] * batch, [],
                              ["".join(i.codes) for i in images], [i.cost for i in images])
 
     # ------------------------------------------------------------------ decisions

@@ -1,7 +1,8 @@
 """AUTOMATIC1111's txt2img request, as its clients send it, turned into our jobs.
 
 Clients send the whole A1111 body with its defaults. Every field is sorted into one of three
-kinds: honoured (prompt, seed, size, steps, sampler, guidance, batch, saving), accepted because
+kinds: honoured (prompt, seed, size, steps, sampler and schedule, eta where the sampler takes one,
+guidance, batch, saving), accepted because
 at the value sent it does not change the picture (A1111 defaults; named in the `info` note when
 set to something we ignore), or refused with a 422 naming the field, because honouring it would
 change the picture in a way we cannot (hires fix, face restoration, variation seeds, scripts).
@@ -13,15 +14,25 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from sdaccel.catalogue import SAMPLER_TABLE
+from sdaccel.catalogue import SAMPLER_TABLE, SAMPLERS, SCHEDULE_LABELS
+from sdaccel.settings import SamplerSettings
 
 # A1111 label or our name, case-insensitive -> our sampler name.
 SAMPLER_NAMES: dict[str, str] = {
     **{s.a1111.lower(): s.name for s in SAMPLER_TABLE},
     **{s.name.lower(): s.name for s in SAMPLER_TABLE},
 }
+# A1111's schedule type (the request's `scheduler`: its label or its /schedulers name, as
+# "SGM Uniform" / "sgm_uniform"), or our name, case-insensitive -> sampler.schedule.
+SCHEDULE_NAMES: dict[str, str] = {
+    **{label.lower(): key for key, label in SCHEDULE_LABELS.items()},
+    **{label.lower().replace(" ", "_"): key for key, label in SCHEDULE_LABELS.items()},
+    **{key: key for key in SCHEDULE_LABELS},
+}
+# Before 1.9, A1111 named a sampler and its schedule in one: "DPM++ 2M Karras".
+_COMBINED = {"karras": "karras", "exponential": "exponential"}
 
 
 class Txt2ImgRequest(BaseModel):
@@ -103,21 +114,60 @@ _REFUSED = {
     "s_tmax": ((None, 0.0, math.inf), "s_tmax is not implemented"),
     "s_min_uncond": ((None, 0.0), "negative guidance minimum sigma is not implemented"),
 }
-_SCHEDULERS = (None, "", "automatic")  # A1111's noise schedule choice: the model's own only
 # The override_settings keys a client may send at their default.
 _OVERRIDES = {"CLIP_stop_at_last_layers": 1, "eta_noise_seed_delta": 0}
 
 
-def sampler_for(request: Txt2ImgRequest, default: str) -> str:
-    """Our sampler name for the request's sampler_name (or sampler_index), else `default`."""
-    label = request.sampler_name or request.sampler_index
-    if label is None or not label.strip():
-        return default
+def sampler_for(request: Txt2ImgRequest, default: SamplerSettings) -> SamplerSettings:
+    """The request's sampler (steps aside, which the caller checks against its limits): its
+    sampler_name (or sampler_index), scheduler and eta, else the server's own `default`."""
+    name, schedule = _sampler_and_schedule(request, default)
+    eta = _eta_for(request, name, default)
     try:
-        return SAMPLER_NAMES[label.strip().lower()]
-    except KeyError:
-        valid = ", ".join(s.a1111 for s in SAMPLER_TABLE)
-        raise Unsupported("sampler_name", label, f"unknown sampler; valid: {valid}") from None
+        return SamplerSettings(name=name, steps=default.steps, schedule=schedule, eta=eta)
+    except ValidationError as exc:
+        message = exc.errors()[0]["msg"].removeprefix("Value error, ")
+        if "sampler.eta" in message or exc.errors()[0]["loc"] == ("eta",):
+            raise Unsupported("eta", request.eta, message) from None
+        raise Unsupported("scheduler", request.scheduler, message) from None
+
+
+def _sampler_and_schedule(request: Txt2ImgRequest, default: SamplerSettings) -> tuple[str, str]:
+    """(sampler.name, sampler.schedule): A1111 1.9+ sends "DPM++ 2M" with scheduler "Karras",
+    older clients "DPM++ 2M Karras". A request that names neither keeps the server's own."""
+    label = (request.sampler_name or request.sampler_index or "").strip()
+    asked = (request.scheduler or "").strip().lower()
+    if asked and asked not in SCHEDULE_NAMES:
+        valid = ", ".join(SCHEDULE_LABELS.values())
+        raise Unsupported("scheduler", request.scheduler, f"unknown schedule type; valid: {valid}")
+    schedule = SCHEDULE_NAMES.get(asked, "default")
+    if not label:
+        return default.name, schedule if asked else default.schedule
+    if label.lower() in SAMPLER_NAMES:
+        return SAMPLER_NAMES[label.lower()], schedule
+    base, _, suffix = label.lower().rpartition(" ")
+    if base in SAMPLER_NAMES and suffix in _COMBINED:
+        if schedule not in ("default", _COMBINED[suffix]):
+            raise Unsupported("scheduler", request.scheduler, f"sampler_name {label!r} names "
+                              f"the {suffix} schedule already")
+        return SAMPLER_NAMES[base], _COMBINED[suffix]
+    valid = ", ".join(s.a1111 for s in SAMPLER_TABLE)
+    raise Unsupported("sampler_name", label, f"unknown sampler; valid: {valid} (and the "
+                      "older combined names, as DPM++ 2M Karras)")
+
+
+def _eta_for(request: Txt2ImgRequest, name: str, default: SamplerSettings) -> float | None:
+    """sampler.eta for the request: its eta where the sampler's step takes one (A1111 applies
+    it to DDIM too), else None; 0 and 1, A1111's own defaults, pass for the others."""
+    if SAMPLERS[name].eta is None:
+        if request.eta not in (None, 0.0, 1.0):
+            raise Unsupported("eta", request.eta, f"sampler {SAMPLERS[name].a1111!r} takes no "
+                              "eta; samplers that do: " + ", ".join(
+                                  s.a1111 for s in SAMPLER_TABLE if s.eta is not None))
+        return None
+    if request.eta is None:
+        return default.eta if name == default.name else None
+    return request.eta
 
 
 def check_request(request: Txt2ImgRequest, model_name: str) -> list[str]:
@@ -128,9 +178,6 @@ def check_request(request: Txt2ImgRequest, model_name: str) -> list[str]:
         allowed = defaults if isinstance(defaults, tuple) else (defaults,)
         if value not in allowed:
             raise Unsupported(name, value, why)
-    if (request.scheduler or "").lower() not in _SCHEDULERS:
-        raise Unsupported("scheduler", request.scheduler, "only the model's own noise "
-                          "schedule ('Automatic') is implemented")
     ignored = []
     for key, value in request.override_settings.items():
         if key == "sd_model_checkpoint":
@@ -142,8 +189,6 @@ def check_request(request: Txt2ImgRequest, model_name: str) -> list[str]:
                 raise Unsupported(f"override_settings.{key}", value, "not implemented")
         else:
             ignored.append(f"override_settings.{key}")
-    if request.eta not in (None, 0.0, 1.0):
-        raise Unsupported("eta", request.eta, "only the sampler's own eta is implemented")
     if request.denoising_strength not in (None, 0.0):
         ignored.append("denoising_strength")  # only used by img2img and hires fix
     ignored += sorted(set(request.model_extra or {}))

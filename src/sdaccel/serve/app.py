@@ -24,11 +24,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ValidationError
 
-from sdaccel.catalogue import SAMPLER_TABLE, SAMPLERS
+from sdaccel.catalogue import SAMPLER_TABLE, SAMPLERS, SCHEDULE_LABELS
 from sdaccel.errors import ConfigError
 from sdaccel.serve.a1111 import Txt2ImgRequest, Unsupported, check_request, info_text, sampler_for
 from sdaccel.serve.batcher import Batcher, Interrupted, Job, QueueFull
-from sdaccel.settings import GenerationSettings, SamplerSettings, Settings
+from sdaccel.settings import GenerationSettings, SamplerSettings, Settings, adaptive_problem
 
 
 @dataclass(frozen=True)
@@ -171,20 +171,22 @@ def create_app(settings: Settings, limits: Limits = Limits(), api_key: str | Non
         body = await body_of(request, Txt2ImgRequest)
         try:
             ignored = check_request(body, model_name)
-            sampler = sampler_for(body, settings.sampler.name)
+            sampler = sampler_for(body, settings.sampler)
         except Unsupported as exc:
             raise BadRequest(exc.field, str(exc)) from None
+        if problem := adaptive_problem(settings.adaptive, sampler):  # the server's own mode
+            raise BadRequest("sampler_name", problem)
         generation = _generation(body.width, body.height, body.cfg_scale, engine, limits)
         _check_counts(body.batch_size, body.n_iter, body.steps, limits)
         seed = body.seed if body.seed >= 0 else secrets.randbelow(2**32)
         params = JobParams(body.negative_prompt, generation,
-                           SamplerSettings(name=sampler, steps=body.steps))
+                           sampler.model_copy(update={"steps": body.steps}))  # checked above
         results = await _generate(body.prompt, seed, body.batch_size, body.n_iter, params)
         if results is None:
             return {"images": [], "parameters": body.model_dump(), "info": json.dumps(
                 {"interrupted": True, "sdaccel_ignored": ignored})}
         saved = _keep(results, params, body.save_images and not body.do_not_save_samples)
-        label = SAMPLERS[sampler].a1111
+        label = SAMPLERS[sampler.name].a1111
         info = info_text(body, label, [r.seed for r in results], model_name, model_hash,
                          [s["parameters"] for s in saved], ignored)
         return {"images": [s["png_base64"] for s in saved] if body.send_images else [],
@@ -193,6 +195,12 @@ def create_app(settings: Settings, limits: Limits = Limits(), api_key: str | Non
     @app.get("/sdapi/v1/samplers")
     async def samplers():
         return [{"name": s.a1111, "aliases": [s.name], "options": {}} for s in SAMPLER_TABLE]
+
+    @app.get("/sdapi/v1/schedulers")
+    async def schedulers():  # A1111 1.9+'s schedule types, those sampler.schedule has
+        return [{"name": label.lower().replace(" ", "_"), "label": label, "aliases": None,
+                 "default_rho": -1, "need_inner_model": False}
+                for label in SCHEDULE_LABELS.values()]
 
     @app.get("/sdapi/v1/sd-models")
     async def sd_models():
@@ -387,7 +395,9 @@ def _check_counts(batch_size: int, n_iter: int, steps: int, limits: Limits) -> N
 # Settings keys -> the A1111 request fields that set them.
 _A1111_FIELDS = {"generation.width": "width", "generation.height": "height",
                  "generation.guidance_scale": "cfg_scale", "sampler.steps": "steps",
-                 "sampler.name": "sampler_name"}
+                 # before sampler.name, which their messages name too
+                 "sampler.schedule": "scheduler", "sampler.eta": "eta",
+                 "adaptive.mode": "sampler_name", "sampler.name": "sampler_name"}
 
 
 def _field_of(message: str, prefix: str = "") -> str:
@@ -402,7 +412,7 @@ def _field_of(message: str, prefix: str = "") -> str:
 def _key(params: JobParams) -> tuple:
     """What jobs must share to ride in one engine call (besides their prompts' chunk count)."""
     g = params.generation
-    return (g.width, g.height, g.guidance_scale, params.sampler.name, params.sampler.steps,
+    return (g.width, g.height, g.guidance_scale, *params.sampler.model_dump().values(),
             params.negative_prompt)
 
 
