@@ -178,6 +178,26 @@ def test_changed_settings_or_foreign_files_are_errors(tmp_path):
     assert "Traceback" not in result.output
 
 
+def test_resume_with_another_schedule_or_eta_is_an_error(tmp_path):
+    """Records name the schedule and eta; records made before either existed count as the
+    sampler's own (DDIM: default schedule, eta 0), so old runs still resume."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("one\n")
+    out = tmp_path / "out"
+    assert generate(prompts, out, "--sampler", "ddim")[0].exit_code == 0
+    for flags, key in ((["--schedule", "trailing"], "schedule"), (["--set", "sampler.eta=0.5"],
+                                                                  "eta")):
+        result, _ = generate(prompts, out, "--sampler", "ddim", *flags)
+        assert result.exit_code == 2
+        assert f"image 0 was made with {key}" in result.stderr.replace("\n", "")
+    lines = [json.loads(line) for line in (out / MANIFEST).read_text().splitlines()]
+    (out / MANIFEST).write_text("".join(json.dumps({k: v for k, v in r.items()
+                                                    if k not in ("schedule", "eta")}) + "\n"
+                                        for r in lines))
+    result, records = generate(prompts, out, "--sampler", "ddim")
+    assert result.exit_code == 0 and records == []
+
+
 def test_unrecorded_file_of_another_job_is_never_adopted(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("one\n")

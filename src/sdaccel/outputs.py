@@ -202,8 +202,9 @@ def image_metadata(result, settings, model_name: str, model_hash: str | None = N
         "prompt": result.prompt, "negative_prompt": result.negative_prompt,
         "seed": result.seed, "steps": result.steps, "nfe": result.nfe,
         "cost": round(result.cost, 4), "decisions": result.decisions,
-        "sampler": s.sampler.name, "guidance_scale": g.guidance_scale,
-        "width": g.width, "height": g.height, "model": model_name,
+        "sampler": s.sampler.name, "schedule": s.sampler.schedule, "eta": s.sampler.eta_in_force,
+        "guidance_scale": g.guidance_scale, "width": g.width, "height": g.height,
+        "model": model_name,
         "plan": dataclasses.asdict(result.plan) if result.plan else None,
         "loras": [dict(lora) for lora in loras],  # path, weight, sha256, name, hash
     }

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sdaccel.catalogue import SAMPLERS
 from sdaccel.errors import ConfigError, SdaccelError, writing
 from sdaccel.jobs.prompts_file import Job
 from sdaccel.outputs import IMAGE_NAME, read_metadata, temporary_file
@@ -39,7 +40,8 @@ def expected_fields(job: Job, j: int, settings: Settings) -> dict[str, Any]:
     fields = {
         "prompt": job.prompt, "negative_prompt": job.negative_prompt, "seed": job.seed + j,
         "width": g.width, "height": g.height, "guidance_scale": g.guidance_scale,
-        "sampler": settings.sampler.name, "model": settings.model_id,
+        "sampler": settings.sampler.name, "schedule": settings.sampler.schedule,
+        "eta": settings.sampler.eta_in_force, "model": settings.model_id,
     }
     if not settings.adaptive.enabled:
         fields["steps"] = settings.sampler.steps
@@ -207,6 +209,10 @@ def _check(record: dict[str, Any], wanted: dict[str, Any], what: str, source: Pa
         got = record.get(key)
         if key == "loras":  # records before LoRAs existed have none; sha256 is not compared
             got = [{"path": x.get("path"), "weight": x.get("weight")} for x in got or []]
+        elif key in ("schedule", "eta") and key not in record:
+            # records before these settings existed: the sampler's own schedule and eta
+            got = ("default" if key == "schedule"
+                   else getattr(SAMPLERS.get(record.get("sampler")), "eta", None))
         if got != value:
             raise ConfigError(
                 f"{what} was made with {key} {record.get(key)!r}, but {source} line {job.line} "
