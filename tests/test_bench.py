@@ -447,3 +447,174 @@ def test_a_peer_that_fails_on_this_diffusers_is_named_in_one_line(monkeypatch):
         f"diffusers {diffusers.__version__}: TypeError: forward() got an unexpected keyword "
         "argument 'added_cond_kwargs'"]
     assert "Traceback" not in result.output
+
+
+# --------------------------------------------------------------------------- reference, fidelity
+
+
+def test_a_reference_rows_speedup_is_paired_with_it_round_by_round(monkeypatch):
+    """--reference: the fast row's speed-up is the median of (reference s/img in round r) /
+    (its s/img in round r), scripted: 2x in the median round, though both rows' median s/img
+    are equal. The diffusers rows answer to the reference too; without baselines only the
+    configurations run, with the same pairing."""
+    now = [0.0]
+    monkeypatch.setattr(bench_runner, "clock", lambda: now[0])
+    scripts: dict = {}
+    generate, pipeline_call = Engine.generate, StableDiffusionPipeline.__call__
+
+    def scripted_generate(self, *args, **kwargs):
+        result = generate(self, *args, **kwargs)
+        now[0] += next(scripts[self.settings.sampler.name])
+        return result
+
+    def scripted_pipeline(self, *args, **kwargs):
+        result = pipeline_call(self, *args, **kwargs)
+        now[0] += 1.0
+        return result
+
+    monkeypatch.setattr(Engine, "generate", scripted_generate)
+    monkeypatch.setattr(StableDiffusionPipeline, "__call__", scripted_pipeline)
+    configs = [("slow", tiny_settings("sampler.steps=2")),
+               ("fast", tiny_settings("sampler.steps=1", "sampler.name=ddim"))]
+    for baselines in (True, False):
+        scripts.update(ddim=iter([0.5, 2.0, 0.25, 1.0, 1.0]),  # ratios 2, 1, 4, 4, 1
+                       **{"dpm_solver++": iter([1.0, 2.0, 1.0, 4.0, 1.0])})
+        report = bench.benchmark(configs, PROMPTS[:1], iters=5, warmup=0, reference="slow",
+                                 baselines=baselines)
+        slow, fast = report.row("slow"), report.row("fast")
+        assert slow.seconds_per_image_median == fast.seconds_per_image_median == 1.0
+        assert (fast.speedup, fast.speedup_p25, fast.speedup_p75) == (
+            pytest.approx(2.0), pytest.approx(1.0), pytest.approx(4.0))
+        assert slow.speedup == 1.0 and report.reference == "slow"
+        assert {r.baseline for r in report.rows} == {"slow"}
+        assert report.to_dict()["reference"] == "slow"
+    assert [r.label for r in report.rows] == ["slow", "fast"]  # the run without baselines
+
+
+def test_a_reference_or_a_run_without_baselines_that_cannot_be_is_one_line():
+    with pytest.raises(ConfigError, match=re.escape(
+            "reference 'cpu' is not a configuration of this run; valid: tiny, ddim")):
+        bench.benchmark(["tiny", ("ddim", "tiny")], reference="cpu")
+    with pytest.raises(ConfigError, match="baselines off needs a reference configuration"):
+        bench.benchmark("tiny", baselines=False)
+    with pytest.raises(ConfigError, match="no diffusers pipeline for also_baselines or peers"):
+        bench.benchmark("tiny", reference="tiny", baselines=False, peers=["tomesd"])
+    result = runner.invoke(app, ["bench", *set_flags(TINY), "-p", "tiny", "--reference",
+                                 "cpu-fast"])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == ("Error: reference 'cpu-fast' is not a configuration of "
+                                     "this run; valid: tiny")
+
+
+def test_a_row_that_makes_another_image_by_design_says_so_and_is_not_drift(tmp_path):
+    """A DDIM row at guidance 1 against the DPM-Solver++ reference at guidance 4: far below the
+    PSNR bound, yet no DRIFT, and the row, the JSON, the CSV and the table say what it is
+    compared with. The same settings again are the same image, judged as ever."""
+    ddim = tmp_path / "ddim.yaml"
+    ddim.write_text("sampler:\n  name: ddim\ngeneration:\n  guidance_scale: 1.0\n")
+    args = ["bench", *set_flags(TINY), "--iters", "2", "--warmup", "0", "--prompts",
+            str(tmp_path / "p.txt"), "-p", "tiny", "-p", "tiny", "-c", str(ddim),
+            "--reference", "tiny", "--no-baselines"]
+    (tmp_path / "p.txt").write_text("a red circle\n")
+    result = runner.invoke(app, [*args, "--json", "--csv", str(tmp_path / "b.csv")])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    rows = {r["label"]: r for r in data["rows"]}
+    assert list(rows) == ["tiny", "tiny#2", "ddim"] and data["reference"] == "tiny"
+    other = rows["ddim"]
+    assert other["psnr_min_db"] < bench.MIN_PSNR_DB and not other["drift"]
+    assert not other["same_image"] and other["baseline"] == "tiny"
+    assert other["compared_with"] == ("different image: 4 ddim steps vs 4 dpm_solver++; "
+                                      "guidance 1 vs 4")
+    again = rows["tiny#2"]
+    assert again["same_image"] and again["compared_with"] == "same image"
+    assert again["psnr_min_db"] == bench.PSNR_CAP_DB and not again["drift"]
+    assert rows["tiny"]["compared_with"] == "" and rows["tiny"]["speedup"] == 1.0
+    with (tmp_path / "b.csv").open() as handle:
+        csv_rows = list(csv.DictReader(handle))
+    assert csv_rows[2]["compared_with"] == other["compared_with"]
+    assert csv_rows[2]["same_image"] == "False" and csv_rows[2]["drift"] == "False"
+
+    table = runner.invoke(app, args, terminal_width=250)
+    assert table.exit_code == 0, table.output
+    ddim_line = next(line for line in table.stdout.splitlines() if line.startswith("│ ddim"))
+    assert "different image" in ddim_line and "DRIFT" not in ddim_line
+    assert re.search(r"\(\d+\.\d\)", ddim_line)  # its PSNR, in brackets
+    assert "ddim vs tiny: different image: 4 ddim steps vs 4 dpm_solver++; guidance 1 vs 4" in \
+        table.stdout
+    assert "reference" in next(line for line in table.stdout.splitlines()
+                               if line.startswith("│ tiny "))
+
+
+def test_what_makes_another_image_is_named_and_the_rest_is_not():
+    from sdaccel.bench.fidelity import differences, pipeline_recipe, recipe
+    from sdaccel.shapes import BUNDLED_DIR
+
+    ring = BUNDLED_DIR.parent / "loras" / "ring.safetensors"
+    base = tiny_settings("sampler.steps=20", "generation.guidance_scale=7.5")
+    few = tiny_settings("sampler.name=ddim", "generation.guidance_scale=1",
+                        f"loras=[{{path: {ring}, weight: 0.5}}]",
+                        "tiny_decoder=models/taesd_decoder.safetensors",
+                        "generation.height=64", "unet_dtype=bf16")
+    assert differences(recipe(few, 4), recipe(base, 20)) == [
+        "4 ddim steps vs 20 dpm_solver++", "64x32 vs 32x32", "guidance 1 vs 7.5",
+        "LoRA ring.safetensors:0.5 vs none",
+        "decoder tiny (taesd_decoder.safetensors) vs full VAE"]
+    # Precision, passes, compile, adaptive compute: approximations of the same image.
+    faster = tiny_settings("unet_dtype=bf16", "optimize.fuse_qkv=true", "adaptive.enabled=true",
+                           "prompt.weighting=false")
+    assert differences(recipe(faster, 4), recipe(tiny_settings(), 4)) == []
+    # A plain pipeline loads no textual-inversion embeddings: a row that does differs from it.
+    with_embedding = tiny_settings("embeddings=[learned.pt]")
+    assert differences(recipe(with_embedding, 4), pipeline_recipe(with_embedding, 4)) == [
+        "embeddings [{'path': 'learned.pt', 'token': None, 'sha256': None}] vs none"]
+
+
+def test_bundled_rows_report_caption_alignment_on_held_out_captions():
+    """Without prompts, a run with the bundled model draws held-out shape captions; every row of
+    that model, its diffusers baseline included, reports the share of its images the judge reads
+    fully right. Another model's row has no such figure."""
+    from sdaccel.shapes import dataset, judge
+
+    report = bench.benchmark(["tiny", ("random", tiny_settings())], iters=2, warmup=1,
+                             overrides=["sampler.steps=2"])
+    assert report.prompts == dataset.held_out_captions()[:3]
+    assert [r.label for r in report.rows] == ["diffusers fp32", "tiny", "diffusers fp32 #2",
+                                              "random"]
+    for label in ("diffusers fp32", "tiny"):
+        images = report.images[label]
+        expected = sum(judge.score(image, caption).aligned for image, caption in
+                       zip(images, report.prompts[1:], strict=True)) / 2
+        assert report.row(label).alignment == expected
+    assert report.row("random").alignment is None
+    assert report.row("diffusers fp32 #2").alignment is None
+    assert "aligned" in [c.header for c in report.table().columns]
+
+
+def test_the_baseline_loads_the_rows_lora_and_tiny_decoder(tmp_path):
+    """A LoRA row and a tiny-decoder row each get a diffusers baseline of their own, with the
+    LoRA loaded by diffusers (fused) and the decoder in place of the VAE: the same image."""
+    from diffusers import AutoencoderTiny
+
+    from sdaccel import metrics
+    from sdaccel.settings import layer_over, resolve_settings
+    from sdaccel.shapes import BUNDLED_DIR
+
+    ring = BUNDLED_DIR.parent / "loras" / "ring.safetensors"
+    AutoencoderTiny(encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8),
+                    num_encoder_blocks=(1, 1), num_decoder_blocks=(1, 1),
+                    latent_channels=4).save_pretrained(tmp_path / "taesd")
+    shapes = resolve_settings("tiny", environ={}).settings  # the bundled model, the ring's
+    with_ring = layer_over(shapes, None, [f"loras=[{{path: {ring}}}]"]).settings
+    report = bench.benchmark(
+        [("plain", shapes), ("ring", with_ring), ("random", tiny_settings()),
+         ("taesd", tiny_settings(f"tiny_decoder={tmp_path / 'taesd'}"))],
+        PROMPTS[:1], iters=1, warmup=0, overrides=["sampler.steps=2"])
+    assert [(r.label, r.baseline) for r in report.rows if r.kind == "config"] == [
+        ("plain", "diffusers fp32"), ("ring", "diffusers fp32 #2"),
+        ("random", "diffusers fp32 #3"), ("taesd", "diffusers fp32 #4")]
+    for label, plain in (("ring", "diffusers fp32"), ("taesd", "diffusers fp32 #3")):
+        row = report.row(label)
+        assert row.same_image and row.psnr_min_db > 50 and not row.drift, label
+        # ... and not the image of the same model's plain baseline.
+        assert metrics.psnr(report.images[row.baseline], report.images[plain]) < 40, label

@@ -5,16 +5,21 @@ Every configuration is measured beside a **baseline run in the same process**: a
 (fp16 on request), with the same sampler class, steps, size, guidance and seeds (one CPU
 generator per image, as the engine draws them). Each row's images are compared with the
 baseline's images of the same prompt and seed (PSNR/SSIM from `sdaccel.metrics`), so a speed-up
-is always shown beside what it cost in fidelity. Peers (DeepCache, ToMe) run on that same
-baseline pipeline; `equal_cost` adds fixed-step runs at each configuration's measured cost.
+is always shown beside what it cost in fidelity. `reference="<label>"` compares every row with
+that configuration instead (e.g. a few-step preset against `cpu`); a row that makes another image
+by design (sampler, steps, guidance, LoRAs, decoder) says so and is not judged for drift, and
+rows of the bundled model report caption alignment (`fidelity`). Peers (DeepCache, ToMe) run
+on that same baseline pipeline; `equal_cost` adds fixed-step runs at each configuration's
+measured cost.
 
 All rows are loaded first and warmed up, then timed in interleaved rounds (A B C A B C ...);
 a row's speed-up is the median of its per-round paired ratios to the baseline, with the 25th-75th
 percentile of those ratios as its spread (`runner.py` says why and how).
 
 Modules: `configs` (what to measure), `contestants` (engine, pipeline and peer runners),
-`peers` (the peer packages), `flops` (measured UNet work), `runner` (`benchmark`), `report`
-(Row, BenchReport). Nothing here prints: progress goes to an `on_progress` callback.
+`fidelity` (same image or not, caption alignment), `peers` (the peer packages), `flops`
+(measured UNet work), `runner` (`benchmark`), `report` (Row, BenchReport). Nothing here
+prints: progress goes to an `on_progress` callback.
 """
 
 from sdaccel.bench.configs import BenchConfig, ConfigSpec, resolve_configs

@@ -3,11 +3,13 @@ row's run is (plan, precision, compile) as the report shows it."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sdaccel.bench.fidelity import pipeline_recipe
 from sdaccel.errors import ConfigError
 from sdaccel.settings import (
     ResolvedSettings,
@@ -94,10 +96,11 @@ def device_of(settings: Settings) -> str:
 
 
 def baseline_key(settings: Settings, dtype: str) -> tuple:
-    """Configurations with equal keys share one baseline (and one set of peer rows)."""
-    g = settings.generation
-    return (settings.model_id, device_of(settings), settings.sampler.name, plan_steps(settings),
-            g.height, g.width, g.guidance_scale, g.num_images_per_prompt, settings.seed, dtype)
+    """Configurations with equal keys share one baseline (and one set of peer rows): the same
+    device and precision, and everything a diffusers pipeline builds from the settings (model,
+    seed, sampler, plan, size, guidance, batch, LoRAs, tiny decoder)."""
+    made = json.dumps(pipeline_recipe(settings, plan_steps(settings)), sort_keys=True)
+    return (device_of(settings), dtype, made)
 
 
 def precision_label(settings: Settings) -> str:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sdaccel.bench.configs import BenchConfig, call_plan, device_of, plan_steps
+from sdaccel.bench.fidelity import pipeline_recipe, recipe
 from sdaccel.bench.peers import PeerSpec, apply_peer, peer_failure
 from sdaccel.settings import Settings
 
@@ -34,6 +35,9 @@ class Contestant:
     compile: str
     call: Callable[[str, int], CallResult]
     plan: list[tuple[str, int]] = field(default_factory=list)  # (prompt, seed) of call i
+    # The settings that choose its image (fidelity.recipe): rows whose recipes differ are
+    # meant to make different pictures.
+    recipe: dict[str, Any] = field(default_factory=dict)
     unet: Any = None  # the module whose FLOPs make a pipeline row's cost
     modules: list = field(default_factory=list)  # its models (UNet, VAE, text encoder)
     passes: str = ""
@@ -117,7 +121,8 @@ def load_engine(config: BenchConfig, prompts, calls: int) -> Contestant:
         nfe=float(plan_steps(settings) * (2 if guided else 1)),
         precision=precision_label(engine.settings),  # "auto" as the engine chose it
         compile=compile_label(settings), call=call,
-        plan=call_plan(settings, prompts, calls), passes=", ".join(getattr(engine, "passes", [])),
+        plan=call_plan(settings, prompts, calls), recipe=recipe(settings, plan_steps(settings)),
+        passes=", ".join(getattr(engine, "passes", [])),
         cache_entries=len(cache_entries), notes=notes,
         cost_source="engine",
         modules=[m for m in (getattr(engine, name, None) for name in
@@ -130,7 +135,9 @@ def load_pipeline(settings: Settings, dtype: str, prompts, calls: int,
                   peer: PeerSpec | None = None) -> Contestant:
     """A plain StableDiffusionPipeline on its own copy of the model, read in `dtype` as
     `from_pretrained(torch_dtype=...)` reads it (random weights: drawn in fp32, then cast), with
-    the configuration's scheduler class; patched by `peer` when given."""
+    the configuration's scheduler class, its LoRAs (diffusers' own loading, fused) and its tiny
+    decoder in place of the VAE (as `pipe.vae = AutoencoderTiny...` does); patched by `peer`
+    when given."""
     import torch
     from diffusers import StableDiffusionPipeline
 
@@ -142,16 +149,20 @@ def load_pipeline(settings: Settings, dtype: str, prompts, calls: int,
     parts = load_components(settings.model_id, device=str(device), dtypes=dict.fromkeys(
         ("unet", "vae", "text_encoder"), DTYPES[dtype]))
     pipe = StableDiffusionPipeline(
-        vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
+        vae=_tiny_decoder(settings) or parts.vae, text_encoder=parts.text_encoder,
+        tokenizer=parts.tokenizer,
         unet=parts.unet, scheduler=build_scheduler(settings.sampler.name,
-                                                   parts.scheduler_config),
+                                                   parts.scheduler_config,
+                                                   settings.sampler.schedule),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     ).to(device=device, dtype=DTYPES[dtype])
     pipe.set_progress_bar_config(disable=True)
+    _fuse_loras(pipe, settings)
     prepare = apply_peer(peer, pipe) if peer is not None else None
     g = settings.generation
     batch = g.num_images_per_prompt
     steps = plan_steps(settings)
+    eta = _eta(settings)
     marks, mark = _step_clock(str(device))
 
     def on_step_end(_pipe, _index, _t, kwargs):
@@ -166,7 +177,7 @@ def load_pipeline(settings: Settings, dtype: str, prompts, calls: int,
         try:
             out = pipe(prompt, negative_prompt="", num_inference_steps=steps,
                        guidance_scale=g.guidance_scale, height=g.height, width=g.width,
-                       num_images_per_prompt=batch, generator=generators,
+                       num_images_per_prompt=batch, generator=generators, eta=eta,
                        callback_on_step_end=on_step_end)
         except Exception as exc:
             if peer is None:
@@ -180,9 +191,50 @@ def load_pipeline(settings: Settings, dtype: str, prompts, calls: int,
         nfe=float(steps * (2 if g.guidance_scale > 1.0 else 1)),
         precision=(peer.peer.precision(peer.params) if peer and peer.peer.precision
                    else f"{dtype} (all)"), compile="eager", call=call,
-        plan=call_plan(settings, prompts, calls), unet=pipe.unet,
+        plan=call_plan(settings, prompts, calls), recipe=pipeline_recipe(settings, steps),
+        unet=pipe.unet,
         modules=[pipe.unet, pipe.vae, pipe.text_encoder],
         passes=peer.describe() if peer else "", cost_source=(
             "flops" if peer and not peer.peer.same_work else "steps"),
         peer=peer,
     )
+
+
+def _eta(settings: Settings) -> float:
+    """The eta the engine's step takes (sampler.eta, else the sampler's default: TCD's 0.3);
+    the pipeline passes it only to a scheduler whose step takes one."""
+    from sdaccel.catalogue import sampler
+
+    eta = settings.sampler.eta
+    return eta if eta is not None else (sampler(settings.sampler.name).eta or 0.0)
+
+
+def _tiny_decoder(settings: Settings):
+    """The configuration's tiny decoder (an AutoencoderTiny, fp32 on the CPU; the pipeline casts
+    and moves it), or None for the model's own VAE."""
+    if not settings.tiny_decoder:
+        return None
+    from sdaccel.engine.decoders import read_tiny_decoder
+
+    return read_tiny_decoder(settings.tiny_decoder).model
+
+
+def _fuse_loras(pipe, settings: Settings) -> None:
+    """The configuration's LoRAs as a diffusers user applies them: `load_lora_weights` (which
+    converts kohya/A1111 keys), `set_adapters` with their weights, then `fuse_lora` into the
+    weights and the PEFT layers unloaded, so no step pays for them (the engine fuses too)."""
+    if not settings.loras:
+        return
+    from sdaccel.engine.checkpoint import first_line
+    from sdaccel.errors import LoraError
+
+    names = [f"lora{k}" for k in range(len(settings.loras))]
+    for name, entry in zip(names, settings.loras, strict=True):
+        try:
+            pipe.load_lora_weights(str(entry.path), adapter_name=name)
+        except Exception as exc:  # diffusers' errors vary by format: one line naming the file
+            raise LoraError(f"LoRA {str(entry.path)!r}: diffusers' load_lora_weights fails for "
+                            f"the baseline: {type(exc).__name__}: {first_line(exc)}") from None
+    pipe.set_adapters(names, [entry.weight for entry in settings.loras])
+    pipe.fuse_lora(adapter_names=names)
+    pipe.unload_lora_weights()

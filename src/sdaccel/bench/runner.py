@@ -12,6 +12,12 @@
    of call `warmup + r`. A row's speed-up is the median over rounds of the paired ratio
    (its baseline's s/img in round r) / (its s/img in round r): both calls of a ratio ran back to
    back, so a slow spell of a shared machine hits both and cancels.
+5. **Compare**: with `reference` naming a configuration, that row is every row's baseline
+   (e.g. a few-step preset against the `cpu` preset, both ours); else each row's baseline is
+   its group's diffusers pipeline. A row whose recipe (model, seed, sampler, steps, guidance,
+   LoRAs, decoder...) differs from its baseline's makes another picture by design: it says what
+   differs and is not judged for drift (`fidelity.py`). Rows of the bundled model get the
+   judge's caption alignment, baselines included.
 
 Memory cannot be read per row from a process peak once every row is resident, so each row gets
 its own footprint: its weights (on CUDA: what loading it allocated; on the CPU: the bytes of its
@@ -37,6 +43,7 @@ from sdaccel.bench.configs import (
     resolve_configs,
 )
 from sdaccel.bench.contestants import Contestant, load_engine, load_pipeline
+from sdaccel.bench.fidelity import caption_alignment, default_prompts, differences, uses_captions
 from sdaccel.bench.peers import PeerSpec, package_version, parse_peers
 from sdaccel.bench.report import (
     DEFAULT_PROMPTS,
@@ -70,19 +77,24 @@ def benchmark(
     min_psnr: float = MIN_PSNR_DB,
     min_ssim: float = MIN_SSIM,
     on_progress: Callable[[BenchProgress], None] | None = None,
+    reference: str | None = None,
+    baselines: bool = True,
 ) -> BenchReport:
     """Measure each configuration beside a plain diffusers baseline in this process.
 
     `config`: a preset name, a YAML path (the seed's `configs/<name>.yaml` names work), a
     Settings, a (label, spec) pair, or a list of these. `prompts`: the seed's three prompts by
-    default. `iters` timed rounds follow `warmup` uncounted calls per row; call i uses prompt
-    i mod len(prompts) and seed settings.seed + i x batch, round r is call warmup + r for every
-    row. `also_baselines` adds diffusers runs in other precisions (e.g. "fp16"); `peers` adds
-    rows for peer packages applied to the baseline pipeline ("deepcache", "tomesd", with
-    parameters as "deepcache:cache_interval=5"; see `sdaccel.bench.peers`); `equal_cost` adds,
-    for each configuration that costs less than its plan, the same configuration at fixed steps
-    of equal cost. Every row is compared with its group's main baseline. Returns a BenchReport
-    (`.rows`, `.to_json()`, `.write_csv()`, `.plot()`)."""
+    default (held-out shape captions where a row runs bundled:shapes). `iters` timed rounds
+    follow `warmup` uncounted calls per row; call i uses prompt i mod len(prompts) and seed
+    settings.seed + i x batch, round r is call warmup + r for every row. `also_baselines`
+    adds diffusers runs in other precisions (e.g. "fp16"); `peers` adds rows for peer packages
+    applied to the baseline pipeline ("deepcache", "tomesd", with parameters as
+    "deepcache:cache_interval=5"; see `sdaccel.bench.peers`); `equal_cost` adds, for each
+    configuration that costs less than its plan, the same configuration at fixed steps of equal
+    cost. Every row is compared with its group's main baseline, or with the configuration
+    labelled `reference` when given (speed-up paired in the same rounds, PSNR, whether it is
+    meant to be the same image); `baselines=False` (with a reference only) runs no diffusers
+    rows. Returns a BenchReport (`.rows`, `.to_json()`, `.write_csv()`, `.plot()`)."""
     from sdaccel import gpu_stats
     from sdaccel.engine.precision import check_precisions, resolve_device
 
@@ -93,10 +105,12 @@ def benchmark(
     for dtype in (baseline_dtype, *also_baselines):
         if dtype not in ("fp32", "fp16", "bf16"):
             raise ConfigError(f"baseline dtype {dtype!r} is not valid; valid: fp32, fp16, bf16")
-    prompts = list(prompts) if prompts else list(DEFAULT_PROMPTS)
     progress = on_progress or (lambda _p: None)
     peer_specs = parse_peers(peers)
     configs = resolve_configs(config, overrides, flags)
+    _check_reference(reference, baselines, configs, also_baselines, peer_specs)
+    prompts = list(prompts or default_prompts([c.settings.model_id for c in configs],
+                                              warmup + iters) or DEFAULT_PROMPTS)
     for c in configs:  # fail before measuring anything, naming the configuration
         try:
             device = resolve_device(c.settings.device)
@@ -108,12 +122,14 @@ def benchmark(
     calls = warmup + iters
     _import_libraries()
     field = _load_field(configs, prompts, calls, baseline_dtype, also_baselines, peer_specs,
-                        progress)
+                        progress, baselines)
     for c in field:
         _warm_up(c, warmup, progress)
     _count_flops(field, progress)
     if equal_cost:
         field = _with_equal_cost_rows(field, prompts, calls, warmup, progress)
+    for c in field if reference else ():  # costs are counted: now every row answers to it
+        c.baseline = reference
 
     gc.collect()
     for r in range(iters):
@@ -124,12 +140,14 @@ def benchmark(
     rows = [_row(c, iters, warmup) for c in field]
     by_label = {c.label: c for c in field}
     for row, c in zip(rows, field, strict=True):
-        if row.label == row.baseline:  # a main baseline is its own reference
+        if row.label == row.baseline:  # a main baseline (or the reference) is its own
             row.speedup = row.speedup_p25 = row.speedup_p75 = 1.0
             row.psnr_db, row.ssim, row.psnr_min_db, row.ssim_min = (PSNR_CAP_DB, 1.0,
                                                                     PSNR_CAP_DB, 1.0)
         else:
             _compare(row, c, by_label[row.baseline], min_psnr, min_ssim)
+        if uses_captions(c.settings.model_id):
+            row.alignment = caption_alignment(c.images, _captions(c, iters, warmup))
     images = {c.label: c.images for c in field}
 
     import diffusers
@@ -145,23 +163,42 @@ def benchmark(
         rows=rows, prompts=prompts, iters=iters, warmup=warmup,
         device_name=gpu_stats.device_name(device), versions=versions,
         min_psnr=min_psnr, min_ssim=min_ssim, memory_note=_memory_note(device, resettable),
-        images=images,
+        reference=reference, images=images,
     )
+
+
+def _check_reference(reference: str | None, baselines: bool, configs: list[BenchConfig],
+                     also_baselines: Sequence[str], peer_specs: list[PeerSpec]) -> None:
+    """Before anything loads: the reference names a configuration, and a run without diffusers
+    baselines has a reference and nothing that needs the baseline pipeline."""
+    labels = [c.label for c in configs]
+    if reference is not None and reference not in labels:
+        raise ConfigError(f"reference {reference!r} is not a configuration of this run; valid: "
+                          f"{', '.join(labels)}")
+    if baselines:
+        return
+    if reference is None:
+        raise ConfigError("baselines off needs a reference configuration to compare the rows "
+                          f"with (reference=LABEL, --reference LABEL); valid: {', '.join(labels)}")
+    if also_baselines or peer_specs:
+        raise ConfigError("baselines off leaves no diffusers pipeline for also_baselines or "
+                          "peers (--also-baseline, --peer) to run on: keep the baselines")
 
 
 # --------------------------------------------------------------------------- the field
 
 
 def _load_field(configs: list[BenchConfig], prompts, calls, baseline_dtype, also_baselines,
-                peer_specs: list[PeerSpec], progress) -> list[Contestant]:
+                peer_specs: list[PeerSpec], progress, baselines: bool = True
+                ) -> list[Contestant]:
     """Every row, loaded, in table order: each group's baselines and peers before its first
-    configuration."""
+    configuration (without baselines: the configurations alone)."""
     field: list[Contestant] = []
     groups: dict[tuple, str] = {}
     for config in configs:
         settings = config.settings
-        key = baseline_key(settings, baseline_dtype)
-        if key not in groups:
+        key = baseline_key(settings, baseline_dtype) if baselines else ()
+        if baselines and key not in groups:
             suffix = f" #{len(groups) + 1}" if groups else ""
             main = f"diffusers {baseline_dtype}{suffix}"
             groups[key] = main
@@ -175,7 +212,7 @@ def _load_field(configs: list[BenchConfig], prompts, calls, baseline_dtype, also
                 field.append(_load(f"{spec.label}{suffix}", "peer", main, progress,
                                    lambda s=settings, p=spec: load_pipeline(
                                        s, baseline_dtype, prompts, calls, peer=p)))
-        field.append(_load(config.label, "config", groups[key], progress,
+        field.append(_load(config.label, "config", groups.get(key, ""), progress,
                            lambda c=config: load_engine(c, prompts, calls)))
     return field
 
@@ -259,6 +296,7 @@ def _with_equal_cost_rows(field: list[Contestant], prompts, calls, warmup, progr
         row = _load(label, "equal-cost", c.baseline, progress,
                     lambda config=config: load_engine(config, prompts, calls))
         row.equal_cost_of = c.label
+        row.recipe = c.recipe  # it stands in for the configuration's full plan: that image
         _warm_up(row, warmup, progress)
         out.append(row)
     return out
@@ -364,10 +402,27 @@ def _fidelity(images: list, reference: list) -> tuple[float, float, float, float
 
 def _compare(row: Row, c: Contestant, base: Contestant, min_psnr: float,
              min_ssim: float) -> None:
+    """Speed-up paired by round; PSNR/SSIM where the images can be set side by side; drift only
+    where the row is meant to make the same picture as `base`."""
     row.speedup, row.speedup_p25, row.speedup_p75 = paired_speedup(
         [s / base.batch for s in base.seconds], [s / c.batch for s in c.seconds])
+    differ = differences(c.recipe, base.recipe)
+    row.same_image = not differ
+    row.compared_with = "different image: " + "; ".join(differ) if differ else "same image"
+    if not _side_by_side(c.images, base.images):  # another size or batch: no pixel pairs
+        return
     row.psnr_db, row.ssim, row.psnr_min_db, row.ssim_min = _fidelity(c.images, base.images)
-    row.drift = row.psnr_min_db < min_psnr or row.ssim_min < min_ssim
+    row.drift = row.same_image and (row.psnr_min_db < min_psnr or row.ssim_min < min_ssim)
+
+
+def _side_by_side(images: list, reference: list) -> bool:
+    return len(images) == len(reference) and all(
+        a.size == b.size for a, b in zip(images, reference, strict=True))
+
+
+def _captions(c: Contestant, iters: int, warmup: int) -> list[str]:
+    """The prompt of each of the row's timed images, in order (round r: call warmup + r)."""
+    return [c.plan[warmup + r][0] for r in range(iters) for _ in range(c.batch)]
 
 
 def _memory_note(device: str, resettable: bool) -> str:

@@ -23,7 +23,8 @@ def bench(
                                         "(compilation happens here).")] = 3,
     prompts_file: Annotated[Path | None, typer.Option(
         "--prompts", help="File of prompts, one per line (# comments and blank lines skipped). "
-        "[default: the seed's three prompts]", show_default=False)] = None,
+        "[default: the seed's three prompts; held-out shape captions where a configuration "
+        "runs bundled:shapes]", show_default=False)] = None,
     baseline_dtype: Annotated[str, typer.Option(
         "--baseline-dtype", help="Precision of the diffusers baseline: fp32, or fp16/bf16 "
         "(GPU).")] = "fp32",
@@ -39,6 +40,14 @@ def bench(
         "--equal-cost", help="For each configuration whose measured cost is below its plan, "
         "also run it with adaptive compute off at that many fixed steps (equal cost).")
     ] = False,
+    reference: Annotated[str | None, typer.Option(
+        "--reference", help="Compare every row with this configuration (its label: a preset "
+        "name, a YAML file's stem) instead of its diffusers baseline: speed-up paired in the "
+        "same rounds, PSNR, and what differs where it makes another image by design (e.g. "
+        "-p cpu -p cpu-fast --reference cpu).", show_default=False)] = None,
+    no_baselines: Annotated[bool, typer.Option(
+        "--no-baselines", help="With --reference: run no diffusers baseline rows (a long run "
+        "on the CPU is mostly theirs).")] = False,
     min_psnr: Annotated[float, typer.Option(
         "--min-psnr", help="Flag a configuration whose worst image is below this PSNR (dB) "
         "against the baseline.")] = 30.0,
@@ -54,7 +63,10 @@ def bench(
     """Measure presets: speed, memory and fidelity to a diffusers baseline run beside them.
 
     Every configuration is compared with a plain StableDiffusionPipeline (fp32 unless
-    --baseline-dtype) of the same model, sampler, steps, size and seeds, run in this process.
+    --baseline-dtype) of the same model, sampler, steps, size, LoRAs and seeds, run in this
+    process, or with the configuration --reference names. A row meant to make another image
+    (other sampler, steps, guidance, LoRAs, decoder) says so and is not flagged DRIFT; rows of
+    bundled:shapes show the judge's caption alignment.
     All rows are loaded and warmed up first, then timed in interleaved rounds; a speed-up is the
     median of the per-round paired ratios to the baseline, shown with their 25th-75th
     percentile. Shorthand flags and --set apply to every configuration.
@@ -66,7 +78,7 @@ def bench(
             _check_writable(flag, path, suffix)
     report = _run(specs, prompts, iters, warmup, settings.overrides, settings.shorthand,
                   baseline_dtype, also_baselines or [], peers or [], equal_cost, min_psnr,
-                  min_ssim, console)
+                  min_ssim, console, reference=reference, baselines=not no_baselines)
     if as_json:
         typer.echo(report.to_json())
     else:
@@ -104,7 +116,7 @@ def _read_prompts(path: Path) -> list[str]:
 
 
 def _run(specs, prompts, iters, warmup, overrides, flags, baseline_dtype, also_baselines,
-         peers, equal_cost, min_psnr, min_ssim, console: Console):
+         peers, equal_cost, min_psnr, min_ssim, console: Console, **comparison):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from sdaccel.bench import benchmark
@@ -125,4 +137,4 @@ def _run(specs, prompts, iters, warmup, overrides, flags, baseline_dtype, also_b
         return benchmark(specs, prompts, iters, warmup, overrides=overrides, flags=flags,
                          baseline_dtype=baseline_dtype, also_baselines=also_baselines,
                          peers=peers, equal_cost=equal_cost, min_psnr=min_psnr,
-                         min_ssim=min_ssim, on_progress=on_progress)
+                         min_ssim=min_ssim, on_progress=on_progress, **comparison)
