@@ -290,7 +290,7 @@ class Engine:
                 image_prompts[d.position], seeds[d.position], self.planner.method, d.score,
                 self.planner.warmup_steps, d.total_steps, self.planner.max_steps)
             self.on_event(plans[d.position])
-        images = self._decode(out.latents)
+        images = self.decode(out.latents)
         seconds = time.perf_counter() - started
         self.on_event(BatchDone(batch, max(out.steps), seconds))
         evaluations = 2 if guided else 1
@@ -369,7 +369,9 @@ class Engine:
     def _decode_eager(self, latents: torch.Tensor) -> torch.Tensor:
         return self.decoder.decode(latents, return_dict=False)[0]
 
-    def _decode(self, latents: torch.Tensor) -> list:
+    def decode(self, latents: torch.Tensor) -> list:
+        """Final latents (as ImageResult.latents holds them) -> PIL images, with the decoder in
+        force: the model's VAE or the tiny decoder."""
         # A tiny decoder's scaling_factor is 1.0: TAESD takes the UNet's latents unscaled.
         scaled = (latents / self.decoder.config.scaling_factor).to(self.vae_dtype)
         pixels = self._vae_decode(scaled).float()
