@@ -5,8 +5,11 @@ import json
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
+from sdaccel.cli import app
 from sdaccel.engine.engine import Engine
+from sdaccel.outputs import read_metadata
 from sdaccel.settings import BUNDLED_LORAS, resolve_settings
 from sdaccel.shapes import dataset, judge
 from sdaccel.shapes.train_lcm import DDIMSolver, boundary_scalings
@@ -41,6 +44,25 @@ def test_four_steps_stay_within_3_points_of_tiny_on_held_out_captions(tiny_lcm):
     with_lora = aligned(tiny_lcm)
     assert with_lora >= 0.81 - 0.03
     assert aligned(tiny_lcm, loras=[]) < with_lora - 0.1
+
+
+def test_a_prompts_file_with_the_preset_records_sampler_and_lora(tmp_path):
+    """The CLI end to end: a prompts file under `--preset tiny-lcm` writes one image a line,
+    each saying it was made by 4 LCM steps with the bundled LoRA; a tcd eta out of range is a
+    settings error that writes nothing."""
+    prompts, out = tmp_path / "prompts.txt", tmp_path / "out"
+    prompts.write_text("a red circle on a blue background\ntwo green squares\n")
+    result = CliRunner().invoke(app, ["generate", "--preset", "tiny-lcm", "--prompts-file",
+                                      str(prompts), "--out-dir", str(out)])
+    assert result.exit_code == 0, result.output
+    for name in ("img_000_steps4.png", "img_001_steps4.png"):
+        parameters = read_metadata(out / name)["parameters"]
+        assert "Steps: 4, Sampler: LCM, CFG scale: 1," in parameters
+        assert "<lora:lcm:1>" in parameters and "Lora hashes:" in parameters
+    bad = CliRunner().invoke(app, ["generate", "x", "--preset", "tiny-lcm", "--sampler", "tcd",
+                                   "--set", "sampler.eta=1.5", "--out-dir", str(tmp_path / "n")])
+    assert bad.exit_code == 2 and "sampler.eta" in bad.output
+    assert not (tmp_path / "n").exists()
 
 
 def test_the_shipped_files_are_small_and_record_how_they_were_made():
