@@ -31,8 +31,8 @@ def test_the_preset_runs_the_bundled_lora_unguided_in_four_steps(tiny_lcm):
 
 def test_four_steps_stay_within_3_points_of_tiny_on_held_out_captions(tiny_lcm):
     """README's claim (issue 28's bar): `tiny-lcm` at 4 steps aligns within 3 points of
-    `tiny` (DPM-Solver++ 20, guidance 4: 81% on these 72 images), and the LoRA is what does
-    it: the same 4 LCM steps without it fall far below."""
+    `tiny` (DPM-Solver++ 20, guidance 4) on these 72 images (79.2% against 80.6% where it was
+    measured), and the LoRA is what does it: the same 4 LCM steps without it fall far below."""
     captions = dataset.held_out_captions()
 
     def aligned(engine, **generate) -> float:
@@ -42,7 +42,7 @@ def test_four_steps_stay_within_3_points_of_tiny_on_held_out_captions(tiny_lcm):
         return sum(reads) / len(reads)
 
     with_lora = aligned(tiny_lcm)
-    assert with_lora >= 0.81 - 0.03
+    assert with_lora >= aligned(Engine(resolve_settings("tiny", environ={}).settings)) - 0.03
     assert aligned(tiny_lcm, loras=[]) < with_lora - 0.1
 
 

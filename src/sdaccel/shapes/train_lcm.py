@@ -30,7 +30,6 @@ unconditional pass): the guidance is distilled in. The run writes ``<name>.safet
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -256,29 +255,12 @@ def run(cfg: LcmTrainConfig, command: str = "") -> dict:
     return report
 
 
-def _parse(argv: list[str] | None) -> LcmTrainConfig:
-    p = argparse.ArgumentParser(prog="python -m sdaccel.shapes.train_lcm",
-                                description=__doc__.split("\n")[0])
-    p.add_argument("--out", required=True, help="folder for the LoRA files")
-    defaults = LcmTrainConfig(out="")
-    p.add_argument("--name", default=defaults.name, help="file stem (AUTOMATIC1111's name)")
-    for name in ("seed", "threads", "n_images", "rank", "steps", "batch", "warmup",
-                 "log_every"):
-        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
-    for name in ("alpha", "minutes", "lr", "w_min", "w_max", "huber_c"):
-        p.add_argument("--" + name.replace("_", "-"), type=float,
-                       default=getattr(defaults, name))
-    p.add_argument("--smoke", action="store_true", help="a few steps of everything: seconds")
-    cfg = LcmTrainConfig(**vars(p.parse_args(argv)))
-    if cfg.smoke:
-        cfg.n_images, cfg.steps, cfg.batch, cfg.log_every = 16, 2, 4, 1
-    return cfg
-
-
 def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args = sys.argv[1:] if argv is None else argv
-    return run(_parse(argv), "python -m sdaccel.shapes.train_lcm " + " ".join(args))
+    cfg = train_lora.parse_config(LcmTrainConfig, "python -m sdaccel.shapes.train_lcm",
+                                  __doc__.split("\n")[0], argv)
+    return run(cfg, "python -m sdaccel.shapes.train_lcm " + " ".join(args))
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ import logging
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -341,21 +341,23 @@ def run(cfg: LoraTrainConfig, command: str = "") -> dict:
     return report
 
 
-def _parse(argv: list[str] | None) -> LoraTrainConfig:
-    p = argparse.ArgumentParser(prog="python -m sdaccel.shapes.train_lora",
-                                description=__doc__.split("\n")[0])
+def parse_config(config_class, prog: str, description: str, argv: list[str] | None):
+    """A trainer's config dataclass from its command line: `--out` (required) and one flag per
+    other field, typed by its default (a bool is a switch); `--smoke` shrinks every stage."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
     p.add_argument("--out", required=True, help="folder for the LoRA files")
-    defaults = LoraTrainConfig(out="")
-    p.add_argument("--name", default=defaults.name, help="file stem (AUTOMATIC1111's name)")
-    for name in ("seed", "threads", "n_images", "rank", "steps", "batch", "warmup",
-                 "eval_steps", "log_every"):
-        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
-    for name in ("alpha", "minutes", "lr", "uncond_prob", "noise_offset", "eval_guidance"):
-        p.add_argument("--" + name.replace("_", "-"), type=float,
-                       default=getattr(defaults, name))
-    p.add_argument("--smoke", action="store_true", help="a few steps of everything: seconds")
-    cfg = LoraTrainConfig(**vars(p.parse_args(argv)))
-    if cfg.smoke:
+    defaults = config_class(out="")
+    for f in fields(config_class):
+        value = getattr(defaults, f.name)
+        if f.name == "out":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            p.add_argument(flag, action="store_true")
+        else:
+            p.add_argument(flag, type=type(value), default=value)
+    cfg = config_class(**vars(p.parse_args(argv)))
+    if cfg.smoke:  # a few steps of everything: seconds
         cfg.n_images, cfg.steps, cfg.batch, cfg.log_every = 16, 2, 4, 1
     return cfg
 
@@ -363,7 +365,9 @@ def _parse(argv: list[str] | None) -> LoraTrainConfig:
 def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args = sys.argv[1:] if argv is None else argv
-    return run(_parse(argv), "python -m sdaccel.shapes.train_lora " + " ".join(args))
+    cfg = parse_config(LoraTrainConfig, "python -m sdaccel.shapes.train_lora",
+                       __doc__.split("\n")[0], argv)
+    return run(cfg, "python -m sdaccel.shapes.train_lora " + " ".join(args))
 
 
 if __name__ == "__main__":
