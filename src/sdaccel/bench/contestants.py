@@ -162,7 +162,8 @@ def load_pipeline(settings: Settings, dtype: str, prompts, calls: int,
     g = settings.generation
     batch = g.num_images_per_prompt
     steps = plan_steps(settings)
-    eta = _eta(settings)
+    # the engine's eta (TCD's 0.3 by default); the pipeline passes it only to a step taking one
+    eta = settings.sampler.eta_in_force or 0.0
     marks, mark = _step_clock(str(device))
 
     def on_step_end(_pipe, _index, _t, kwargs):
@@ -198,15 +199,6 @@ def load_pipeline(settings: Settings, dtype: str, prompts, calls: int,
             "flops" if peer and not peer.peer.same_work else "steps"),
         peer=peer,
     )
-
-
-def _eta(settings: Settings) -> float:
-    """The eta the engine's step takes (sampler.eta, else the sampler's default: TCD's 0.3);
-    the pipeline passes it only to a scheduler whose step takes one."""
-    from sdaccel.catalogue import sampler
-
-    eta = settings.sampler.eta
-    return eta if eta is not None else (sampler(settings.sampler.name).eta or 0.0)
 
 
 def _tiny_decoder(settings: Settings):

@@ -69,6 +69,12 @@ class ImageResult:
     decoder: dict[str, str] | None = None
 
 
+def _upscaling(decoder) -> int:
+    """Image size over latent size for a VAE or tiny decoder: it doubles at every block but the
+    first."""
+    return 2 ** (len(decoder.config.block_out_channels) - 1)
+
+
 def _nfe(decisions: str, halves: int) -> int:
     """UNet evaluations (of one image's row, full or shallow) its decisions spent."""
     return sum(halves if d in "FC" else 1 if d in "fc" else 0 for d in decisions)
@@ -121,7 +127,7 @@ class Engine:
         self.unet_dtype = DTYPES[s.unet_dtype]
         self.vae_dtype = DTYPES[s.vae_dtype]
         # As diffusers' pipeline: the latent grid is the image over the decoder's upscaling.
-        self.vae_scale_factor = 2 ** (len(self.decoder.config.block_out_channels) - 1)
+        self.vae_scale_factor = _upscaling(self.decoder)
         self._image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
         self.check_size(s.generation.height, s.generation.width)
         # PyTorch SDPA attention, then the speed passes the settings switch on.
@@ -145,8 +151,7 @@ class Engine:
                 f"tiny_decoder {tiny.reference!r} decodes {tiny.latent_channels}-channel "
                 f"latents; model {self.settings.model_id!r} makes {made}-channel ones (SD 1.5: "
                 "4, TAESD's taesd_decoder.safetensors; taesd3/taef1 decode 16)")
-        theirs = 2 ** (len(tiny.model.config.block_out_channels) - 1)
-        ours = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        theirs, ours = _upscaling(tiny.model), _upscaling(self.vae)
         if theirs != ours:  # TAESD is made for SD's 8x VAE; the bundled model's VAE is 4x
             self.on_event(Warning(
                 f"tiny_decoder {tiny.reference!r} upscales latents {theirs}x, the VAE of "
