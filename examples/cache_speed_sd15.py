@@ -3,7 +3,7 @@
 On `random:sd15` (SD 1.5's UNet built from its config with random weights: the real shapes and
 speed, no download), one guided UNet call (batch 2) at full depth and one shallow call at a cache
 level are timed in interleaved rounds (F S F S ...) at each size and precision; the table gives
-the median per-call times, the measured wall ratio and the FLOP ratio (engine/cost.py), and what
+the median per-call times, the measured wall ratio and the FLOP ratio (sampling/cost.py), and what
 they mean for one 20-step image of a cache setting (warm-up 3, last step full, a full call every
 `--interval` steps): the speed-up of its UNet work, from the measured call times.
 
@@ -24,9 +24,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from sdaccel.engine.cost import UNetCost  # noqa: E402
-from sdaccel.engine.feature_cache import LayeredUNet  # noqa: E402
-from sdaccel.engine.models import load_components  # noqa: E402
+from sdaccel.engine.loading.models import load_components  # noqa: E402
+from sdaccel.engine.sampling.cost import UNetCost  # noqa: E402
+from sdaccel.engine.sampling.feature_cache import LayeredUNet  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

@@ -18,7 +18,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from sdaccel.engine.chunked_attention import chunked_attention
+from sdaccel.engine.speed.chunked_attention import chunked_attention
 
 
 def shapes(size: int) -> dict[str, tuple[tuple[int, ...], int]]:

@@ -30,8 +30,8 @@ import torch  # noqa: E402
 
 from sdaccel.bench.openvino_peer import convert_unet, openvino_config  # noqa: E402
 from sdaccel.engine.engine import Engine  # noqa: E402
-from sdaccel.engine.precision import cpu_bf16_support  # noqa: E402
-from sdaccel.engine.prepack import unpack_layers  # noqa: E402
+from sdaccel.engine.loading.precision import cpu_bf16_support  # noqa: E402
+from sdaccel.engine.speed.prepack import unpack_layers  # noqa: E402
 from sdaccel.settings import resolve_settings  # noqa: E402
 
 

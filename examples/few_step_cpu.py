@@ -48,7 +48,7 @@ def write_lcm_lora_like(path: Path, seed: int = 0) -> int:
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
 
-    from sdaccel.engine.models import arch_dir
+    from sdaccel.engine.loading.models import arch_dir
     from sdaccel.shapes.train_lcm import UNET_TARGETS
     from sdaccel.shapes.train_lora import kohya_state_dict
 
@@ -69,7 +69,7 @@ def write_taesd_like(path: Path, seed: int = 0) -> None:
     from diffusers import AutoencoderTiny
     from safetensors.torch import save_file
 
-    from sdaccel.engine.decoders import diffusers_to_taesd
+    from sdaccel.engine.loading.decoders import diffusers_to_taesd
 
     torch.manual_seed(seed)
     decoder = AutoencoderTiny().decoder.state_dict()

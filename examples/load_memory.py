@@ -27,8 +27,8 @@ def write_models(folder: Path) -> tuple[Path, Path]:
 
     import torch
 
-    from sdaccel.engine.checkpoint import save_checkpoint
-    from sdaccel.engine.models import arch_dir, load_components
+    from sdaccel.engine.loading.checkpoint import save_checkpoint
+    from sdaccel.engine.loading.models import arch_dir, load_components
 
     parts = load_components("random:sd15")
     single = save_checkpoint(parts, folder / "sd15-fp16.safetensors", dtype=torch.float16)
@@ -45,7 +45,7 @@ def measure(ref: str, dtype: str) -> None:
     """In this process: load `ref` with every part in `dtype`, print the peaks in GiB."""
     import torch
 
-    from sdaccel.engine.models import load_components
+    from sdaccel.engine.loading.models import load_components
 
     peak = {"RssAnon": 0.0, "RssFile": 0.0}
     done = threading.Event()

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import frontier
 
-from sdaccel.engine import stepwise
+from sdaccel.engine.sampling import stepwise
 from sdaccel.shapes import dataset
 
 HERE = Path(__file__).resolve().parent

@@ -43,7 +43,7 @@ def pipeline_latents(engine, prompts: list[str], seed: int, sampler: str | None 
     import torch
     from diffusers import StableDiffusionPipeline
 
-    from sdaccel.engine.samplers import build_scheduler
+    from sdaccel.engine.sampling.samplers import build_scheduler
 
     s, parts = engine.settings, engine.components
     pipe = StableDiffusionPipeline(

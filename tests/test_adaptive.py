@@ -7,18 +7,18 @@ import pytest
 import torch
 from helpers import pipeline_latents, tiny_settings
 
-import sdaccel.engine.adaptive as adaptive_module
+import sdaccel.engine.sampling.adaptive as adaptive_module
 from sdaccel.catalogue import PER_STEP
-from sdaccel.engine.adaptive import (
+from sdaccel.engine.engine import Engine
+from sdaccel.engine.loading.models import arch_dir
+from sdaccel.engine.sampling.adaptive import (
     decide_total,
     pred_var,
     predicted_x0,
     solver_error,
     tail_timesteps,
 )
-from sdaccel.engine.engine import Engine
-from sdaccel.engine.models import arch_dir
-from sdaccel.engine.samplers import REPLANNABLE, build_scheduler
+from sdaccel.engine.sampling.samplers import REPLANNABLE, build_scheduler
 from sdaccel.errors import ConfigError
 from sdaccel.events import PlanDecided
 

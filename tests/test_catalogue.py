@@ -37,7 +37,7 @@ def bundled_scheduler_config() -> dict:
 def test_every_entry_builds_its_scheduler_with_its_options(entry):
     import diffusers
 
-    from sdaccel.engine.samplers import build_scheduler
+    from sdaccel.engine.sampling.samplers import build_scheduler
 
     config = bundled_scheduler_config()
     scheduler = build_scheduler(entry.name, config)
@@ -72,8 +72,8 @@ def test_replannable_is_what_the_re_planner_can_do(entry):
     re-plannable sampler takes one, on every schedule that is a timestep spacing, and takes one
     step per timestep (Heun's two calls a step would be cut in half). Settings refuse mode
     replan for the others; LCM and TCD take a list but have no plan worth re-making."""
-    from sdaccel.engine.adaptive import replan, tail_timesteps
-    from sdaccel.engine.samplers import build_scheduler, scheduler_class
+    from sdaccel.engine.sampling.adaptive import replan, tail_timesteps
+    from sdaccel.engine.sampling.samplers import build_scheduler, scheduler_class
 
     cls = scheduler_class(entry.name)
     takes_timesteps = "timesteps" in inspect.signature(cls.set_timesteps).parameters
@@ -102,7 +102,7 @@ def test_a_sampler_takes_exactly_the_schedules_that_change_its_plan(entry):
     """Each schedule an entry lists sets its diffusers option and changes the plan (timesteps
     or sigmas) from the default; each it does not list would leave the plan as it is (the
     class has no such option, or, as LCM's and TCD's timestep_spacing, ignores it)."""
-    from sdaccel.engine.samplers import build_scheduler
+    from sdaccel.engine.sampling.samplers import build_scheduler
 
     def plan(schedule):
         scheduler = build_scheduler(entry.name, bundled_scheduler_config(), schedule)
@@ -123,7 +123,7 @@ def test_a_sampler_takes_exactly_the_schedules_that_change_its_plan(entry):
 def test_a_named_schedule_replaces_the_models_own_sigmas():
     """A model whose scheduler config asks for Karras sigmas keeps them on "default" and gets
     what it asks for on another schedule."""
-    from sdaccel.engine.samplers import build_scheduler
+    from sdaccel.engine.sampling.samplers import build_scheduler
 
     karras_model = {**bundled_scheduler_config(), "use_karras_sigmas": True}
     assert build_scheduler("dpm_solver++", karras_model).config.use_karras_sigmas
@@ -135,7 +135,7 @@ def test_a_named_schedule_replaces_the_models_own_sigmas():
 
 def test_eta_defaults_are_those_of_the_samplers_steps():
     """An entry's eta default exists exactly where its diffusers step takes an eta."""
-    from sdaccel.engine.samplers import scheduler_class
+    from sdaccel.engine.sampling.samplers import scheduler_class
 
     for entry in SAMPLER_TABLE:
         takes_eta = "eta" in inspect.signature(scheduler_class(entry.name).step).parameters
@@ -144,7 +144,7 @@ def test_eta_defaults_are_those_of_the_samplers_steps():
 
 
 def test_every_estimator_is_an_adaptive_function_the_planner_accepts():
-    from sdaccel.engine import adaptive
+    from sdaccel.engine.sampling import adaptive
 
     for name in ESTIMATORS:
         assert callable(getattr(adaptive, name))

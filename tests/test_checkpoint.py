@@ -10,15 +10,15 @@ import torch
 from helpers import tiny_settings
 from safetensors.torch import load_file, save_file
 
-from sdaccel.engine.checkpoint import (
+from sdaccel.engine.engine import Engine
+from sdaccel.engine.loading.checkpoint import (
     BASE_KEY,
     architecture_problem,
     ldm_state_dict,
     model_hash,
     save_checkpoint,
 )
-from sdaccel.engine.engine import Engine
-from sdaccel.engine.models import arch_dir, bundled_dir, load_components
+from sdaccel.engine.loading.models import arch_dir, bundled_dir, load_components
 from sdaccel.errors import ModelNotFoundError
 
 PROMPT = "a red circle on a blue background"

@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from helpers import relative_error as relative
 from helpers import tiny_settings
 
-from sdaccel.engine import chunked_attention as chunked
 from sdaccel.engine.engine import Engine
-from sdaccel.engine.optimize import check_attention
+from sdaccel.engine.speed import chunked_attention as chunked
+from sdaccel.engine.speed.optimize import check_attention
 from sdaccel.errors import DeviceError
 
 

@@ -8,7 +8,7 @@ import importlib.util
 import pytest
 import regex
 
-from sdaccel.engine import clip_tokenizer as ct
+from sdaccel.engine.text import clip_tokenizer as ct
 from sdaccel.errors import ModelNotFoundError
 
 
@@ -127,7 +127,7 @@ def test_without_open_clip_the_error_says_what_to_install(monkeypatch):
 def test_random_sd15_and_folders_without_a_tokenizer_use_it(tmp_path):
     """random:sd15 (SD 1.5's configs shipped here, no tokenizer/ among them) and a user's folder
     without tokenizer/ read prompts with CLIP's tokenizer; a folder with one keeps its own."""
-    from sdaccel.engine.models import _tokenizer, arch_dir, bundled_dir
+    from sdaccel.engine.loading.models import _tokenizer, arch_dir, bundled_dir
 
     assert not (arch_dir("sd15") / "tokenizer").exists()
     assert _tokenizer(arch_dir("sd15"))("a photo of a cat").input_ids[:3] == [49406, 320, 1125]

@@ -6,8 +6,8 @@ import pytest
 import torch
 from helpers import tiny_settings
 
-from sdaccel.engine.compile import compile_callable
 from sdaccel.engine.engine import Engine
+from sdaccel.engine.speed.compile import compile_callable
 from sdaccel.events import Warning
 from sdaccel.settings import CompileSettings
 
@@ -115,8 +115,8 @@ def test_compiled_unet_matches_eager():
 
 
 def test_freezing_and_inductor_flags_travel_as_inductor_options_with_the_mode():
-    from sdaccel.engine.compile import compile_options
-    from sdaccel.engine.optimize import INDUCTOR_FLAGS
+    from sdaccel.engine.speed.compile import compile_options
+    from sdaccel.engine.speed.optimize import INDUCTOR_FLAGS
     from sdaccel.settings import CompileSettings
 
     assert compile_options(CompileSettings(mode="default"), False)["mode"] == "default"

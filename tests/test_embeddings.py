@@ -1,4 +1,4 @@
-"""Textual-inversion embeddings (engine/embeddings.py): files written here in the A1111 and
+"""Textual-inversion embeddings (engine/text/embeddings.py): files written here in the A1111 and
 diffusers formats, checked against the words they copy, against diffusers' own loading of the
 same files, through the CLI and the PNG metadata; and every kind of bad file."""
 
@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 
 from sdaccel.cli import app
 from sdaccel.engine.engine import Engine
-from sdaccel.engine.models import load_components
-from sdaccel.engine.samplers import build_scheduler
+from sdaccel.engine.loading.models import load_components
+from sdaccel.engine.sampling.samplers import build_scheduler
 from sdaccel.events import Warning
 from sdaccel.outputs import read_metadata
 from sdaccel.settings import resolve_settings

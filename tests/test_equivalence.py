@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from sdaccel.catalogue import SAMPLER_TABLE
 from sdaccel.engine.engine import Engine
-from sdaccel.engine.samplers import SAMPLER_NAMES
+from sdaccel.engine.sampling.samplers import SAMPLER_NAMES
 from sdaccel.events import BatchStarted, StepDone
 from sdaccel.outputs import RunWriter
 from sdaccel.settings import LoraEntry, SamplerSettings

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from sdaccel.cli import app
 from sdaccel.engine.engine import Engine
-from sdaccel.engine.samplers import build_scheduler
+from sdaccel.engine.sampling.samplers import build_scheduler
 from sdaccel.errors import LoraError
 from sdaccel.outputs import read_metadata
 from sdaccel.settings import LoraEntry, resolve_settings, split_lora

@@ -6,7 +6,7 @@ from diffusers import StableDiffusionPipeline
 from helpers import tiny_settings
 
 from sdaccel.engine.engine import Engine
-from sdaccel.engine.models import arch_dir, load_components, parse_model_ref
+from sdaccel.engine.loading.models import arch_dir, load_components, parse_model_ref
 from sdaccel.errors import ModelNotFoundError
 
 

@@ -6,8 +6,8 @@ from helpers import tiny_settings
 
 from sdaccel import metrics
 from sdaccel.bench import MIN_PSNR_DB
-from sdaccel.engine import optimize
 from sdaccel.engine.engine import Engine
+from sdaccel.engine.speed import optimize
 from sdaccel.errors import ConfigError, DeviceError
 from sdaccel.events import Warning
 

@@ -56,7 +56,7 @@ def test_reduced_precision_runs_the_unet_low_and_keeps_the_solver_in_fp32(monkey
 
 def _cpu_with(monkeypatch, amx: bool, avx512_bf16: bool, arm: set[str] = frozenset()):
     """Pretend the CPU has (or lacks) each native bf16 feature."""
-    from sdaccel.engine import precision
+    from sdaccel.engine.loading import precision
 
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
@@ -68,7 +68,7 @@ def _cpu_with(monkeypatch, amx: bool, avx512_bf16: bool, arm: set[str] = frozens
     (False, False, {"fp", "asimd", "bf16"}, "Arm BF16")])
 def test_auto_picks_bf16_for_the_unet_and_vae_on_a_cpu_with_native_bf16(
         monkeypatch, amx, avx512_bf16, arm, feature):
-    from sdaccel.engine.precision import choose_precisions
+    from sdaccel.engine.loading.precision import choose_precisions
 
     _cpu_with(monkeypatch, amx, avx512_bf16, arm)
     settings = tiny_settings("unet_dtype=auto", "vae_dtype=auto", "text_encoder_dtype=auto")
@@ -98,7 +98,7 @@ def test_auto_never_picks_emulated_bf16_and_an_explicit_one_warns(monkeypatch):
 
 
 def test_auto_on_cuda_takes_bf16_where_the_gpu_has_it_else_fp16(monkeypatch):
-    from sdaccel.engine.precision import choose_precision
+    from sdaccel.engine.loading.precision import choose_precision
 
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some GPU")
     for supported, expected in ((True, "bf16"), (False, "fp16")):
@@ -129,7 +129,7 @@ def test_the_cpu_preset_stays_above_the_drift_bound_against_fp32_on_the_bundled_
     plain fp32 engine, worst of four images: README's figures come from this comparison."""
     from sdaccel import metrics
     from sdaccel.bench import MIN_PSNR_DB, MIN_SSIM
-    from sdaccel.engine import chunked_attention
+    from sdaccel.engine.speed import chunked_attention
     from sdaccel.settings import resolve_settings
 
     # chunked attention as on a CPU without AMX (the bundled model's 64 tokens stay with SDPA)

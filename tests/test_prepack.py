@@ -10,10 +10,10 @@ from helpers import relative_error as relative
 from helpers import tiny_settings
 from torch import nn
 
-from sdaccel.engine import prepack
-from sdaccel.engine.cost import count_flops
 from sdaccel.engine.engine import Engine
-from sdaccel.engine.optimize import apply_passes
+from sdaccel.engine.sampling.cost import count_flops
+from sdaccel.engine.speed import prepack
+from sdaccel.engine.speed.optimize import apply_passes
 from sdaccel.events import Warning
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(),

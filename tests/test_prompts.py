@@ -1,12 +1,12 @@
 """Weighted prompts in AUTOMATIC1111's syntax, BREAK and long prompts as chained chunks
-(engine/prompts.py); a plain prompt is encoded exactly as before (and as diffusers)."""
+(engine/text/prompts.py); a plain prompt is encoded exactly as before (and as diffusers)."""
 
 import pytest
 import torch
 from helpers import tiny_settings
 
 from sdaccel.engine.engine import Engine
-from sdaccel.engine.prompts import apply_weights, parse_prompt_attention, plain_text
+from sdaccel.engine.text.prompts import apply_weights, parse_prompt_attention, plain_text
 from sdaccel.events import Warning
 from sdaccel.settings import resolve_settings
 

@@ -7,13 +7,13 @@ from helpers import tiny_settings
 
 from sdaccel import metrics
 from sdaccel.catalogue import PER_STEP as PER_STEP_SAMPLERS
-from sdaccel.engine.adaptive import model_output_for, predicted_x0
-from sdaccel.engine.cost import flop_counter
 from sdaccel.engine.engine import Engine
-from sdaccel.engine.feature_cache import LayeredUNet
-from sdaccel.engine.models import load_components
-from sdaccel.engine.samplers import build_scheduler
-from sdaccel.engine.stepwise import StepwiseDenoiser
+from sdaccel.engine.loading.models import load_components
+from sdaccel.engine.sampling.adaptive import model_output_for, predicted_x0
+from sdaccel.engine.sampling.cost import flop_counter
+from sdaccel.engine.sampling.feature_cache import LayeredUNet
+from sdaccel.engine.sampling.samplers import build_scheduler
+from sdaccel.engine.sampling.stepwise import StepwiseDenoiser
 from sdaccel.errors import ConfigError
 from sdaccel.settings import resolve_settings
 

@@ -1,4 +1,4 @@
-"""The tiny decoder (engine/decoders.py): TAESD's own network against our key mapping, images
+"""The tiny decoder (loading/decoders.py): TAESD's own network against our key mapping, images
 equal to diffusers' StableDiffusionPipeline with an AutoencoderTiny as its vae, the speed passes
 and metadata with it, and every kind of file that is not SD 1.5's tiny decoder.
 
@@ -19,10 +19,14 @@ from torch import nn
 from typer.testing import CliRunner
 
 from sdaccel.cli import app
-from sdaccel.engine.decoders import diffusers_to_taesd, read_tiny_decoder, taesd_to_diffusers
 from sdaccel.engine.engine import Engine
-from sdaccel.engine.models import arch_dir, bundled_dir
-from sdaccel.engine.samplers import build_scheduler
+from sdaccel.engine.loading.decoders import (
+    diffusers_to_taesd,
+    read_tiny_decoder,
+    taesd_to_diffusers,
+)
+from sdaccel.engine.loading.models import arch_dir, bundled_dir
+from sdaccel.engine.sampling.samplers import build_scheduler
 from sdaccel.events import Warning
 from sdaccel.outputs import read_metadata
 from sdaccel.settings import resolve_settings

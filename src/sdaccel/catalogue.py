@@ -2,7 +2,7 @@
 
 Plain data. Nothing here imports torch, diffusers or sdaccel.engine, so that settings validation,
 output metadata and the CLI's help text can read the names without loading a model stack; the
-engine turns an entry into a scheduler (sdaccel.engine.samplers.build_scheduler).
+engine turns an entry into a scheduler (sdaccel.engine.sampling.samplers.build_scheduler).
 
 Adding a sampler is one entry in SAMPLER_TABLE: a name, the diffusers scheduler class (by name)
 and the constructor options that make the variant (applied over the model's own scheduler
@@ -115,7 +115,7 @@ PER_STEP: tuple[str, ...] = tuple(s.name for s in SAMPLER_TABLE if s.per_step)
 TAKE_ETA: tuple[str, ...] = tuple(s.name for s in SAMPLER_TABLE if s.eta is not None)
 
 # adaptive.uncertainty.method (mode replan); each is a function of that name in
-# sdaccel.engine.adaptive.
+# sdaccel.engine.sampling.adaptive.
 ESTIMATORS: tuple[str, ...] = ("pred_var", "solver_error")
 
 

@@ -9,7 +9,7 @@ shape, and a hash of the settings that change the compiled graph. Loading pre-fi
 caches, so compiling then takes cache hits; an entry made by other versions or another device is
 reported and skipped, never loaded, and a damaged entry never stops a run.
 
-This module sits above the engine: the engine compiles (`sdaccel.engine.compile`) and knows
+This module sits above the engine: the engine compiles (`sdaccel.engine.speed.compile`) and knows
 nothing of stored entries. Front ends build their engine with `start_engine(settings)`, which
 loads the matching entries before the engine's first call compiles.
 """
@@ -35,7 +35,7 @@ import torch
 
 from sdaccel.cache_dir import cache_root
 from sdaccel.engine.engine import Engine
-from sdaccel.engine.precision import choose_precision, resolve_device
+from sdaccel.engine.loading.precision import choose_precision, resolve_device
 from sdaccel.errors import ConfigError, SdaccelError, writing
 from sdaccel.events import EventHandler, Warning, ignore
 from sdaccel.settings import Settings

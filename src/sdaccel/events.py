@@ -29,7 +29,7 @@ class StepDone:
     batch_size: int
     # What ran for each image of the group at this step, one letter each: F full UNet, C cached
     # deep features (shallow branch only), f/c the same without the unconditional half,
-    # - skipped (see engine/stepwise.py).
+    # - skipped (see engine/sampling/stepwise.py).
     decisions: str = ""
     costs: tuple[float, ...] = ()  # each image's UNet work so far, in full-UNet equivalents
 

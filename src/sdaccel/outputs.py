@@ -208,7 +208,7 @@ def image_metadata(result, settings, model_name: str, model_hash: str | None = N
         "plan": dataclasses.asdict(result.plan) if result.plan else None,
         "loras": [dict(lora) for lora in loras],  # path, weight, sha256, name, hash
     }
-    decoder = getattr(result, "decoder", None)  # a tiny decoder's record (engine/decoders.py)
+    decoder = getattr(result, "decoder", None)  # a tiny decoder's record (loading/decoders.py)
     if decoder:
         image_info["tiny_decoder"] = dict(decoder)  # path, name, sha256
     parameters = a1111_parameters(

@@ -47,7 +47,7 @@ PRESET_ALIASES = {
 }
 
 # "auto" (not in the seed): the fastest precision this device runs natively, chosen by the
-# engine (engine/precision.py: choose_precision); `inspect-config` shows the choice and why.
+# engine (engine/loading/precision.py: choose_precision); `inspect-config` shows the choice and why.
 Precision = Literal["fp32", "fp16", "bf16", "auto"]
 TextEncoderPrecision = Literal["fp32", "fp16", "bf16", "int8", "auto"]
 SamplerName = Literal[SAMPLER_NAMES]  # type: ignore[valid-type]
@@ -76,7 +76,7 @@ class CompileSettings(_Section):
 
 
 class OptimizeSettings(_Section):
-    """Speed passes beyond the seed, one flag each (see sdaccel.engine.optimize). The defaults
+    """Speed passes beyond the seed, one flag each (see sdaccel.engine.speed.optimize). The defaults
     change nothing. Quality risk of each, measured by `sdaccel bench` against the fp32 baseline:
 
     - channels_last: NHWC memory layout for the UNet and VAE convolutions. Risk: none beyond
@@ -104,7 +104,7 @@ class OptimizeSettings(_Section):
       256x256. Costs a second copy of those weights in memory. Risk: none beyond float
       reassociation.
     - reuse_freed_memory: glibc's malloc keeps freed memory for the next UNet call instead of
-      returning it to the OS and page-faulting it in afresh (CPU, Linux; sdaccel.engine.heap).
+      returning it to the OS and page-faulting it in afresh (CPU, Linux; sdaccel.engine.speed.heap).
       Per SD 1.5 UNet step in bf16 on a Xeon: 1.13x at 256x256, 1.15x at 512x512. Risk: none
       to the image; process-wide, and the process keeps its peak memory until it ends.
     """
@@ -181,7 +181,7 @@ def adaptive_problem(adaptive: AdaptiveSettings, sampler: SamplerSettings) -> st
 
 class UncertaintySettings(_Section):
     # pred_var: spread of the predicted clean image over the warm-up; solver_error: the
-    # multistep solver's local error estimate (see engine/adaptive.py).
+    # multistep solver's local error estimate (see engine/sampling/adaptive.py).
     method: EstimatorName = "pred_var"
     threshold_low: float = Field(0.10, ge=0)
     threshold_high: float = Field(0.25, ge=0)
@@ -198,7 +198,7 @@ class UncertaintySettings(_Section):
 
 class SkipSettings(_Section):
     """mode per_step: skip a UNet call where the trajectory is smooth, filling the step from the
-    solver's history (see engine/stepwise.py). Risk: a threshold set too high skips where the
+    solver's history (engine/sampling/stepwise.py). Risk: a threshold set too high skips where the
     picture still changes; bench and examples/frontier.py measure it."""
 
     # Skip when the extrapolation error of x0 (relative L2, scaled to the next step) is below.
@@ -208,7 +208,7 @@ class SkipSettings(_Section):
 
 
 class CacheSettings(_Section):
-    """mode per_step: DeepCache-style feature caching (engine/feature_cache.py): a full UNet
+    """mode per_step: DeepCache-style feature caching (sampling/feature_cache.py): a full UNet
     call every `interval` steps, in between only the shallow branch at skip level `level`
     (0: conv_in and the last up layer; higher: more layers, closer to the full UNet), on deep
     features extrapolated from the last two full calls (or reused as they are). Risk: the
@@ -241,7 +241,7 @@ class AdaptiveSettings(_Section):
     enabled: bool = False
     # replan: the seed's scheme (a warm-up, then a per-image total of steps); per_step: the
     # sampler's own plan, each image deciding per step what the UNet computes (skip, cache,
-    # guidance below; engine/stepwise.py).
+    # guidance below; engine/sampling/stepwise.py).
     mode: Literal["replan", "per_step"] = "replan"
     warmup_steps: int = Field(5, ge=1)  # per_step: the first steps always run the full UNet
     min_steps: int = Field(5, ge=1)  # replan only
@@ -370,7 +370,7 @@ class IOSettings(_Section):
 
 
 class PromptSettings(_Section):
-    """How prompt text is read (engine/prompts.py). weighting: AUTOMATIC1111's syntax,
+    """How prompt text is read (engine/text/prompts.py). weighting: AUTOMATIC1111's syntax,
     (word:1.3), (word) x1.1, [word] /1.1, \\( \\) for literal brackets, BREAK, and prompts
     beyond the text encoder's window as chained chunks; a prompt without that syntax gives the
     same embeddings as diffusers. false: the text as diffusers reads it, cut at the window (with
@@ -380,7 +380,7 @@ class PromptSettings(_Section):
 
 
 class EmbeddingEntry(_Section):
-    """A textual-inversion embedding (engine/embeddings.py): its file (.pt, .safetensors,
+    """A textual-inversion embedding (engine/text/embeddings.py): its file (.pt, .safetensors,
     .bin, or a diffusers folder), the token prompts use (default: the file's own token in the
     diffusers format, else the file's stem, as A1111 names it) and, optionally, the file's
     sha256 (an image's metadata records it; a different file is then an error)."""
@@ -427,7 +427,7 @@ class Settings(BaseSettings):
     prompt: PromptSettings = PromptSettings()
     embeddings: list[EmbeddingEntry] = []
     # Not in the seed: decode with a tiny decoder (TAESD, diffusers' AutoencoderTiny) instead
-    # of the model's VAE (engine/decoders.py): a diffusers AutoencoderTiny folder, TAESD's
+    # of the model's VAE (engine/loading/decoders.py): a diffusers AutoencoderTiny folder, TAESD's
     # taesd_decoder.safetensors (or .pth), or a hub id in the local cache. None: the full VAE.
     tiny_decoder: str | None = None
 

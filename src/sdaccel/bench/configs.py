@@ -90,7 +90,7 @@ def fixed_steps(settings: Settings, steps: int) -> Settings:
 
 
 def device_of(settings: Settings) -> str:
-    from sdaccel.engine.precision import resolve_device
+    from sdaccel.engine.loading.precision import resolve_device
 
     return str(resolve_device(settings.device))
 

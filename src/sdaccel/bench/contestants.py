@@ -141,9 +141,9 @@ def load_pipeline(settings: Settings, dtype: str, prompts, calls: int,
     import torch
     from diffusers import StableDiffusionPipeline
 
-    from sdaccel.engine.models import load_components
-    from sdaccel.engine.precision import DTYPES, resolve_device
-    from sdaccel.engine.samplers import build_scheduler
+    from sdaccel.engine.loading.models import load_components
+    from sdaccel.engine.loading.precision import DTYPES, resolve_device
+    from sdaccel.engine.sampling.samplers import build_scheduler
 
     device = resolve_device(settings.device)
     parts = load_components(settings.model_id, device=str(device), dtypes=dict.fromkeys(
@@ -206,7 +206,7 @@ def _tiny_decoder(settings: Settings):
     and moves it), or None for the model's own VAE."""
     if not settings.tiny_decoder:
         return None
-    from sdaccel.engine.decoders import read_tiny_decoder
+    from sdaccel.engine.loading.decoders import read_tiny_decoder
 
     return read_tiny_decoder(settings.tiny_decoder).model
 
@@ -217,7 +217,7 @@ def _fuse_loras(pipe, settings: Settings) -> None:
     weights and the PEFT layers unloaded, so no step pays for them (the engine fuses too)."""
     if not settings.loras:
         return
-    from sdaccel.engine.checkpoint import first_line
+    from sdaccel.engine.loading.checkpoint import first_line
     from sdaccel.errors import LoraError
 
     names = [f"lora{k}" for k in range(len(settings.loras))]

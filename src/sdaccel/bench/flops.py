@@ -3,7 +3,7 @@ call, restricted to the UNet module's own count (text encoder and VAE excluded).
 
 The counter sees every aten operation that actually ran, so work a method skips (DeepCache's
 cached deep branch) or shrinks (ToMe's merged tokens) is not counted. It is the engine's own
-counter (`sdaccel.engine.cost.flop_counter`), which also counts the CPU's fused attention kernel:
+counter (`engine.sampling.cost.flop_counter`), which also counts the CPU's fused attention kernel:
 without it a CPU count would leave out QK^T and AV, most of what token merging saves.
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 def unet_flops(unet, run: Callable[[], Any]) -> int:
     """FLOPs the module `unet` executed while `run()` ran (forward only). Raises LookupError if
     the counter saw no call of it."""
-    from sdaccel.engine.cost import flop_counter
+    from sdaccel.engine.sampling.cost import flop_counter
 
     counter = flop_counter()
     with counter:

@@ -96,7 +96,7 @@ def benchmark(
     meant to be the same image); `baselines=False` (with a reference only) runs no diffusers
     rows. Returns a BenchReport (`.rows`, `.to_json()`, `.write_csv()`, `.plot()`)."""
     from sdaccel import gpu_stats
-    from sdaccel.engine.precision import check_precisions, resolve_device
+    from sdaccel.engine.loading.precision import check_precisions, resolve_device
 
     if iters < 1:
         raise ConfigError(f"iters must be at least 1, got {iters}")
@@ -312,7 +312,7 @@ def _import_libraries() -> None:
     from transformers import CLIPTextModel  # noqa: F401
 
     from sdaccel.engine.engine import Engine  # noqa: F401
-    from sdaccel.engine.models import load_components  # noqa: F401
+    from sdaccel.engine.loading.models import load_components  # noqa: F401
 
 
 def _resident(device: str) -> int:

@@ -40,8 +40,8 @@ def inspect_config(
     # still shown, then the command fails (exit code 4).
     choices, device_error, attention = {}, None, resolved.settings.optimize.attention
     if not skip_device_check:
-        from sdaccel.engine.optimize import attention_in_force
-        from sdaccel.engine.precision import choose_precisions, device_for
+        from sdaccel.engine.loading.precision import choose_precisions, device_for
+        from sdaccel.engine.speed.optimize import attention_in_force
         from sdaccel.errors import DeviceError
 
         attention = attention_in_force(attention)
@@ -64,7 +64,7 @@ def inspect_config(
             shown = f"auto -> {choice.precision}" if choice.asked == "auto" else choice.precision
             typer.echo(f"#   {key}: {shown} ({choice.reason})")
         if attention != resolved.settings.optimize.attention:
-            from sdaccel.engine.chunked_attention import NOT_HERE
+            from sdaccel.engine.speed.chunked_attention import NOT_HERE
 
             typer.echo(f"# optimize.attention on this machine: "
                        f"{resolved.settings.optimize.attention} -> {attention} ({NOT_HERE})")

@@ -10,20 +10,26 @@ from dataclasses import dataclass
 import torch
 from diffusers.image_processor import VaeImageProcessor
 
-from sdaccel.engine.adaptive import Planner
-from sdaccel.engine.compile import EagerFallback, compile_callable
-from sdaccel.engine.cost import UNetCost
-from sdaccel.engine.decoders import TinyDecoder, read_tiny_decoder
-from sdaccel.engine.denoise import denoise, step_kwargs
-from sdaccel.engine.embeddings import add_embeddings, expansions, read_embeddings
-from sdaccel.engine.feature_cache import LayeredUNet
+from sdaccel.engine.loading.decoders import TinyDecoder, read_tiny_decoder
+from sdaccel.engine.loading.models import Components, load_components
+from sdaccel.engine.loading.precision import (
+    DTYPES,
+    cast,
+    choose_precisions,
+    device_for,
+    load_dtypes,
+)
 from sdaccel.engine.lora import LoraSwitcher, prompt_tags, read_loras
-from sdaccel.engine.models import Components, load_components
-from sdaccel.engine.optimize import apply_passes, with_attention
-from sdaccel.engine.precision import DTYPES, cast, choose_precisions, device_for, load_dtypes
-from sdaccel.engine.prompts import PromptEncoder, plain_text
-from sdaccel.engine.samplers import build_scheduler
-from sdaccel.engine.stepwise import StepPolicy, StepwiseDenoiser
+from sdaccel.engine.sampling.adaptive import Planner
+from sdaccel.engine.sampling.cost import UNetCost
+from sdaccel.engine.sampling.denoise import denoise, step_kwargs
+from sdaccel.engine.sampling.feature_cache import LayeredUNet
+from sdaccel.engine.sampling.samplers import build_scheduler
+from sdaccel.engine.sampling.stepwise import StepPolicy, StepwiseDenoiser
+from sdaccel.engine.speed.compile import EagerFallback, compile_callable
+from sdaccel.engine.speed.optimize import apply_passes, with_attention
+from sdaccel.engine.text.embeddings import add_embeddings, expansions, read_embeddings
+from sdaccel.engine.text.prompts import PromptEncoder, plain_text
 from sdaccel.errors import ConfigError, ModelNotFoundError
 from sdaccel.events import (
     BatchDone,
@@ -55,7 +61,7 @@ class ImageResult:
     nfe: int
     cost: float  # UNet work in full-UNet equivalents: one full (guided) call of this image = 1
     decisions: str  # what ran at each step, one letter a step (F full, C cached, f/c cond only,
-    # - skipped; see engine/stepwise.py)
+    # - skipped; see engine/sampling/stepwise.py)
     image: object  # PIL.Image.Image
     latents: torch.Tensor  # final latents (before VAE decode), fp32, on the CPU
     seconds: float  # wall time of its batch divided by the batch size
@@ -65,7 +71,7 @@ class ImageResult:
     loras: tuple[dict, ...] = ()
     # The textual-inversion embeddings in force: settings entries with path, token and sha256.
     embeddings: tuple[dict[str, str], ...] = ()
-    # The tiny decoder that decoded it (path, name, sha256; engine/decoders.py); None: the VAE.
+    # The tiny decoder that decoded it (path, name, sha256; loading/decoders.py); None: the VAE.
     decoder: dict[str, str] | None = None
 
 
@@ -355,7 +361,7 @@ class Engine:
     def _encode(self, prompts: list[str], negative_prompt: str, per_prompt: int,
                 guided: bool) -> torch.Tensor:
         """Text embeddings in the UNet's dtype, repeated per image; [uncond; cond] if guided
-        (engine/prompts.py: weights, and long prompts as chunks, which make them longer than
+        (engine/text/prompts.py: weights, and long prompts as chunks, which make them longer than
         the text encoder's window; cond and uncond always of one length)."""
         cond = self.prompts.encode(prompts, negative_prompt if guided else None)
         return cond.repeat_interleave(per_prompt, dim=0)  # prompt-major, as diffusers

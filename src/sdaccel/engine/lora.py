@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-from sdaccel.engine.checkpoint import first_line, load_tensor_pickle
+from sdaccel.engine.loading.checkpoint import first_line, load_tensor_pickle
 from sdaccel.errors import LoraError
 
 COMPONENTS = ("unet", "text_encoder")  # what an SD 1.x LoRA may change, as diffusers names them

@@ -22,7 +22,7 @@ BARRIER_TIMEOUT = timedelta(hours=24)
 def process_settings(settings):
     """This process's Accelerate state, and the settings it runs with: with several processes
     on CUDA, cuda:{local rank} whatever `device` said (a copy: the caller's stay as resolved)."""
-    from sdaccel.engine.precision import resolve_device
+    from sdaccel.engine.loading.precision import resolve_device
 
     state = process_state(cpu=resolve_device(settings.device).type == "cpu")
     if state.num_processes > 1 and state.device.type == "cuda":

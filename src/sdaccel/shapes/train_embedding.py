@@ -44,7 +44,7 @@ def train_embedding(colour: str = "red", token: str = "<x>", steps: int = 150, b
     """The learnt vector of `token`, (1, hidden size)."""
     from diffusers import DDPMScheduler
 
-    from sdaccel.engine.models import load_components
+    from sdaccel.engine.loading.models import load_components
 
     parts = load_components(model)
     tokenizer, text_encoder, unet, vae = (parts.tokenizer, parts.text_encoder, parts.unet,

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sdaccel.engine.checkpoint import first_line, load_tensor_pickle
+from sdaccel.engine.loading.checkpoint import first_line, load_tensor_pickle
 from sdaccel.errors import ConfigError, ModelNotFoundError
 
 SUFFIXES = (".pt", ".bin", ".safetensors")

@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
-from sdaccel.engine import chunked_attention
-from sdaccel.engine.heap import keep_freed_memory
-from sdaccel.engine.prepack import pack_layers
+from sdaccel.engine.speed import chunked_attention
+from sdaccel.engine.speed.heap import keep_freed_memory
+from sdaccel.engine.speed.prepack import pack_layers
 from sdaccel.errors import DeviceError
 from sdaccel.events import EventHandler, Warning, ignore
 from sdaccel.settings import Settings
@@ -70,7 +70,7 @@ def fuse_qkv(module: torch.nn.Module) -> torch.nn.Module:
 
 def prepack_weights(module: torch.nn.Module) -> torch.nn.Module:
     """Linear and convolution weights packed once into oneDNN's layout instead of reordered on
-    every call (CPU only; see sdaccel.engine.prepack). Per SD 1.5 UNet step on a Zen 4 EPYC:
+    every call (CPU only; see sdaccel.engine.speed.prepack). Per SD 1.5 UNet step on a Zen 4 EPYC:
     bf16 1.5x at 256x256 and 1.1x at 512x512, fp32 2.3x at 256x256.
 
     Quality risk: none beyond float reassociation (fp32 UNet output within ~3e-6 relative; bf16
@@ -102,13 +102,13 @@ def attention_backends(name: str) -> list | None:
 
 def attention_in_force(name: str) -> str:
     """`optimize.attention` as it runs here: "chunked" is plain SDPA on a CPU with AMX, whose
-    fused kernel is faster there (sdaccel.engine.chunked_attention)."""
+    fused kernel is faster there (sdaccel.engine.speed.chunked_attention)."""
     return "sdpa" if name == "chunked" and not chunked_attention.pays_off() else name
 
 
 def with_attention(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
     """`fn` run with only the named SDPA kernel allowed ("flash", "efficient", "math"), or with
-    bf16 CPU attention computed in chunks ("chunked", sdaccel.engine.chunked_attention).
+    bf16 CPU attention computed in chunks ("chunked", sdaccel.engine.speed.chunked_attention).
 
     Quality risk: flash and memory-efficient kernels sum the softmax in another order (fp32
     differences ~1e-6; in fp16 within its rounding). "math" is the reference, and slowest.
@@ -216,7 +216,7 @@ def apply_passes(unet: torch.nn.Module, vae: torch.nn.Module, settings: Settings
 
     Call after casting. SDPA attention is always set first (fuse_qkv then swaps in the fused
     SDPA processors). The attention kernel choice is applied around calls (`with_attention`),
-    the inductor flags with the compile call (`sdaccel.engine.compile.compile_options`)."""
+    the inductor flags with the compile call (`sdaccel.engine.speed.compile.compile_options`)."""
     options = settings.optimize
     applied = []
     check_attention(options.attention, device, unet.dtype)

@@ -21,7 +21,13 @@ from typing import Any
 
 import torch
 
-from sdaccel.engine.adaptive import Planner, predicted_x0, replan, split_scheduler, tail_timesteps
+from sdaccel.engine.sampling.adaptive import (
+    Planner,
+    predicted_x0,
+    replan,
+    split_scheduler,
+    tail_timesteps,
+)
 
 # (step, total_steps, images in the group, one decision letter per image (see stepwise.py)[,
 # each image's cost so far])

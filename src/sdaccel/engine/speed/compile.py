@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from sdaccel.engine.optimize import INDUCTOR_FLAGS
+from sdaccel.engine.speed.optimize import INDUCTOR_FLAGS
 from sdaccel.events import EventHandler, Warning
 from sdaccel.settings import CompileSettings
 

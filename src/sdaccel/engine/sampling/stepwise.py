@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sdaccel.engine.adaptive import lambda_of, model_output_for, predicted_x0
-from sdaccel.engine.denoise import DenoiseOutput, solver_steps
+from sdaccel.engine.sampling.adaptive import lambda_of, model_output_for, predicted_x0
+from sdaccel.engine.sampling.denoise import DenoiseOutput, solver_steps
 
 COND, UNCOND = 1, 0
 

@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sdaccel.engine.checkpoint import first_line, load_tensor_pickle
-from sdaccel.engine.models import HUB_ID, arch_dir
+from sdaccel.engine.loading.checkpoint import first_line, load_tensor_pickle
+from sdaccel.engine.loading.models import HUB_ID, arch_dir
 from sdaccel.errors import ModelNotFoundError
 
 FILE_SUFFIXES = (".safetensors", ".pth", ".pt")

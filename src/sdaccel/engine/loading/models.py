@@ -41,7 +41,7 @@ class Components:
         once per file), None for any other model."""
         if self.source_file is None:
             return None
-        from sdaccel.engine.checkpoint import model_hash
+        from sdaccel.engine.loading.checkpoint import model_hash
 
         return model_hash(self.source_file)
 
@@ -54,7 +54,7 @@ class ModelRef:
 
 
 def arch_dir(arch: str) -> Path:
-    return Path(str(resources.files("sdaccel.engine") / "archs" / arch))
+    return Path(str(resources.files("sdaccel.engine.loading") / "archs" / arch))
 
 
 def bundled_dir(name: str) -> Path:
@@ -185,11 +185,11 @@ def _random_components(arch: str, device: str, name: str) -> Components:
 
 def _tokenizer(location, **kwargs):
     """The model's own tokenizer/; a local folder without one (SD 1.5's configs shipped here, a
-    user's folder) gets CLIP ViT-L/14's, SD 1.5's tokenizer (engine/clip_tokenizer.py)."""
+    user's folder) gets CLIP ViT-L/14's, SD 1.5's tokenizer (engine/text/clip_tokenizer.py)."""
     from transformers import CLIPTokenizer
 
     if Path(location).is_dir() and not (Path(location) / "tokenizer").is_dir():
-        from sdaccel.engine.clip_tokenizer import clip_tokenizer
+        from sdaccel.engine.text.clip_tokenizer import clip_tokenizer
 
         return clip_tokenizer()
     return CLIPTokenizer.from_pretrained(location, subfolder="tokenizer", **kwargs)
@@ -208,9 +208,14 @@ def _scheduler_config(location, **kwargs) -> dict[str, Any]:
 
 def _single_file_components(path: str, name: str, dtypes: dict[str, Any]) -> Components:
     """An original-layout (LDM) checkpoint, converted by diffusers' own single-file loading with
-    configs shipped here (engine/checkpoint.py): SD 1.5's, or for a file written by
+    configs shipped here (engine/loading/checkpoint.py): SD 1.5's, or for a file written by
     `checkpoint.save_checkpoint` from bundled:NAME / random:tiny, that model's. Offline."""
-    from sdaccel.engine.checkpoint import BASE_KEY, check_sd15, convert_components, read_checkpoint
+    from sdaccel.engine.loading.checkpoint import (
+        BASE_KEY,
+        check_sd15,
+        convert_components,
+        read_checkpoint,
+    )
 
     state, metadata = read_checkpoint(path, ref=name)
     base = metadata.get(BASE_KEY)

@@ -1,0 +1,2 @@
+"""Text: prompts -> conditioning (A1111 weights, BREAK, long prompts), the CLIP tokenizer,
+textual-inversion embeddings."""
