@@ -63,8 +63,8 @@ def rows_for(args) -> dict:
                               0.0)
     passes = ", ".join(cpu.passes) + ", compiled" * cpu.settings.compile.enabled
     rows[f"`cpu` preset ({cpu.settings.unet_dtype}, {passes})"] = (
-        lambda x, t, c: cpu._unet_forward(x.to(cpu.unet_dtype), t,
-                                          c.to(cpu.unet_dtype)).sample.float(), built)
+        lambda x, t, c: cpu.unet_forward(x.to(cpu.unet_dtype), t,
+                                         c.to(cpu.unet_dtype)).sample.float(), built)
     # Without native bf16 OpenVINO's default precision is f32 on x86: one row, not two identical
     # models (each holds its own weights and buffers: two overran 24 GiB at 512x512).
     for precision in ("default", "f32") if cpu_bf16_support() else ("f32",):

@@ -33,19 +33,19 @@ BOUND_DB = 30.0
 NOISE_LEVELS = (1e-5, 1e-4, 1e-3, 1e-2)
 
 
-def with_noisy_unet(engine, level: float, seed: int = 0):
-    """Perturb every UNet output by `level` x its per-row standard deviation (fixed noise seed)."""
-    forward = engine._unet_forward
+def noisy_unet(level: float, seed: int = 0):
+    """A UNet wrapper that perturbs every UNet output by `level` x its per-row standard deviation
+    (fixed noise seed)."""
     generator = torch.Generator().manual_seed(seed)
 
-    def noisy(*args, **kwargs):
-        out, *rest = forward(*args, **kwargs)
-        scale = out.flatten(1).std(1).view(-1, *[1] * (out.dim() - 1))
-        noise = torch.randn(out.shape, generator=generator).to(out)
-        return (out + level * scale * noise, *rest)
-
-    engine._unet_forward = noisy
-    return engine
+    def wrap(call):
+        def noisy(unet_input):
+            out = call(unet_input)
+            scale = out.flatten(1).std(1).view(-1, *[1] * (out.dim() - 1))
+            noise = torch.randn(out.shape, generator=generator).to(out)
+            return out + level * scale * noise
+        return noisy
+    return wrap
 
 
 def psnrs(results, plain) -> list[float]:
@@ -77,8 +77,8 @@ def main() -> None:
         base = (f"sampler.name={sampler}", f"sampler.steps={steps}")
         plain = frontier.run(frontier.engine_for(args, *base), captions, seeds)
         engines = {"bf16 UNet": frontier.engine_for(args, *base, "unet_dtype=bf16")}
-        engines.update({f"noise {level:g}": with_noisy_unet(frontier.engine_for(args, *base), level)
-                        for level in NOISE_LEVELS})
+        engines.update({f"noise {level:g}": frontier.engine_for(
+            args, *base, unet_wrappers=[noisy_unet(level)]) for level in NOISE_LEVELS})
         engines.update({label: frontier.engine_for(args, *base, *(
             o for o in frontier.METHODS[label] if not o.startswith("sampler.steps")))
             for label in frontier.SAME_IMAGE})

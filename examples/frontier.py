@@ -88,12 +88,14 @@ class Point:
     overrides: tuple[str, ...] = ()
 
 
-def engine_for(args, *overrides: str) -> Engine:
+def engine_for(args, *overrides: str, **engine_options) -> Engine:
+    """The engine for these settings overrides; `engine_options`: Engine's own (unet_wrappers,
+    policy)."""
     settings = resolve_settings("tiny", overrides=[
         f"model_id={args.model}", "sampler.name=dpm_solver++", "sampler.steps=20",
         f"generation.height={args.size}", f"generation.width={args.size}",
         f"generation.guidance_scale={args.guidance}", *overrides], environ={}).settings
-    return Engine(settings)
+    return Engine(settings, **engine_options)
 
 
 def run(engine: Engine, captions: list[str], seeds: list[int]):

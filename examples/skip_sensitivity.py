@@ -19,29 +19,29 @@ Writes examples/skip_sensitivity.md, or skip_sensitivity_<sampler><steps>.md for
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
 
 import frontier
 
-from sdaccel.engine.sampling import stepwise
+from sdaccel.engine.sampling.stepwise import PerStep
 from sdaccel.shapes import dataset
 
 HERE = Path(__file__).resolve().parent
 
 
-def skipping_only(steps: set[int]):
-    """A StepwiseDenoiser._decide that skips exactly `steps` (once an image has two evaluations
-    to extrapolate from) and runs both halves of the full UNet everywhere else."""
-    def decide(self, images, index, lam, protected, guided, cutoff):
-        slots = {}
-        for k, image in enumerate(images):
-            if index in steps and len(image.history) >= 2:
-                continue
-            slots[(k, stepwise.COND)] = True
-            if guided:
-                slots[(k, stepwise.UNCOND)] = True
-        return slots
-    return decide
+@dataclass
+class SkippingOnly(PerStep):
+    """A per-step policy that skips exactly the steps in `skipped` (once an image has two
+    evaluations to extrapolate from) and runs both halves of the full UNet everywhere else;
+    skipped steps are filled as `adaptive.mode: per_step` fills them."""
+
+    skipped: frozenset[int] = frozenset()
+
+    def decide(self, track, index, t):
+        return {(k, half): True for k, image in enumerate(self.images)
+                if index not in self.skipped or len(image.history) < 2
+                for half in self.guider.halves}
 
 
 def main() -> None:
@@ -64,7 +64,8 @@ def main() -> None:
     captions = [c for _, c, _ in dataset.examples(30, start=10_000)]
     base = (f"sampler.name={args.sampler}", f"sampler.steps={args.steps}")
     plain = frontier.run(frontier.engine_for(args, *base), captions, seeds)
-    engine = frontier.engine_for(args, *base, *frontier.PER_STEP, "adaptive.skip.threshold=0.1")
+    policy = SkippingOnly()
+    engine = frontier.engine_for(args, *base, policy=policy)
     title = ("One skipped step at a time" if args.skips == 1
              else "Every other step of a stretch skipped")
     lines = [f"# {title}: {args.model}, {args.sampler} {args.steps}", "",
@@ -77,7 +78,7 @@ def main() -> None:
     # Steps 0 and 1 have nothing to extrapolate from.
     for start in range(2, args.steps, args.stride):
         steps = [s for s in range(start, start + 2 * args.skips, 2) if s < args.steps]
-        stepwise.StepwiseDenoiser._decide = skipping_only(set(steps))
+        policy.skipped = frozenset(steps)
         psnrs = sorted(frontier.capped_psnr(a.image, b.image)
                        for a, b in zip(frontier.run(engine, captions, seeds), plain, strict=True))
         lines.append(f"| {', '.join(map(str, steps))} | {psnrs[0]:.1f} | {psnrs[1]:.1f} | "

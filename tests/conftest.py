@@ -50,24 +50,22 @@ class UNetCall(NamedTuple):
     dtype: torch.dtype  # of the sample the UNet was given
 
 
+class UNetWatch:
+    """A UNet wrapper (Engine(settings, unet_wrappers=[watch])) recording every UNet call the
+    engine makes, feature caching's full and shallow ones included, as UNetCall(rows, timestep,
+    dtype) in `calls`."""
+
+    def __init__(self) -> None:
+        self.calls: list[UNetCall] = []
+
+    def __call__(self, call):
+        def counted(unet_input):
+            sample = unet_input.sample
+            self.calls.append(UNetCall(sample.shape[0], float(unet_input.timestep), sample.dtype))
+            return call(unet_input)
+        return counted
+
+
 @pytest.fixture
-def unet_calls():
-    """`calls = unet_calls(engine)` records every UNet call `engine` makes from then on: full
-    calls and feature caching's full and shallow ones, as UNetCall(rows, timestep, dtype)."""
-
-    def watch(engine) -> list[UNetCall]:
-        calls: list[UNetCall] = []
-
-        def counted(fn):
-            def call(x, t, *args, **kwargs):
-                calls.append(UNetCall(x.shape[0], float(t), x.dtype))
-                return fn(x, t, *args, **kwargs)
-            return call
-
-        engine._unet_forward = counted(engine._unet_forward)
-        if engine.layered is not None:
-            engine.layered.full = counted(engine.layered.full)
-            engine.layered.shallow = counted(engine.layered.shallow)
-        return calls
-
-    return watch
+def unet_calls() -> UNetWatch:
+    return UNetWatch()

@@ -51,8 +51,8 @@ PLAN_9 = [999, 888, 777, 666, 555, 444, 333, 222, 111]
 
 
 def test_min_steps_when_certain(unet_calls):
-    engine = Engine(adaptive(low=10, high=20))
-    calls = unet_calls(engine)
+    engine = Engine(adaptive(low=10, high=20), unet_wrappers=[unet_calls])
+    calls = unet_calls.calls
     results = engine.generate(["a"])
     assert results[0].steps == 4 and results[0].plan.total_steps == 4
     # The warm-up's 3 steps of the 9-step plan, then the one step left at its final timestep.
@@ -70,8 +70,8 @@ def test_a_shortened_plan_runs_its_timesteps_as_diffusers_would(monkeypatch, une
     what diffusers draws when given that timestep list from the start."""
     monkeypatch.setattr(adaptive_module, "pred_var",
                         lambda history: torch.full((history[0].shape[0],), score))
-    engine = Engine(adaptive())
-    calls = unet_calls(engine)
+    engine = Engine(adaptive(), unet_wrappers=[unet_calls])
+    calls = unet_calls.calls
     result = engine.generate(["a red circle"], seed=3)[0]
     assert [c.timestep for c in calls] == timesteps
     assert result.steps == result.plan.total_steps == len(timesteps)
@@ -114,9 +114,9 @@ def test_batch_images_get_their_own_plans_and_honest_nfe(monkeypatch, unet_calls
     monkeypatch.setattr(adaptive_module, "pred_var",
                         lambda history: torch.tensor([0.0, 1.0][: history[0].shape[0]]))
     events = []
-    engine = Engine(adaptive("generation.num_images_per_prompt=2"), on_event=events.append)
-    real_unet = engine._unet_forward
-    calls = unet_calls(engine)
+    engine = Engine(adaptive("generation.num_images_per_prompt=2"), on_event=events.append,
+                    unet_wrappers=[unet_calls])
+    calls = unet_calls.calls
     results = engine.generate(["a red circle"], seed=3)
     assert [r.steps for r in results] == [4, 9]
     assert [r.nfe for r in results] == [8, 18]  # guided: two evaluations per step
@@ -130,7 +130,6 @@ def test_batch_images_get_their_own_plans_and_honest_nfe(monkeypatch, unet_calls
     # Each image equals the same decision made for it alone (batch size changes arithmetic only).
     monkeypatch.setattr(adaptive_module, "pred_var", lambda history: torch.tensor([1.0]))
     engine.settings.generation.num_images_per_prompt = 1
-    engine._unet_forward = real_unet
     alone = engine.generate(["a red circle"], seed=4)[0]
     assert alone.steps == 9
     assert (alone.latents - results[1].latents).abs().max().item() <= 1e-4

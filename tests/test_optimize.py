@@ -137,7 +137,8 @@ def test_inductor_flags_without_compile_say_they_do_nothing():
 
 @pytest.mark.parametrize(("guidance", "unet_batch"), [(7.5, 2), (1.0, 1)])
 def test_guidance_one_skips_the_unconditional_pass(unet_calls, guidance, unet_batch):
-    engine = Engine(tiny_settings(f"generation.guidance_scale={guidance}", "sampler.steps=2"))
-    calls = unet_calls(engine)
+    engine = Engine(tiny_settings(f"generation.guidance_scale={guidance}", "sampler.steps=2"),
+                    unet_wrappers=[unet_calls])
+    calls = unet_calls.calls
     engine.generate(["a red circle"])
     assert [c.rows for c in calls] == [unet_batch, unet_batch]

@@ -17,7 +17,7 @@ def test_int8_text_encoder_stays_close_to_fp32():
     assert linear.weight.dtype == torch.int8
     prompts = ["a red circle on a blue background", "two green squares in the top left",
                "a red circle"]
-    a, b = fp32._embed(prompts), int8._embed(prompts)
+    a, b = fp32.prompts.encode(prompts), int8.prompts.encode(prompts)
     # README: within 2.5% relative error of fp32 on random:tiny (measured 1.5-2.0% per prompt,
     # LLM.int8() rounding); above 0.5%, or nothing was quantised.
     relative = ((a - b).flatten(1).norm(dim=1) / a.flatten(1).norm(dim=1)).tolist()
@@ -44,9 +44,9 @@ def test_reduced_precision_runs_the_unet_low_and_keeps_the_solver_in_fp32(monkey
 
     monkeypatch.setattr(scheduler_class, "step", recording)
     engine = Engine(tiny_settings(f"unet_dtype={dtype}", f"vae_dtype={dtype}",
-                                  "sampler.name=dpm_solver++"))
+                                  "sampler.name=dpm_solver++"), unet_wrappers=[unet_calls])
     assert engine.unet.dtype == engine.vae.dtype == low
-    calls = unet_calls(engine)
+    calls = unet_calls.calls
     result = engine.generate(["a red circle"])[0]
     assert [c.dtype for c in calls] == [low] * 4
     fp32 = torch.float32

@@ -71,8 +71,9 @@ PLAIN = ["a red circle on a blue background", "two green squares", "", "photo: a
 def test_plain_prompts_are_encoded_exactly_as_before(tiny, weighting):
     tiny.prompts.weighting = weighting
     try:
-        assert torch.equal(tiny._embed(PLAIN), diffusers_embeddings(tiny, PLAIN))
-        guided = tiny._encode(PLAIN[:2], "blurry", 2, guided=True)
+        assert torch.equal(tiny.prompts.encode(PLAIN), diffusers_embeddings(tiny, PLAIN))
+        guided = tiny.encode_prompts(PLAIN[:2], "blurry", tiny.settings.generation.model_copy(
+            update={"num_images_per_prompt": 2, "guidance_scale": 7.5}))
     finally:
         tiny.prompts.weighting = True
     expected = torch.cat([diffusers_embeddings(tiny, ["blurry"] * 2),
@@ -90,8 +91,8 @@ def test_weighting_is_on_by_default():
 def test_a_weight_scales_its_tokens_and_the_mean_is_restored(shapes):
     """'a (red:1.5) circle' has the token ids of 'a red circle'; its embedding is that one with
     the hidden state at red's position times 1.5, then all of it rescaled to the old mean."""
-    plain = shapes._embed(["a red circle"])[0]
-    weighted = shapes._embed(["a (red:1.5) circle"])[0]
+    plain = shapes.prompts.encode(["a red circle"])[0]
+    weighted = shapes.prompts.encode(["a (red:1.5) circle"])[0]
     weights = torch.ones(plain.shape[0])
     weights[2] = 1.5  # BOS, a, red
     unrestored = apply_weights(plain, weights, restore_mean=False)
@@ -105,18 +106,19 @@ def test_a_weight_scales_its_tokens_and_the_mean_is_restored(shapes):
 
 def test_bracket_weights_are_the_numbers_they_stand_for(shapes):
     def same(a, b):
-        return torch.allclose(shapes._embed([a]), shapes._embed([b]), atol=1e-6)
+        return torch.allclose(shapes.prompts.encode([a]), shapes.prompts.encode([b]), atol=1e-6)
 
     assert same("a (red) circle", "a (red:1.1) circle")
     assert same("a ((red)) circle", "a (red:1.21) circle")
     assert same("a [red] circle", f"a (red:{1 / 1.1}) circle")
     assert not same("a (red) circle", "a red circle")
-    assert torch.equal(shapes._embed(["a (red:1) circle"]), shapes._embed(["a red circle"]))
+    assert torch.equal(shapes.prompts.encode(["a (red:1) circle"]),
+                       shapes.prompts.encode(["a red circle"]))
 
 
 def test_escaped_brackets_are_text(tiny):
     # '\(' is the character '(' itself, with weight 1: the text the tokenizer reads.
-    assert torch.equal(tiny._embed(["a \\(red\\) circle"]),
+    assert torch.equal(tiny.prompts.encode(["a \\(red\\) circle"]),
                        diffusers_embeddings(tiny, ["a (red) circle"]))
 
 
@@ -129,7 +131,8 @@ def test_a_150_token_prompt_is_two_chunks_and_the_negative_prompt_is_padded(tiny
     try:
         prompt = " ".join(["a"] * 150)  # 150 tokens: two chunks of 75
         chunks = tiny.prompts.chunks(prompt)
-        embeddings = tiny._encode([prompt], "blurry", 1, guided=True)
+        embeddings = tiny.encode_prompts([prompt], "blurry", tiny.settings.generation.model_copy(
+            update={"guidance_scale": 7.5}))
     finally:
         tiny.prompts.on_event = tiny.on_event
     assert not events  # nothing is cut: nothing to say
@@ -147,7 +150,7 @@ def test_a_150_token_prompt_is_two_chunks_and_the_negative_prompt_is_padded(tiny
 
 def test_prompts_of_one_batch_are_padded_to_the_longest(tiny):
     long = " ".join(["a"] * 100)
-    embeddings = tiny._embed(["a red circle", long])
+    embeddings = tiny.prompts.encode(["a red circle", long])
     assert embeddings.shape == (2, 154, 32)
     assert torch.equal(embeddings[0, :77], diffusers_embeddings(tiny, ["a red circle"])[0])
     assert torch.equal(embeddings[0, 77:], diffusers_embeddings(tiny, [""])[0])
@@ -161,7 +164,7 @@ def test_chunk_count_says_which_prompts_batch_alone(tiny):
 
 
 def test_break_starts_a_new_chunk(tiny):
-    embeddings = tiny._embed(["a red circle BREAK a blue square"])[0]
+    embeddings = tiny.prompts.encode(["a red circle BREAK a blue square"])[0]
     assert embeddings.shape == (154, 32)
     assert torch.equal(embeddings[:77], diffusers_embeddings(tiny, ["a red circle"])[0])
     assert torch.equal(embeddings[77:], diffusers_embeddings(tiny, ["a blue square"])[0])
@@ -181,7 +184,7 @@ def test_weighting_off_cuts_long_prompts_and_says_how_much(tiny):
     events = []
     tiny.prompts.on_event, tiny.prompts.weighting = events.append, False
     try:
-        embeddings = tiny._embed([" ".join(["a"] * 80)])
+        embeddings = tiny.prompts.encode([" ".join(["a"] * 80)])
     finally:
         tiny.prompts.on_event, tiny.prompts.weighting = tiny.on_event, True
     assert embeddings.shape == (1, 77, 32)
@@ -205,5 +208,5 @@ def test_unknown_words_ignore_the_syntax():
     events = []
     engine = Engine(resolve_settings("tiny", overrides=["sampler.steps=1"], environ={}).settings,
                     on_event=events.append)
-    engine._warn_unknown_words(["a (red:1.3) [circle] BREAK on a blue background"])
+    engine.generate(["a (red:1.3) [circle] BREAK on a blue background"])
     assert not [e for e in events if isinstance(e, Warning)]

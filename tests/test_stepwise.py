@@ -10,10 +10,9 @@ from sdaccel.catalogue import PER_STEP as PER_STEP_SAMPLERS
 from sdaccel.engine.engine import Engine
 from sdaccel.engine.loading.models import load_components
 from sdaccel.engine.sampling.adaptive import model_output_for, predicted_x0
-from sdaccel.engine.sampling.cost import flop_counter
+from sdaccel.engine.sampling.cost import UNetCost, flop_counter
 from sdaccel.engine.sampling.feature_cache import LayeredUNet
 from sdaccel.engine.sampling.samplers import build_scheduler
-from sdaccel.engine.sampling.stepwise import StepwiseDenoiser
 from sdaccel.errors import ConfigError
 from sdaccel.settings import resolve_settings
 
@@ -76,8 +75,9 @@ def test_per_step_with_nothing_to_save_is_the_plain_run_bit_for_bit(sampler):
 
 def test_skips_follow_their_rules_and_rows_decide_alone(unet_calls):
     engine = Engine(bundled(*PER_STEP, "adaptive.warmup_steps=3", "adaptive.skip.threshold=0.05",
-                            "adaptive.skip.max_consecutive=2", "adaptive.skip.final_steps=2"))
-    calls = unet_calls(engine)
+                            "adaptive.skip.max_consecutive=2", "adaptive.skip.final_steps=2"),
+                    unet_wrappers=[unet_calls])
+    calls = unet_calls.calls
     results = engine.generate(PROMPTS + ["a small yellow triangle in the top left"], seed=7)
     codes = [r.decisions for r in results]
     assert all(len(c) == 20 and c[:3] == "FFF" and c[-2:] == "FF" for c in codes)
@@ -112,8 +112,8 @@ def test_cache_refreshes_on_its_interval():
     result = engine.generate(PROMPTS[:1], seed=1)[0]
     # The warm-up's full calls fill the cache: the first free step already reuses it.
     assert result.decisions == "FF" + "CCF" * 6
-    (cost,) = engine._costs.values()  # one size and prompt length: one FLOP count
-    fraction = cost.fraction(0)
+    fraction = UNetCost(engine.unet, engine.layered, (4, 16, 16), (16, 128),
+                        engine.unet_dtype).fraction(0)
     assert 0.05 < fraction < 0.2  # conv_in and the last up layer of the bundled UNet
     assert result.cost == pytest.approx(8 + 12 * fraction)
 
@@ -127,27 +127,25 @@ def test_reported_cost_is_what_a_flop_counting_unet_measures():
     counter counts attention on real tensors too (its count must not miss a kernel)."""
     settings = bundled(*PER_STEP, "adaptive.warmup_steps=2", "adaptive.cache.interval=3",
                        "adaptive.skip.threshold=0.5", "adaptive.guidance.interval=2")
-    engine = Engine(settings)
     totals = []
-    original = StepwiseDenoiser.__call__
 
-    def counting(self, *args, **kwargs):
-        with flop_counter() as counter:
-            out = original(self, *args, **kwargs)
-        totals.append(counter.get_total_flops())
-        return out
+    def counting(call):  # a UNet wrapper: FLOPs of every call, full and shallow
+        def counted(unet_input):
+            with flop_counter() as counter:
+                out = call(unet_input)
+            totals.append(counter.get_total_flops())
+            return out
+        return counted
 
-    StepwiseDenoiser.__call__ = counting
-    try:
-        results = engine.generate(PROMPTS, seed=2)
-    finally:
-        StepwiseDenoiser.__call__ = original
+    engine = Engine(settings, unet_wrappers=[counting])
+    results = engine.generate(PROMPTS, seed=2)
     unet = engine.unet
     with flop_counter() as counter, torch.inference_mode():
         unet(torch.zeros(2, 4, 16, 16), 500, encoder_hidden_states=torch.zeros(2, 16, 128))
     full_guided_call = counter.get_total_flops()
     assert set("".join(r.decisions for r in results)) >= {"F", "C", "c", "-"}
-    assert sum(r.cost for r in results) == pytest.approx(totals[0] / full_guided_call, rel=1e-6)
+    assert sum(r.cost for r in results) == pytest.approx(sum(totals) / full_guided_call,
+                                                         rel=1e-6)
 
 
 # --------------------------------------------------------------------------- solver-aware fill

@@ -197,20 +197,27 @@ def test_speed_passes_keep_the_image(taesd, dtype):
 def test_compile_vae_compiles_the_tiny_decoder(taesd, monkeypatch):
     """compile.compile_vae hands torch.compile the decode that runs the tiny decoder (a real
     inductor compile is test_compile.py's; here torch.compile records what it was given)."""
-    compiled = []
+    compiled, running = [], []
 
     def recording_compile(fn, **_options):
+        def run(*args, **kwargs):  # records that a compiled callable is running
+            running.append(fn)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                running.pop()
         compiled.append(fn)
-        return fn
+        return run
 
     monkeypatch.setattr(torch, "compile", recording_compile)
     engine = engine_with(taesd.file, "compile.enabled=true", "compile.compile_vae=true")
     calls = []
     decode = engine.decoder.decode
     monkeypatch.setattr(engine.decoder, "decode",
-                        lambda *a, **k: calls.append(a) or decode(*a, **k))
+                        lambda *a, **k: calls.append(list(running)) or decode(*a, **k))
     image = engine.generate(["a red circle"])[0].image
-    assert engine._decode_eager in compiled and len(calls) == 1
+    # The tiny decoder ran once, inside the second callable handed to torch.compile.
+    assert len(compiled) == 2 and calls == [[compiled[1]]]
     eager = engine_with(taesd.file).generate(["a red circle"])[0].image
     assert np.array_equal(np.asarray(image), np.asarray(eager))
 

@@ -20,12 +20,13 @@ from sdaccel.engine.loading.precision import (
     load_dtypes,
 )
 from sdaccel.engine.lora import LoraSwitcher, prompt_tags, read_loras
-from sdaccel.engine.sampling.adaptive import Planner
 from sdaccel.engine.sampling.cost import UNetCost
-from sdaccel.engine.sampling.denoise import denoise, step_kwargs
 from sdaccel.engine.sampling.feature_cache import LayeredUNet
+from sdaccel.engine.sampling.guider import FeatureCache, Guider, UNetWrapper
+from sdaccel.engine.sampling.loop import SampleOutput, StepCallback, StepState, Track, sample
+from sdaccel.engine.sampling.policies import policy_for
+from sdaccel.engine.sampling.policy import StepPolicy
 from sdaccel.engine.sampling.samplers import build_scheduler
-from sdaccel.engine.sampling.stepwise import StepPolicy, StepwiseDenoiser
 from sdaccel.engine.speed.compile import EagerFallback, compile_callable
 from sdaccel.engine.speed.optimize import apply_passes, with_attention
 from sdaccel.engine.text.embeddings import add_embeddings, expansions, read_embeddings
@@ -40,6 +41,7 @@ from sdaccel.events import (
     Warning,
     ignore,
 )
+from sdaccel.seeds import image_seeds
 from sdaccel.settings import (
     GenerationSettings,
     LoraEntry,
@@ -89,8 +91,15 @@ def _nfe(decisions: str, halves: int) -> int:
 class Engine:
     """Holds the loaded, cast and (optionally) compiled model for one Settings."""
 
-    def __init__(self, settings: Settings, on_event: EventHandler = ignore) -> None:
+    def __init__(self, settings: Settings, on_event: EventHandler = ignore, *,
+                 unet_wrappers: Sequence[UNetWrapper] = (),
+                 policy: StepPolicy | None = None) -> None:
+        """`unet_wrappers`: each takes the UNet call (guider.UNetInput -> noise) and returns the
+        call to use instead, innermost first: to watch, time or change every model evaluation.
+        `policy`: the step policy (sampling/policy.py) to use instead of the one the settings
+        choose by name (`adaptive.mode`)."""
         self.on_event = on_event
+        self.unet_wrappers = tuple(unet_wrappers)
         self.device = device_for(settings)
         # "auto" precisions become what this device runs natively (inspect-config shows why).
         self.precisions = choose_precisions(settings, self.device)
@@ -100,11 +109,7 @@ class Engine:
             if choice.slow:
                 on_event(Warning(f"{key}: {choice.precision} {choice.reason}"))
         lora_files = read_loras(settings.loras)  # a bad LoRA file fails before loading
-        adaptive = settings.adaptive
-        replan = adaptive.enabled and adaptive.mode == "replan"
-        per_step = adaptive.enabled and adaptive.mode == "per_step"
-        self.planner = Planner.from_settings(adaptive) if replan else None
-        self.policy = StepPolicy.from_settings(adaptive) if per_step else None
+        self.policy = policy_for(settings.adaptive) if policy is None else policy
         embedding_files = read_embeddings(settings.embeddings)  # a bad file fails before loading
         self.tiny: TinyDecoder | None = (read_tiny_decoder(settings.tiny_decoder)
                                          if settings.tiny_decoder else None)  # so does this one
@@ -144,7 +149,7 @@ class Engine:
                                      s.text_encoder_dtype == "int8"))
         self._compile()
         self.layered = None  # the UNet layer by layer, for feature caching
-        if self.policy is not None and self.policy.caches:
+        if self.policy.cache_level is not None:
             self.layered = LayeredUNet(self.unet)
             self.layered.check_level(self.policy.cache_level)
         self._costs: dict[tuple[int, ...], UNetCost] = {}
@@ -168,22 +173,23 @@ class Engine:
     def _compile(self) -> None:
         """The UNet and VAE decode callables: compiled when the settings say so (lazily, on the
         first call; the front end loads the compile cache before that call, never this), and
-        run with the attention kernel the settings force."""
+        run with the attention kernel the settings force. `unet_forward` is the UNet as the
+        engine calls it (diffusers' forward signature)."""
         s = self.settings
-        self._unet_forward = self.unet
+        self.unet_forward = self.unet
         self._vae_decode = self._decode_eager
         self._compiled: list[EagerFallback] = []
         if s.compile.enabled:
             flags = s.optimize.inductor_flags
-            self._unet_forward = compile_callable(self.unet, s.compile, "UNet", self.on_event,
+            self.unet_forward = compile_callable(self.unet, s.compile, "UNet", self.on_event,
                                                   flags)
-            self._compiled.append(self._unet_forward)
+            self._compiled.append(self.unet_forward)
             if s.compile.compile_vae:
                 self._vae_decode = compile_callable(
                     self._decode_eager, s.compile, "VAE decode", self.on_event, flags
                 )
                 self._compiled.append(self._vae_decode)
-        self._unet_forward = with_attention(self._unet_forward, s.optimize.attention)
+        self.unet_forward = with_attention(self.unet_forward, s.optimize.attention)
         self._vae_decode = with_attention(self._vae_decode, s.optimize.attention)
 
     def _apply_loras(self, loras: Sequence[LoraEntry]) -> tuple[dict, ...]:
@@ -236,6 +242,7 @@ class Engine:
         self, prompts: Sequence[str], negative_prompt: str = "",
         seed: int | Sequence[int] | None = None, generation: GenerationSettings | None = None,
         sampler: SamplerSettings | None = None, loras: Sequence[LoraEntry] | None = None,
+        on_step: StepCallback | None = None,
     ) -> list[ImageResult]:
         """One batch: every prompt x num_images_per_prompt, ordered prompt-major as diffusers.
 
@@ -244,79 +251,121 @@ class Engine:
         from the seed in its metadata. `generation` (size, guidance, images per prompt) and
         `sampler` (name, steps) replace the settings' own for this batch. `loras` (settings
         entries) too: fused before the batch, or nothing done when they are the ones in force.
+        `on_step(StepState)` is called after every step; it may return new latents.
         """
-        s = self.settings
-        lora_records = self._apply_loras(s.loras if loras is None else loras)
-        if tags := [t for t in prompt_tags([*prompts, negative_prompt]) if t not in self._warned]:
-            self._warned.update(tags)
-            self.on_event(Warning(f"{', '.join(tags)}: LoRA tags in a prompt are read as plain "
-                                  "text here; give LoRAs with --lora FILE:WEIGHT or `loras:`"))
-        g = s.generation if generation is None else generation
-        if generation is not None:
-            self.check_size(g.height, g.width)
-        sampler = s.sampler if sampler is None else sampler
-        # A per-call sampler (a server request, a prompts-file line) meets the settings'
-        # adaptive mode only here; model_copy() skips its own validators.
-        if problem := sampler_problem(sampler) or adaptive_problem(s.adaptive, sampler):
-            raise ConfigError(problem)
-        guided = g.guidance_scale > 1.0  # as diffusers: <= 1 means no unconditional pass
-        per_prompt = g.num_images_per_prompt
-        batch = len(prompts) * per_prompt
-        if isinstance(seed, Sequence):
-            seeds = list(seed)
-            if len(seeds) != batch:
-                raise ValueError(f"{len(seeds)} seeds for {batch} images")
-        else:
-            seeds = [(s.seed if seed is None else seed) + k for k in range(batch)]
-        generators = [torch.Generator("cpu").manual_seed(k) for k in seeds]
-        # Adaptive runs start on the max_steps plan and re-plan after the warm-up.
-        planned = s.adaptive.max_steps if self.planner else sampler.steps
-        scheduler = build_scheduler(sampler.name, self.components.scheduler_config,
-                                    sampler.schedule)
-        scheduler.set_timesteps(planned, device=self.device)
-        image_prompts = [prompts[k // per_prompt] for k in range(batch)]
-
-        self._warn_unknown_words([*prompts, negative_prompt])
+        g, sampler = self._check_request(generation, sampler)
+        lora_records = self._apply_loras(self.settings.loras if loras is None else loras)
+        self._warn_about_prompts([*prompts, negative_prompt])
+        image_prompts = [p for p in prompts for _ in range(g.num_images_per_prompt)]
+        seeds = self._seeds(seed, len(image_prompts))
+        scheduler = self._prepare_timesteps(sampler)
         # Progress counts UNet calls: the plan's steps, but Heun's 2n - 1 for n steps.
-        self.on_event(BatchStarted(batch, len(scheduler.timesteps), tuple(prompts)))
+        self.on_event(BatchStarted(len(seeds), len(scheduler.timesteps), tuple(prompts)))
         started = time.perf_counter()
-        embeddings = self._encode(list(prompts), negative_prompt, per_prompt, guided)
-        latents = self._initial_latents(generators, scheduler.init_noise_sigma, g)
-        def on_step(step: int, total: int, size: int, decisions: str,
-                    costs: tuple[float, ...] = ()) -> None:
-            self.on_event(StepDone(step, total, size, decisions, costs))
-
-        if self.policy is not None:
-            stepwise = StepwiseDenoiser(self._unet_forward, self.layered, self.unet_dtype,
-                                        self.policy, self._shallow_cost(latents, embeddings))
-            out = stepwise(scheduler, latents, embeddings, g.guidance_scale,
-                           step_kwargs(scheduler, generators, sampler.eta_in_force), on_step)
-        else:
-            out = denoise(self._unet_forward, self.unet_dtype, scheduler, latents, embeddings,
-                          g.guidance_scale, generators, on_step, self.planner,
-                          sampler.eta_in_force)
-        plans = [None] * batch
-        for d in out.decisions:
-            plans[d.position] = PlanDecided(
-                image_prompts[d.position], seeds[d.position], self.planner.method, d.score,
-                self.planner.warmup_steps, d.total_steps, self.planner.max_steps)
-            self.on_event(plans[d.position])
+        embeddings = self.encode_prompts(prompts, negative_prompt, g)
+        track = self._prepare_latents(seeds, scheduler, g, sampler.eta_in_force)
+        out = self._denoise(track, embeddings, g.guidance_scale, on_step)
+        plans = self._announce_plans(out, image_prompts, seeds)
         images = self.decode(out.latents)
         seconds = time.perf_counter() - started
-        self.on_event(BatchDone(batch, max(out.steps), seconds))
-        evaluations = 2 if guided else 1
+        self.on_event(BatchDone(len(seeds), max(out.steps), seconds))
         return [
             ImageResult(
                 prompt=image_prompts[k], negative_prompt=negative_prompt, seed=seeds[k],
-                steps=out.steps[k], nfe=_nfe(out.codes[k], evaluations), cost=out.costs[k],
-                decisions=out.codes[k], image=images[k],
-                latents=out.latents[k].detach().float().cpu(), seconds=seconds / batch,
+                steps=out.steps[k], nfe=_nfe(out.codes[k], 2 if g.guidance_scale > 1 else 1),
+                cost=out.costs[k], decisions=out.codes[k], image=images[k],
+                latents=out.latents[k].detach().float().cpu(), seconds=seconds / len(seeds),
                 generation=g, plan=plans[k], loras=lora_records,
                 embeddings=tuple(e.file.record() for e in self.embeddings),
                 decoder=self.tiny.record() if self.tiny else None,
             )
-            for k in range(batch)
+            for k in range(len(seeds))
         ]
+
+    # ------------------------------------------------------------------ the stages of generate
+
+    def _check_request(self, generation: GenerationSettings | None,
+                       sampler: SamplerSettings | None) -> tuple[GenerationSettings,
+                                                                  SamplerSettings]:
+        """This batch's generation and sampler settings, checked against the model and the
+        adaptive mode (a per-call sampler meets it only here; model_copy() skips validators)."""
+        s = self.settings
+        if generation is not None:
+            self.check_size(generation.height, generation.width)
+        sampler = s.sampler if sampler is None else sampler
+        if problem := sampler_problem(sampler) or adaptive_problem(s.adaptive, sampler):
+            raise ConfigError(problem)
+        return (s.generation if generation is None else generation), sampler
+
+    def _warn_about_prompts(self, texts: list[str]) -> None:
+        if tags := [t for t in prompt_tags(texts) if t not in self._warned]:
+            self._warned.update(tags)
+            self.on_event(Warning(f"{', '.join(tags)}: LoRA tags in a prompt are read as plain "
+                                  "text here; give LoRAs with --lora FILE:WEIGHT or `loras:`"))
+        self._warn_unknown_words(texts)
+
+    def _seeds(self, seed: int | Sequence[int] | None, batch: int) -> list[int]:
+        if isinstance(seed, Sequence):
+            if len(seed) != batch:
+                raise ValueError(f"{len(seed)} seeds for {batch} images")
+            return list(seed)
+        return image_seeds(self.settings.seed if seed is None else seed, batch)
+
+    def _prepare_timesteps(self, sampler: SamplerSettings):
+        """The scheduler on the plan the step policy starts on."""
+        scheduler = build_scheduler(sampler.name, self.components.scheduler_config,
+                                    sampler.schedule)
+        scheduler.set_timesteps(self.policy.steps(sampler.steps), device=self.device)
+        return scheduler
+
+    def encode_prompts(self, prompts: Sequence[str], negative_prompt: str,
+                       generation: GenerationSettings) -> torch.Tensor:
+        """Text embeddings in the UNet's dtype, repeated per image; [uncond; cond] when guided
+        (guidance > 1, as diffusers) (text/prompts.py: weights, and long prompts as chunks,
+        which make them longer than the text encoder's window; cond and uncond always of one
+        length)."""
+        guided = generation.guidance_scale > 1.0
+        cond = self.prompts.encode(list(prompts), negative_prompt if guided else None)
+        return cond.repeat_interleave(generation.num_images_per_prompt, dim=0)  # prompt-major
+
+    def _prepare_latents(self, seeds: list[int], scheduler, g: GenerationSettings,
+                         eta: float | None) -> Track:
+        shape = (self.unet.config.in_channels, g.height // self.vae_scale_factor,
+                 g.width // self.vae_scale_factor)
+        generators = [torch.Generator("cpu").manual_seed(k) for k in seeds]
+        # One draw per image from its own CPU generator: same noise on every device.
+        noise = torch.stack([torch.randn(shape, generator=gen) for gen in generators])
+        latents = noise.to(self.device) * scheduler.init_noise_sigma
+        return Track(torch.arange(len(seeds)), latents, generators, scheduler, eta)
+
+    def _denoise(self, track: Track, embeddings: torch.Tensor, guidance_scale: float,
+                 on_step: StepCallback | None) -> SampleOutput:
+        cache = None
+        if self.policy.cache_level is not None:
+            cache = FeatureCache(self.layered, self.policy.cache_level,
+                                 self.policy.cache_forecast)
+        guider = Guider(self.unet_forward, self.unet_dtype, embeddings, len(track.positions),
+                        guidance_scale, self.unet_wrappers, cache,
+                        self._shallow_cost(track.latents, embeddings))
+
+        def step_done(state: StepState) -> torch.Tensor | None:
+            costs = state.costs if self.policy.per_image else ()
+            self.on_event(StepDone(state.step, state.total_steps, len(state.positions),
+                                   state.decisions, costs))
+            return on_step(state) if on_step is not None else None
+
+        return sample(track, guider, self.policy, step_done)
+
+    def _announce_plans(self, out: SampleOutput, image_prompts: list[str],
+                        seeds: list[int]) -> list[PlanDecided | None]:
+        """A PlanDecided event per image a re-planning policy decided for; None for others."""
+        plans: list[PlanDecided | None] = [None] * len(seeds)
+        for d in out.decisions:
+            plans[d.position] = PlanDecided(image_prompts[d.position], seeds[d.position],
+                                            d.method, d.score, d.warmup_steps, d.total_steps,
+                                            d.max_steps)
+            self.on_event(plans[d.position])
+        return plans
 
     def _warn_unknown_words(self, texts: list[str]) -> None:
         """The bundled model knows only its training captions' words: say so once per word
@@ -357,25 +406,6 @@ class Engine:
             self._costs[key] = UNetCost(self.unet, self.layered, shape, context,
                                         self.unet_dtype)
         return self._costs[key].fraction(self.policy.cache_level)
-
-    def _encode(self, prompts: list[str], negative_prompt: str, per_prompt: int,
-                guided: bool) -> torch.Tensor:
-        """Text embeddings in the UNet's dtype, repeated per image; [uncond; cond] if guided
-        (engine/text/prompts.py: weights, and long prompts as chunks, which make them longer than
-        the text encoder's window; cond and uncond always of one length)."""
-        cond = self.prompts.encode(prompts, negative_prompt if guided else None)
-        return cond.repeat_interleave(per_prompt, dim=0)  # prompt-major, as diffusers
-
-    def _embed(self, texts: list[str]) -> torch.Tensor:
-        return self.prompts.encode(texts)
-
-    def _initial_latents(self, generators: list[torch.Generator], sigma: float,
-                         g: GenerationSettings) -> torch.Tensor:
-        shape = (self.unet.config.in_channels, g.height // self.vae_scale_factor,
-                 g.width // self.vae_scale_factor)
-        # One draw per image from its own CPU generator: same noise on every device.
-        noise = torch.stack([torch.randn(shape, generator=gen) for gen in generators])
-        return noise.to(self.device) * sigma
 
     def _decode_eager(self, latents: torch.Tensor) -> torch.Tensor:
         return self.decoder.decode(latents, return_dict=False)[0]

@@ -1,4 +1,5 @@
-"""Adaptive steps: uncertainty estimators and the step planner. Pure tensor code, no I/O.
+"""Adaptive steps: uncertainty estimators and the re-planning step policy. Pure tensor code, no
+I/O.
 
 How a run goes (the seed's scheme, made exact):
 1. Every image starts on the plan for `max_steps`.
@@ -34,6 +35,8 @@ import numpy as np
 import torch
 
 from sdaccel.catalogue import ESTIMATORS  # settings.UncertaintySettings.method
+from sdaccel.engine.sampling.loop import Decision
+from sdaccel.engine.sampling.policy import StepPolicy
 
 # --------------------------------------------------------------------------- x0 and scores
 
@@ -169,11 +172,15 @@ def split_scheduler(scheduler, indices: torch.Tensor):
     return part
 
 
-# --------------------------------------------------------------------------- planner
+# --------------------------------------------------------------------------- the policy
 
 
-class Planner:
-    """Scores the warm-up and turns scores into per-image step totals (the seed's rule)."""
+class Replan(StepPolicy):
+    """The re-planning step policy (adaptive.mode replan): every image starts on the plan for
+    `max_steps`; after the warm-up its score picks its own total (the seed's rule), and images
+    that chose the same total continue as one track on a re-made copy of the scheduler."""
+
+    name = "replan"
 
     def __init__(self, method: str, warmup_steps: int, min_steps: int, max_steps: int,
                  threshold_low: float, threshold_high: float) -> None:
@@ -185,10 +192,47 @@ class Planner:
         self.low, self.high = threshold_low, threshold_high
 
     @classmethod
-    def from_settings(cls, adaptive) -> Planner:
+    def from_settings(cls, adaptive) -> Replan:
         u = adaptive.uncertainty
         return cls(u.method, adaptive.warmup_steps, adaptive.min_steps, adaptive.max_steps,
                    u.threshold_low, u.threshold_high)
+
+    def steps(self, sampler_steps: int) -> int:
+        return self.max_steps
+
+    def start(self, batch: int, guider) -> None:
+        super().start(batch, guider)
+        self.history: list[torch.Tensor] = []  # x0_hat of the whole batch at each warm-up step
+
+    def plan(self, track, index: int, t, noise: torch.Tensor) -> list:
+        timesteps = track.scheduler.timesteps
+        if index >= self.warmup_steps or self.warmup_steps >= len(timesteps):
+            return [(track, noise)]
+        self.history.append(predicted_x0(track.scheduler, track.latents, noise, t))
+        if index < self.warmup_steps - 1:  # the last warm-up update waits for the new plan
+            return [(track, noise)]
+        visited = [step.item() for step in timesteps[:self.warmup_steps]]
+        scores = self.scores(self.history, track.scheduler, visited,
+                             timesteps[self.warmup_steps].item())
+        totals = self.totals(scores)
+        groups = []
+        for chosen in sorted(set(totals)):
+            rows = torch.tensor([k for k, total in enumerate(totals) if total == chosen])
+            part = track.select(rows, split_scheduler(track.scheduler, rows))
+            # Keeping the full plan is a re-plan too (with the old tail): it must change nothing.
+            if chosen == len(timesteps):
+                tail = [step.item() for step in timesteps[self.warmup_steps:]]
+            else:
+                tail = tail_timesteps(visited[-1], timesteps[-1].item(),
+                                      chosen - self.warmup_steps)
+            replan(part.scheduler, visited + tail)
+            groups.append((part, noise[rows]))
+            self.decisions += [
+                Decision(int(track.positions[k]), self.method, float(scores[k]),
+                         self.warmup_steps, len(part.scheduler.timesteps), self.max_steps)
+                for k in rows.tolist()]
+        self.decisions.sort(key=lambda d: d.position)
+        return groups
 
     def scores(self, x0_history: Sequence[torch.Tensor], scheduler,
                visited: Sequence[int], next_timestep: int | None) -> torch.Tensor:
