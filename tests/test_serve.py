@@ -10,6 +10,8 @@ import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,6 +19,7 @@ from fastapi.testclient import TestClient
 from helpers import tiny_settings
 from PIL import Image
 
+from sdaccel.errors import ConfigError
 from sdaccel.serve.app import Limits, create_app
 from sdaccel.serve.batcher import Batcher, Interrupted, Job, QueueFull
 
@@ -31,9 +34,8 @@ BODY = {"prompt": "a red circle on a blue background", "seed": 11, "steps": 4, "
 def server():
     app = create_app(tiny_settings(*SERVER), Limits(max_batch=4, max_wait_ms=400, max_queue=8,
                                                     max_pixels=128 * 128))
-    with TestClient(app) as client:
+    with TestClient(app) as client:  # the model loads once, as the app starts
         yield client
-    app.state.batcher.close()
 
 
 def pixels(b64: str) -> np.ndarray:
@@ -43,7 +45,7 @@ def pixels(b64: str) -> np.ndarray:
 def same_as_alone(server, b64: str, prompt: str, seed: int) -> bool:
     """The image the engine makes for this prompt and seed by itself, up to the float rounding
     that batch composition brings on the CPU (8-bit pixels within one level)."""
-    engine = server.app.state.engine
+    engine = server.app.state.server.engine
     own = np.asarray(engine.generate([prompt], seed=seed)[0].image).astype(int)
     return np.abs(pixels(b64).astype(int) - own).max() <= 1
 
@@ -87,7 +89,7 @@ def test_concurrent_requests_share_a_batch_and_keep_their_images(server):
 def test_a_long_prompt_does_not_share_a_batch_with_a_short_one(server):
     """Chunked prompts pad the others of their batch (changing them): they ride alone."""
     long_prompt = ", ".join(["a red circle on a blue background"] * 12)  # > 75 tokens
-    engine = server.app.state.engine
+    engine = server.app.state.server.engine
     assert engine.prompts.chunk_count(long_prompt, "") > 1
     with ThreadPoolExecutor(2) as pool:
         short, long = pool.map(lambda prompt: server.post("/sdapi/v1/txt2img", json={
@@ -165,7 +167,7 @@ def test_schedule_types_old_combined_names_and_eta_are_honoured(server, change, 
     assert recorded in infotext
     assert ("Eta DDIM: 0.5" in infotext) == (change.get("eta") == 0.5)
     assert "Eta:" not in infotext  # TCD's 0.3 is its default
-    engine = server.app.state.engine
+    engine = server.app.state.server.engine
     sampler = sampler_for(Txt2ImgRequest(**{**BODY, **change}), engine.settings.sampler)
     generation = engine.settings.generation.model_copy(
         update={"guidance_scale": float(change.get("cfg_scale", BODY["cfg_scale"]))})
@@ -216,7 +218,6 @@ def test_save_images_writes_like_the_cli(tmp_path):
     with TestClient(app) as client:
         response = client.post("/sdapi/v1/txt2img", json={**BODY, "save_images": True,
                                                           "batch_size": 2})
-    app.state.batcher.close()
     assert response.status_code == 200, response.text
     assert sorted(p.name for p in tmp_path.iterdir()) == ["img_000_steps4.png",
                                                           "img_001_steps4.png"]
@@ -232,7 +233,236 @@ def test_api_key_as_bearer_or_basic_auth():
         assert client.get("/sdapi/v1/samplers", headers={"Authorization": basic}
                           ).status_code == 200
         assert client.get("/v1/health").status_code == 200  # no key for health
-    app.state.batcher.close()
+
+
+# --------------------------------------------------------------------------- a fake engine
+# The routes over an engine that draws flat images at once: what the server does with requests
+# (fields, seeds, batching, limits, keys, interrupts, the gallery) without a model, in
+# milliseconds. The tests above, on the real bundled model, are the contract for the pictures.
+
+FAKE_SETTINGS = ("generation.height=64", "generation.width=64", "sampler.steps=4")
+
+
+class FakeEngine:
+    """The Engine methods the server uses. Image k is flat, its red channel seed % 256, so a test
+    reads the seed that made it; `hold` (an Event) pauses every step until it is set."""
+
+    def __init__(self, settings, on_event):
+        self.settings, self.on_event = settings, on_event
+        self.components = SimpleNamespace(name="fake.safetensors", model_hash="0123abcd")
+        self.device = "cpu"
+        self.prompts = SimpleNamespace(chunk_count=lambda prompt, negative: 1 + len(prompt) // 100)
+        self.calls: list[dict] = []
+        self.hold: threading.Event | None = None
+        self.running = threading.Event()
+
+    def check_size(self, height, width):
+        for key, value in (("generation.height", height), ("generation.width", width)):
+            if value % 16:
+                raise ConfigError(f"{key}: {value} is not a multiple of 16", key=key)
+
+    def generate(self, prompts, negative_prompt="", seed=None, generation=None, sampler=None,
+                 loras=None):
+        from sdaccel.engine.engine import ImageResult
+        from sdaccel.events import StepDone
+
+        generation = generation or self.settings.generation
+        sampler = sampler or self.settings.sampler
+        self.calls.append({"prompts": list(prompts), "seeds": list(seed), "sampler": sampler,
+                           "generation": generation})
+        self.running.set()
+        for step in range(1, sampler.steps + 1):
+            self.on_event(StepDone(step, sampler.steps, len(prompts)))
+            if self.hold is not None:
+                self.hold.wait(5)
+        size = (generation.width, generation.height)
+        steps = sampler.steps
+        return [ImageResult(prompt=p, negative_prompt=negative_prompt, seed=k, steps=steps,
+                            nfe=2 * steps, cost=float(steps), decisions="F" * steps,
+                            image=Image.new("RGB", size, (k % 256, 0, 0)), latents=None,
+                            seconds=0.0, generation=generation)
+                for p, k in zip(prompts, seed, strict=True)]
+
+
+@contextmanager
+def fake_server(*overrides, limits=None, api_key=None):
+    """A TestClient on an app over a FakeEngine; yields (client, engine)."""
+    engines = []
+
+    def start(settings, on_event):
+        engines.append(FakeEngine(settings, on_event))
+        return engines[-1], []
+
+    app = create_app(tiny_settings(*FAKE_SETTINGS, *overrides), limits or Limits(max_wait_ms=0),
+                     api_key, start_engine=start)
+    with TestClient(app) as client:
+        yield client, engines[0]
+    assert len(engines) == 1  # built once
+
+
+def red(b64: str) -> int:
+    return int(pixels(b64)[0, 0, 0])
+
+
+def test_fake_txt2img_seeds_each_image_as_a1111_does():
+    """n_iter batches of batch_size images: image k gets seed + k, in one engine call when they
+    fit; the infotext and PNG metadata name each image's own seed."""
+    with fake_server() as (client, engine):
+        response = client.post("/sdapi/v1/txt2img", json={**BODY, "seed": 7, "batch_size": 2,
+                                                          "n_iter": 2})
+    assert response.status_code == 200, response.text
+    info = json.loads(response.json()["info"])
+    assert info["all_seeds"] == [7, 8, 9, 10] and info["sd_model_name"] == "fake.safetensors"
+    assert [red(b64) for b64 in response.json()["images"]] == [7, 8, 9, 10]
+    assert [k for call in engine.calls for k in call["seeds"]] == [7, 8, 9, 10]
+    assert engine.calls[0]["sampler"].name == "dpm_solver++" and engine.calls[0][
+        "sampler"].steps == 4
+    assert info["infotexts"][3].endswith("Seed: 10, Size: 64x64, Model hash: 0123abcd, "
+                                         "Model: fake.safetensors")
+
+
+@pytest.mark.parametrize(("path", "body", "field"), [
+    ("/sdapi/v1/txt2img", {**BODY, "width": 72}, "width"),  # the model's own size check
+    ("/sdapi/v1/txt2img", {**BODY, "height": 40}, "height"),
+    ("/sdapi/v1/txt2img", {**BODY, "steps": 151}, "steps"),
+    ("/sdapi/v1/txt2img", {**BODY, "sampler_name": "Euler", "eta": 0.5}, "eta"),
+    ("/v1/generate", {"prompt": "x", "settings": {"generation": {"width": 72}}}, "width"),
+    ("/v1/generate", {"prompt": "x", "settings": {"sampler": {"name": "ddim",
+                                                              "schedule": "karras"}}},
+     "settings.sampler.schedule"),
+    ("/v1/generate", {"prompt": "x", "settings": {"sampler": {"steps": 0}}},
+     "settings.sampler.steps"),
+    ("/v1/generate", {"prompt": "x", "settings": {"model_id": "y"}}, "settings.model_id"),
+    ("/v1/generate", {"prompt": "x", "colour": "red"}, "colour"),
+])
+def test_fake_refusals_name_the_field(path, body, field):
+    with fake_server() as (client, engine):
+        response = client.post(path, json=body)
+    assert response.status_code == 422, response.text
+    assert response.json()["field"] == field
+    assert engine.calls == []
+
+
+def test_a_config_error_carries_its_key_to_the_field():
+    """The server reads ConfigError.key, never the message: a check across keys names the key
+    it is about (a Problem), a plain check where it was found."""
+    from sdaccel.settings import layer_over
+
+    settings = tiny_settings(*FAKE_SETTINGS)
+    for overrides, key in ((["sampler.name=ddim", "sampler.schedule=karras"], "sampler.schedule"),
+                           (["sampler.name=euler", "sampler.eta=0.5"], "sampler.eta"),
+                           (["generation.height=60"], "generation.height"),
+                           (["adaptive.enabled=true", "adaptive.mode=per_step",
+                             "sampler.name=heun"], "adaptive.mode"),
+                           (["sampler.colour=1"], "sampler.colour"),
+                           (["seed.x=1"], "seed")):  # a value, not a section
+        with pytest.raises(ConfigError) as caught:
+            layer_over(settings, overrides=overrides)
+        assert caught.value.key == key, (overrides, caught.value.key)
+    assert ConfigError("no key").key is None
+
+
+def test_fake_native_generate_takes_per_request_settings():
+    with fake_server() as (client, engine):
+        response = client.post("/v1/generate", json={
+            "prompt": "a red circle", "seed": 5, "num_images": 3,
+            "settings": {"sampler": {"name": "ddim", "steps": 2},
+                         "generation": {"guidance_scale": 2.5}}})
+        health = client.get("/v1/health").json()
+    assert response.status_code == 200, response.text
+    images = response.json()["images"]
+    assert [(i["seed"], i["sampler"], i["steps"]) for i in images] == [
+        (5, "ddim", 2), (6, "ddim", 2), (7, "ddim", 2)]
+    assert engine.calls[0]["generation"].guidance_scale == 2.5
+    assert health == {"status": "ok", "model": "fake.safetensors", "queued_images": 0,
+                      "device": "cpu"}
+
+
+def test_fake_api_key_body_limit_and_metrics():
+    with fake_server(limits=Limits(max_wait_ms=0, max_body_bytes=1000),
+                     api_key="s3cret") as (client, _engine):
+        assert client.post("/sdapi/v1/txt2img", json=BODY).status_code == 401
+        assert client.post("/v1/generate", json={"prompt": "x"}).status_code == 401
+        key = {"Authorization": "Bearer s3cret"}
+        assert client.post("/sdapi/v1/txt2img", json=BODY, headers=key).status_code == 200
+        wrong = "Basic " + base64.b64encode(b"user:nope").decode()
+        assert client.get("/sdapi/v1/samplers", headers={"Authorization": wrong}
+                          ).status_code == 401
+        huge = client.post("/sdapi/v1/txt2img", headers=key,
+                           json={**BODY, "prompt": "x" * 2000})
+        assert huge.status_code == 413 and "limit 1000" in huge.json()["detail"]
+        for open_path in ("/v1/health", "/v1/metrics", "/"):
+            assert client.get(open_path).status_code == 200
+        metrics = client.get("/v1/metrics").text
+    assert 'sdaccel_requests_total{path="/sdapi/v1/txt2img",status="401"} 1' in metrics
+    assert 'sdaccel_requests_total{path="/sdapi/v1/txt2img",status="413"} 1' in metrics
+    assert 'sdaccel_requests_total{path="/sdapi/v1/txt2img",status="200"} 1' in metrics
+    assert "sdaccel_images_total 1" in metrics
+
+
+def test_fake_queue_full_progress_and_interrupt():
+    """While a batch runs: progress shows its step, a request beyond the queue gets 503 with
+    Retry-After, and an interrupt ends the running batch (its request answers with no images)
+    while the queued one still runs."""
+    with fake_server(limits=Limits(max_wait_ms=0, max_batch=1, max_queue=1)) as (client,
+                                                                                  engine):
+        engine.hold = threading.Event()
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(client.post, "/sdapi/v1/txt2img", json=BODY)
+            assert engine.running.wait(5)
+            second = pool.submit(client.post, "/sdapi/v1/txt2img", json={**BODY, "seed": 30})
+            server = client.app.state.server
+            for _ in range(500):
+                if server.queued():
+                    break
+                time.sleep(0.01)
+            busy = client.post("/sdapi/v1/txt2img", json=BODY)
+            assert busy.status_code == 503 and busy.headers["Retry-After"] == "2"
+            progress = client.get("/sdapi/v1/progress").json()
+            assert progress["state"]["sampling_step"] == 1
+            assert progress["state"]["sampling_steps"] == 4
+            assert progress["state"]["job_count"] == 2
+            assert client.post("/sdapi/v1/interrupt").status_code == 200
+            engine.hold.set()
+            stopped, served = first.result(10), second.result(10)
+    assert stopped.status_code == 200 and stopped.json()["images"] == []
+    assert json.loads(stopped.json()["info"])["interrupted"] is True
+    assert [red(b64) for b64 in served.json()["images"]] == [30]
+
+
+def test_fake_gallery_and_the_models_lists():
+    with fake_server() as (client, _engine):
+        assert "No images yet" in client.get("/").text
+        client.post("/sdapi/v1/txt2img", json={**BODY, "prompt": "two <b>green</b> squares"})
+        page = client.get("/").text
+        number = page.split('src="/v1/images/')[1].split('"')[0]
+        image = client.get(f"/v1/images/{number}")
+        missing = client.get("/v1/images/999")
+        models = client.get("/sdapi/v1/sd-models").json()
+        options = client.get("/sdapi/v1/options").json()
+        switch = client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "other"})
+    assert "two &lt;b&gt;green&lt;/b&gt; squares" in page and "1 image(s)" in page
+    assert image.status_code == 200 and image.content.startswith(b"\x89PNG")
+    assert missing.status_code == 404
+    assert models[0]["title"] == "fake.safetensors" and models[0]["hash"] == "0123abcd"
+    assert options["sd_model_checkpoint"] == "fake.safetensors"
+    assert switch.status_code == 422 and switch.json()["field"] == "sd_model_checkpoint"
+
+
+def test_the_engine_starts_once_whoever_starts_it():
+    """`sdaccel serve` starts the server before uvicorn (a model that cannot load is one line);
+    the lifespan then finds it started. The batcher stops when the app does."""
+    started = []
+
+    def start(settings, on_event):
+        started.append(FakeEngine(settings, on_event))
+        return started[-1], []
+
+    app = create_app(tiny_settings(*FAKE_SETTINGS), Limits(max_wait_ms=0), start_engine=start)
+    app.state.server.start()
+    with TestClient(app) as client:
+        assert client.post("/sdapi/v1/txt2img", json=BODY).status_code == 200
+    assert len(started) == 1 and app.state.server.batcher is None
 
 
 # --------------------------------------------------------------------------- the batcher alone
@@ -355,4 +585,4 @@ def test_the_gallery_in_a_real_browser(tmp_path):
         assert blue.sum() > 1000  # the image rendered, not just its caption
     finally:
         server.should_exit = True
-        app.state.batcher.close()
+        app.state.server.close()

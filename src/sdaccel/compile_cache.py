@@ -10,8 +10,8 @@ caches, so compiling then takes cache hits; an entry made by other versions or a
 reported and skipped, never loaded, and a damaged entry never stops a run.
 
 This module sits above the engine: the engine compiles (`sdaccel.engine.speed.compile`) and knows
-nothing of stored entries. Front ends build their engine with `start_engine(settings)`, which
-loads the matching entries before the engine's first call compiles.
+nothing of stored entries. Front ends build their engine with `sdaccel.runs.start_engine`, which
+loads the matching entries (`load_matching`) before the engine's first call compiles.
 """
 
 from __future__ import annotations
@@ -228,15 +228,6 @@ def _info_items(info) -> Iterator[tuple[str, list]]:
 _loaded: set[tuple[str, float]] = set()  # (entry path, mtime) already loaded in this process
 
 
-def start_engine(settings: Settings, on_event: EventHandler = ignore,
-                 environ: dict[str, str] | None = None) -> tuple[Engine, list[CacheEntry]]:
-    """The engine for `settings`, started warm: the stored entries that match them are loaded
-    first (load_matching), so its first call compiles from them. Returns it and those entries;
-    every front end (generate, bench, serve, compile-cache load) builds its engine here."""
-    loaded = load_matching(settings, on_event, environ)
-    return Engine(settings, on_event=on_event), loaded
-
-
 def load_matching(settings: Settings, on_event: EventHandler = ignore,
                   environ: dict[str, str] | None = None) -> list[CacheEntry]:
     """Load every stored entry for these graph settings (any shape) into torch's caches; nothing
@@ -374,32 +365,3 @@ def warm(settings: Settings, preset: str, sizes: Sequence[tuple[int, int]], batc
         results.append(WarmResult(entry, cold))
         del engine
     return results
-
-
-# --------------------------------------------------------------------------- cache: load
-
-
-@dataclass
-class LoadResult:
-    key: str  # the entry of these settings' shape and batch
-    loaded: list[CacheEntry]  # every entry loaded (any shape)
-    warm_seconds: float  # loading + engine build + first generate
-
-    @property
-    def entry(self) -> CacheEntry | None:
-        """The entry of this shape and batch, if it was loaded."""
-        return next((e for e in self.loaded if e.key == self.key), None)
-
-
-def load(settings: Settings, preset: str, prompt: str = DEFAULT_PROMPT,
-         on_event: EventHandler = ignore, environ: dict[str, str] | None = None) -> LoadResult:
-    """Load the matching entries and time a warm start: engine build + first image."""
-    if not settings.compile.enabled or not settings.compile.cache:
-        raise ConfigError(f"compile-cache load: preset {preset!r} has compile.enabled=false or "
-                          "compile.cache=false; nothing to load")
-    started = time.perf_counter()
-    engine, loaded = start_engine(settings, on_event, environ)
-    engine.generate([prompt])
-    warm_seconds = time.perf_counter() - started
-    return LoadResult(entry_key(settings, settings.generation.num_images_per_prompt), loaded,
-                      warm_seconds)

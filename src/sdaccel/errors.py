@@ -14,9 +14,21 @@ class SdaccelError(Exception):
 
 
 class ConfigError(SdaccelError):
-    """A settings file, key or value is wrong (names the file, key and what is valid)."""
+    """A settings file, key or value is wrong (names the file, key and what is valid).
+
+    `key` is the dotted settings key it is about ("generation.height"), None when it is about
+    no one key (a file, a preset name): a front end reads it to point at its own field (the
+    server's request fields) without parsing the message.
+    """
 
     exit_code = 2
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+
+    def __reduce__(self):  # pickled (across processes) with its key
+        return type(self), (str(self), self.key)
 
 
 class ModelNotFoundError(SdaccelError):

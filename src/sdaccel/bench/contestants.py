@@ -42,7 +42,8 @@ class Contestant:
     modules: list = field(default_factory=list)  # its models (UNet, VAE, text encoder)
     passes: str = ""
     cache_entries: int = 0
-    notes: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # the bench's remarks on the row
+    warnings: list[str] = field(default_factory=list)  # its engine's Warning events, each once
     cost_source: str = ""
     equal_cost_of: str | None = None
     peer: PeerSpec | None = None
@@ -89,19 +90,19 @@ def weight_bytes(modules) -> int:
 def load_engine(config: BenchConfig, prompts, calls: int) -> Contestant:
     """Our Engine for one configuration (kind "config"; the runner relabels equal-cost rows)."""
     from sdaccel.bench.configs import compile_label, precision_label
-    from sdaccel.compile_cache import start_engine
     from sdaccel.events import StepDone, Warning
+    from sdaccel.runs import start_engine
 
     settings = config.settings
     device = device_of(settings)
     marks, mark = _step_clock(device)
-    notes: list[str] = []
+    warnings: list[str] = []
 
     def on_event(event) -> None:
         if isinstance(event, StepDone):
             mark()
-        elif isinstance(event, Warning) and event.message not in notes:
-            notes.append(event.message)
+        elif isinstance(event, Warning) and event.message not in warnings:
+            warnings.append(event.message)
 
     engine, cache_entries = start_engine(settings, on_event)
     contestant: Contestant
@@ -123,7 +124,7 @@ def load_engine(config: BenchConfig, prompts, calls: int) -> Contestant:
         compile=compile_label(settings), call=call,
         plan=call_plan(settings, prompts, calls), recipe=recipe(settings, plan_steps(settings)),
         passes=", ".join(getattr(engine, "passes", [])),
-        cache_entries=len(cache_entries), notes=notes,
+        cache_entries=len(cache_entries), warnings=warnings,
         cost_source="engine",
         modules=[m for m in (getattr(engine, name, None) for name in
                              ("unet", "vae", "text_encoder")) if m is not None],
@@ -137,7 +138,8 @@ def load_pipeline(settings: Settings, dtype: str, prompts, calls: int,
     `from_pretrained(torch_dtype=...)` reads it (random weights: drawn in fp32, then cast), with
     the configuration's scheduler class, its LoRAs (diffusers' own loading, fused) and its tiny
     decoder in place of the VAE (as `pipe.vae = AutoencoderTiny...` does); patched by `peer`
-    when given."""
+    when given. It is given each prompt as the configuration's engine reads it
+    (`_text_inputs`)."""
     import torch
     from diffusers import StableDiffusionPipeline
 
@@ -159,6 +161,7 @@ def load_pipeline(settings: Settings, dtype: str, prompts, calls: int,
     pipe.set_progress_bar_config(disable=True)
     _fuse_loras(pipe, settings)
     prepare = apply_peer(peer, pipe) if peer is not None else None
+    text_inputs, reading_note = _text_inputs(pipe, settings, prompts, DTYPES[dtype])
     g = settings.generation
     batch = g.num_images_per_prompt
     steps = plan_steps(settings)
@@ -176,7 +179,8 @@ def load_pipeline(settings: Settings, dtype: str, prompts, calls: int,
             prepare(seed)
         generators = [torch.Generator("cpu").manual_seed(seed + k) for k in range(batch)]
         try:
-            out = pipe(prompt, negative_prompt="", num_inference_steps=steps,
+            text = text_inputs(prompt)
+            out = pipe(text.pop("prompt", None), **text, num_inference_steps=steps,
                        guidance_scale=g.guidance_scale, height=g.height, width=g.width,
                        num_images_per_prompt=batch, generator=generators, eta=eta,
                        callback_on_step_end=on_step_end)
@@ -197,8 +201,51 @@ def load_pipeline(settings: Settings, dtype: str, prompts, calls: int,
         modules=[pipe.unet, pipe.vae, pipe.text_encoder],
         passes=peer.describe() if peer else "", cost_source=(
             "flops" if peer and not peer.peer.same_work else "steps"),
-        peer=peer,
+        peer=peer, notes=[reading_note] if reading_note else [],
     )
+
+
+def _text_inputs(pipe, settings: Settings, prompts, dtype) -> tuple[
+        Callable[[str], dict[str, Any]], str]:
+    """How the pipeline gets each prompt, so that it is conditioned as the configurations it is
+    compared with: as text where diffusers reads it as their engine does (a prompt within the
+    text encoder's window, without AUTOMATIC1111 syntax: the same embeddings), else as the
+    engine's embeddings of it (chained chunks, weights), made per call from the pipeline's own
+    text encoder, since diffusers would cut it at the window or read the syntax as words. Also
+    the note naming those prompts ("" when there are none)."""
+    from sdaccel.engine.text.prompts import PromptEncoder
+
+    encoder = PromptEncoder(pipe.tokenizer, pipe.text_encoder, pipe.device, dtype,
+                            weighting=settings.prompt.weighting)
+    differing = [p for p in dict.fromkeys(prompts) if not _read_alike(encoder, p)]
+    guided = settings.generation.guidance_scale > 1.0
+
+    def inputs(prompt: str) -> dict[str, Any]:
+        if prompt not in differing:
+            return {"prompt": prompt, "negative_prompt": ""}
+        embeddings = encoder.encode([prompt], "" if guided else None)  # [negative;] prompt
+        if not guided:
+            return {"prompt_embeds": embeddings}
+        return {"prompt_embeds": embeddings[1:], "negative_prompt_embeds": embeddings[:1]}
+
+    note = "" if not differing else (
+        f"{len(differing)} of {len(dict.fromkeys(prompts))} prompt(s) exceed the text encoder's "
+        f"{encoder.window}-token window or hold AUTOMATIC1111 syntax: diffusers gets sdaccel's "
+        "embeddings of them (chained chunks, weights: prompt.weighting), as the rows compared "
+        "with it read them, where alone it cuts them or reads the syntax as words")
+    return inputs, note
+
+
+def _read_alike(encoder, prompt: str) -> bool:
+    """Whether diffusers' own reading of `prompt` (the text as is, cut at the window) is the
+    engine's: always without weighting, else when it is one chunk of unweighted tokens that
+    are diffusers' tokens."""
+    if not encoder.weighting:
+        return True
+    chunks = encoder.chunks(prompt)
+    ids = encoder.tokenizer(prompt, padding="max_length", max_length=encoder.window,
+                            truncation=True).input_ids
+    return len(chunks) == 1 and not chunks[0].weighted and chunks[0].ids == ids
 
 
 def _tiny_decoder(settings: Settings):

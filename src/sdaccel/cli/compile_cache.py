@@ -115,7 +115,7 @@ def _start(console: Console, resolved: ResolvedSettings, prompt: str | None, as_
     """The body `warm` and `load` share: a cold start compiled and stored for each of `sizes`,
     or (no sizes) a warm start from the stored entries, timed beside its cold one. Progress on
     the console, then a line (and a JSON record with --json) per start."""
-    from sdaccel import compile_cache
+    from sdaccel import compile_cache, runs
     from sdaccel.cli.render import ProgressRenderer
 
     settings, preset = resolved.settings, resolved.preset
@@ -131,8 +131,8 @@ def _start(console: Console, resolved: ResolvedSettings, prompt: str | None, as_
             reports = [_cold(result) for result in compile_cache.warm(
                 settings, preset, sizes, batch, prompt, on_event=renderer)]
         else:
-            reports = [_warm(preset, compile_cache.load(settings, preset, prompt,
-                                                        on_event=renderer))]
+            reports = [_warm(preset, runs.warm_start(settings, preset, prompt,
+                                                     on_event=renderer))]
     finally:
         renderer.close()
     for record, message in reports:
@@ -149,7 +149,7 @@ def _cold(result) -> tuple[dict, str]:
 
 
 def _warm(preset: str, result) -> tuple[dict, str]:
-    """The record and line of one timed warm start (a compile_cache.LoadResult)."""
+    """The record and line of one timed warm start (a runs.WarmStart)."""
     entry, warm_seconds = result.entry, result.warm_seconds
     cold = entry.meta.get("cold_seconds") if entry else None
     record = {"preset": preset, "key": result.key, "loaded": [e.key for e in result.loaded],

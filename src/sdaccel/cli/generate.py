@@ -67,25 +67,22 @@ def _describe(resolved) -> str:
 
 def _run(resolved, prompts: list[str], negative_prompt: str, as_json: bool,
          console: Console) -> None:
+    from sdaccel import runs
     from sdaccel.cli.render import ProgressRenderer
-    from sdaccel.compile_cache import start_engine
     from sdaccel.outputs import RunWriter
 
     settings = resolved.settings
     renderer = ProgressRenderer(console)
     console.print(_describe(resolved), highlight=False)
-    engine, _ = start_engine(settings, renderer)
+    engine, _ = runs.start_engine(settings, renderer)
     writer = RunWriter(settings, engine.components.name, engine.components.model_hash)
-    per_prompt = settings.generation.num_images_per_prompt
     try:
-        for number, prompt in enumerate(prompts):
-            results = engine.generate([prompt], negative_prompt,
-                                      seed=settings.seed + number * per_prompt)
-            for result in results:
-                record = writer.save(result)
-                renderer.image_saved(record, prompt)
-                if as_json:
-                    typer.echo(json.dumps(record))
+        jobs = runs.prompt_jobs(prompts, settings, negative_prompt)
+        for job, _index, result in runs.images(engine, jobs):
+            record = writer.save(result)  # the next free file name: a plain run never overwrites
+            renderer.image_saved(record, job.prompt)
+            if as_json:
+                typer.echo(json.dumps(record))
     finally:
         renderer.close()
         grid = writer.finish()

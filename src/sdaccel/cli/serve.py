@@ -64,6 +64,9 @@ def serve(
     console.print(f"[dim]loading {settings.settings.model_id} (preset {settings.preset})[/]",
                   highlight=False)
     app = create_app(settings.settings, limits, api_key, on_notice=notice)
+    # The model loads here, not in uvicorn's start-up, so that a model that cannot load is one
+    # line and our exit code, and "serving on" comes once it can serve.
+    app.state.server.start()
     console.print(f"serving on http://{host}:{port}  (A1111 API at /sdapi/v1, gallery at /)",
                   highlight=False)
     uvicorn.run(app, host=host, port=port, log_level=os.environ.get("SDACCEL_LOG", "warning"))

@@ -16,12 +16,14 @@ the two writes) is adopted if its PNG metadata matches the job, else the run sto
 naming it. Nothing is overwritten. Nothing here imports torch or prints.
 
 prompts_file.py reads the jobs, manifest.py keeps the records and resumes, run.py splits the
-work across processes and runs it.
+work across processes and runs it. A job, its image indices and seeds, the engine's start and
+the loop over jobs are sdaccel.runs', shared with the plain run.
 """
 
 from sdaccel.jobs.manifest import MANIFEST, ManifestFollower, read_manifest
-from sdaccel.jobs.prompts_file import JOB_KEYS, Job, check_loras, check_sizes, read_jobs
+from sdaccel.jobs.prompts_file import JOB_KEYS, check_loras, check_sizes, read_jobs
 from sdaccel.jobs.run import RunReport, process_settings, process_state, run_jobs, start
+from sdaccel.runs import Job
 
 __all__ = ["JOB_KEYS", "MANIFEST", "Job", "ManifestFollower", "RunReport", "check_loras",
            "check_sizes", "process_settings", "process_state", "read_jobs", "read_manifest",

@@ -20,8 +20,8 @@ from typing import Any
 
 from sdaccel.catalogue import SAMPLERS
 from sdaccel.errors import ConfigError, SdaccelError, writing
-from sdaccel.jobs.prompts_file import Job
 from sdaccel.outputs import IMAGE_NAME, read_metadata, temporary_file
+from sdaccel.runs import Job
 from sdaccel.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ def expected_fields(job: Job, j: int, settings: Settings) -> dict[str, Any]:
     """What a record (or PNG) of image j of `job` must say for this run to count it as done."""
     g = job.generation
     fields = {
-        "prompt": job.prompt, "negative_prompt": job.negative_prompt, "seed": job.seed + j,
+        "prompt": job.prompt, "negative_prompt": job.negative_prompt, "seed": job.seeds[j],
         "width": g.width, "height": g.height, "guidance_scale": g.guidance_scale,
         "sampler": settings.sampler.name, "schedule": settings.sampler.schedule,
         "eta": settings.sampler.eta_in_force, "model": settings.model_id,

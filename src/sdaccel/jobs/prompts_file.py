@@ -6,38 +6,22 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
 from sdaccel.errors import ConfigError, LoraError
+from sdaccel.runs import Job
 from sdaccel.settings import GenerationSettings, LoraEntry, Settings
 
 JOB_KEYS = ("prompt", "negative_prompt", "seed", "height", "width", "guidance_scale", "loras")
 GENERATION_KEYS = ("height", "width", "guidance_scale")
 
 
-@dataclass(frozen=True)
-class Job:
-    index: int  # global job index: position among the prompts file's non-blank lines
-    line: int  # 1-based line number in the prompts file
-    prompt: str
-    negative_prompt: str
-    seed: int  # seed of the job's first image; image j uses seed + j
-    generation: GenerationSettings  # the run's generation settings with this job's overrides
-    # The LoRAs of this job: the line's own "loras" (in place of the settings'), else None
-    loras: tuple[LoraEntry, ...] | None = None
-
-    def image_indices(self, per_prompt: int) -> range:
-        return range(self.index * per_prompt, (self.index + 1) * per_prompt)
-
-
-
-
 def read_jobs(path: Path, settings: Settings, negative_prompt: str = "") -> list[Job]:
-    """Every job of a prompts file, validated up front (errors name the file, line and key)."""
+    """Every job of a prompts file, validated up front (errors name the file, line and key).
+    Job i is the i-th non-blank line (sdaccel.runs.Job: its images and seeds)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"prompts file {str(path)!r} does not exist")
@@ -45,7 +29,6 @@ def read_jobs(path: Path, settings: Settings, negative_prompt: str = "") -> list
         text = path.read_text(encoding="utf-8-sig")  # a BOM is not part of line 1
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    per_prompt = settings.generation.num_images_per_prompt
     jobs: list[Job] = []
     for number, raw in enumerate(text.split("\n"), start=1):
         line = raw.strip()
@@ -53,13 +36,11 @@ def read_jobs(path: Path, settings: Settings, negative_prompt: str = "") -> list
             continue
         where = f"{path}:{number}"
         fields = _parse_line(line, where)
-        index = len(jobs)
-        seed = fields.get("seed", settings.seed + index * per_prompt)
-        jobs.append(Job(
-            index=index, line=number, prompt=fields["prompt"],
-            negative_prompt=fields.get("negative_prompt", negative_prompt), seed=seed,
-            generation=_generation(settings, fields, where),
-            loras=_loras(fields["loras"], where) if "loras" in fields else None,
+        jobs.append(Job.at(
+            len(jobs), fields["prompt"], settings,
+            negative_prompt=fields.get("negative_prompt", negative_prompt),
+            seed=fields.get("seed"), generation=_generation(settings, fields, where),
+            loras=_loras(fields["loras"], where) if "loras" in fields else None, line=number,
         ))
     if not jobs:
         raise ConfigError(f"{path}: no prompts (one per line, or one JSON object per line "
@@ -109,7 +90,7 @@ def _generation(settings: Settings, fields: dict[str, Any], where: str) -> Gener
         message = error["msg"].removeprefix("Value error, ")
         if error["type"] != "value_error":
             message += f" (got {error['input']!r})"
-        raise ConfigError(f"{where}: {key}: {message}") from None
+        raise ConfigError(f"{where}: {key}: {message}", key=f"generation.{key}") from None
 
 
 def _loras(value: Any, where: str) -> tuple[LoraEntry, ...]:
@@ -148,7 +129,5 @@ def check_sizes(jobs: list[Job], check: Callable[[int, int], None], source: Path
         try:
             check(*size)
         except ConfigError as exc:
-            raise ConfigError(f"{source}:{job.line}: {exc}") from None
+            raise ConfigError(f"{source}:{job.line}: {exc}", key=exc.key) from None
         seen.add(size)
-
-

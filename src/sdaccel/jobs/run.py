@@ -10,9 +10,11 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from sdaccel import runs
 from sdaccel.errors import SdaccelError
 from sdaccel.jobs.manifest import ManifestWriter, Plan, consolidate, manifest_record, read_manifest
-from sdaccel.jobs.prompts_file import Job, check_loras, check_sizes
+from sdaccel.jobs.prompts_file import check_loras, check_sizes
+from sdaccel.runs import Job
 
 # The end-of-run barrier waits for the slowest process; the default (10-30 min) is too short for
 # a long, unevenly split job list. A failed process still ends the run: the launcher stops all.
@@ -33,10 +35,9 @@ def process_settings(settings):
 def start(settings, jobs: list[Job], source: Path, on_event: Callable[[Any], None]):
     """The engine (warm from the compile cache) and the writer for `jobs`, with every line's size
     and LoRA files checked before any image is made (errors name the line of `source`)."""
-    from sdaccel.compile_cache import start_engine
     from sdaccel.outputs import RunWriter
 
-    engine, _ = start_engine(settings, on_event)
+    engine, _ = runs.start_engine(settings, on_event)
     check_sizes(jobs, engine.check_size, source)
     check_loras(jobs, engine.prepare_loras, source)
     return engine, RunWriter(settings, engine.components.name, engine.components.model_hash)
@@ -85,14 +86,11 @@ def run_jobs(engine, writer, jobs: list[Job], state, source: Path,
     manifest = ManifestWriter(out_dir, state.process_index)
     made = 0
     with state.split_between_processes(plan.pending) as mine:
-        for job in mine:
-            results = engine.generate([job.prompt], job.negative_prompt, seed=job.seed,
-                                      generation=job.generation, loras=job.loras)
-            for index, result in zip(job.image_indices(per_prompt), results, strict=True):
-                if index in plan.done:
-                    continue
-                manifest.append(manifest_record(writer.save(result, index=index), job))
-                made += 1
+        for job, index, result in runs.images(engine, mine):
+            if index in plan.done:
+                continue
+            manifest.append(manifest_record(writer.save(result, index=index), job))
+            made += 1
     state.wait_for_everyone()
     records: list[dict[str, Any]] = []
     if state.is_main_process:
