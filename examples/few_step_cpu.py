@@ -49,8 +49,8 @@ def write_lcm_lora_like(path: Path, seed: int = 0) -> int:
     from safetensors.torch import save_file
 
     from sdaccel.engine.loading.models import arch_dir
-    from sdaccel.shapes.train_lcm import UNET_TARGETS
-    from sdaccel.shapes.train_lora import kohya_state_dict
+    from sdaccel.training.train_lcm import UNET_TARGETS
+    from sdaccel.training.train_lora import kohya_state_dict
 
     torch.manual_seed(seed)
     with torch.device("meta"):

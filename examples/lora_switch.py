@@ -127,8 +127,7 @@ def main() -> None:
         "first_use_switch_seconds": [r["switch_seconds"] for r in rows if r["round"] == 0],
         "later_switch_seconds": later,
         "recompiles_after_first_call": rows[-1]["new_graphs"],
-        "originals_kept_bytes": sum(t.original.numel() * t.original.element_size()
-                                    for t in engine.lora._targets.values()),
+        "originals_kept_bytes": engine.lora.originals_bytes,
         "unet_bytes": sum(p.numel() * p.element_size() for p in engine.unet.parameters()),
         "rows": rows,
     }

@@ -220,11 +220,11 @@ def test_clashing_tokens_are_a_settings_error(tmp_path, vectors, tokens, message
 
 @pytest.mark.slow
 def test_a_trained_embedding_draws_its_colour(tmp_path):
-    """Textual inversion (sdaccel.shapes.train_embedding): a token learnt from images of red
+    """Textual inversion (sdaccel.training.train_embedding): a token learnt from images of red
     shapes alone draws red shapes, from both files it is saved as; the vector it started from
     (the mean of the colour words) draws no red."""
     from sdaccel.shapes import dataset, judge
-    from sdaccel.shapes.train_embedding import save, train_embedding
+    from sdaccel.training.train_embedding import save, train_embedding
 
     prompts = [f"a {{}} {shape} on a {background} background"
                for shape in dataset.SHAPES for background in ("green", "blue")]

@@ -1,5 +1,5 @@
 """Few-step generation on the bundled model: the distilled LCM LoRA (python -m
-sdaccel.shapes.train_lcm), its preset `tiny-lcm`, and the distillation's own pieces."""
+sdaccel.training.train_lcm), its preset `tiny-lcm`, and the distillation's own pieces."""
 
 import json
 
@@ -12,7 +12,7 @@ from sdaccel.engine.engine import Engine
 from sdaccel.outputs import read_metadata
 from sdaccel.settings import BUNDLED_LORAS, resolve_settings
 from sdaccel.shapes import dataset, judge
-from sdaccel.shapes.train_lcm import DDIMSolver, boundary_scalings
+from sdaccel.training.train_lcm import DDIMSolver, boundary_scalings
 
 SEEDS = (1000, 2000)  # examples/yardstick.py's and few_step.py's: caption k gets seed + k
 
@@ -77,7 +77,7 @@ def test_the_trainer_writes_both_formats_and_says_it_teaches_no_new_word(tmp_pat
     """`train_lcm --smoke` (seconds): both files load, and list the data set's words as the
     words they were trained on, so the bundled model's unknown-word warning stays plain."""
     from sdaccel.engine.lora import read_lora
-    from sdaccel.shapes.train_lcm import main
+    from sdaccel.training.train_lcm import main
 
     report = main(["--out", str(tmp_path), "--smoke"])
     kohya, diffusers = (read_lora(tmp_path / f"lcm{s}.safetensors") for s in ("", "_diffusers"))
@@ -97,7 +97,7 @@ def test_the_teacher_solver_is_ddim_on_the_lcm_schedulers_grid():
     that lands on the exact noisy point when given the true x0 and noise."""
     from diffusers import DDPMScheduler, LCMScheduler
 
-    from sdaccel.shapes.train import SCHEDULER_CONFIG
+    from sdaccel.training.train import SCHEDULER_CONFIG
 
     acp = DDPMScheduler(**SCHEDULER_CONFIG).alphas_cumprod
     solver = DDIMSolver(acp)

@@ -1,5 +1,5 @@
-"""LoRA (engine/lora.py) on a real LoRA trained here: `bundled/loras/ring*.safetensors`
-(python -m sdaccel.shapes.train_lora) teaches bundled:shapes a shape it never saw, a ring. It
+"""LoRA (engine/lora/) on a real LoRA trained here: `bundled/loras/ring*.safetensors`
+(python -m sdaccel.training.train_lora) teaches bundled:shapes a shape it never saw, a ring. It
 works, at weight 0 it is the base image, its two file formats give one image, fused equals
 unfused (and diffusers' own loading), switching returns exactly to the base weights and adds
 no recompile; the CLI, prompts files and PNG metadata carry it; bad files are one line, exit 3."""
@@ -16,12 +16,13 @@ from typer.testing import CliRunner
 
 from sdaccel.cli import app
 from sdaccel.engine.engine import Engine
+from sdaccel.engine.lora import LoraSwitcher, on_weights_changed, read_lora, trained_words
 from sdaccel.engine.sampling.samplers import build_scheduler
 from sdaccel.errors import LoraError
 from sdaccel.outputs import read_metadata
 from sdaccel.settings import LoraEntry, resolve_settings, split_lora
 from sdaccel.shapes import BUNDLED_DIR, dataset, judge
-from sdaccel.shapes.train_lora import ring_drawn
+from sdaccel.training.train_lora import ring_drawn
 
 runner = CliRunner()
 LORAS = BUNDLED_DIR.parent / "loras"
@@ -104,9 +105,13 @@ def test_fused_unfused_and_diffusers_agree(engine, tmp_path):
     from safetensors.torch import load_file
 
     fused = engine.generate([PROMPT], loras=[lora(weight=0.7)])[0]
-    unfused_engine = Engine(settings())
-    unfused_engine.lora.unfused = {"unet", "text_encoder"}
-    unfused = unfused_engine.generate([PROMPT], loras=[lora(weight=0.7)])[0]
+    # another engine's models with the LoRA as active PEFT layers, put there by a switcher of
+    # their own: the engine's own set stays empty, so it leaves them as they are
+    plain = Engine(settings())
+    LoraSwitcher({"unet": plain.unet, "text_encoder": plain.text_encoder},
+                 plain.components.name, unfused=("unet", "text_encoder")).apply(
+        [lora(weight=0.7)])
+    unfused = plain.generate([PROMPT])[0]
     assert torch.allclose(fused.latents, unfused.latents, atol=1e-4)
     assert not torch.allclose(fused.latents, engine.generate([PROMPT], loras=[])[0].latents,
                               atol=1e-2)
@@ -245,6 +250,22 @@ def test_fused_qkv_projections_follow_the_lora(engine):
                           atol=1e-4)
 
 
+def test_a_switch_calls_the_hooks_registered_on_a_model_with_the_modules_it_rewrote():
+    """How a speed pass keeps weights it derived from the model's (fuse_qkv's to_qkv) right: a
+    hook registered on the model (lora.on_weights_changed) hears of every module whose weight
+    a switch rewrote, putting the LoRA in and taking it out; a model without hooks, nothing."""
+    fresh = Engine(settings())
+    heard = []
+    on_weights_changed(fresh.unet, lambda model, names: heard.append((model, set(names))))
+    fresh.lora.apply([lora()])
+    fresh.lora.apply([lora()])  # the set in force: nothing rewritten, nothing heard
+    fresh.lora.apply([])
+    [(model, put_in), (_, taken_out)] = heard
+    assert model is fresh.unet and put_in == taken_out
+    assert read_lora(KOHYA).modules["unet"] <= put_in <= dict(fresh.unet.named_modules()).keys()
+    assert any(name.endswith(".attn1.to_q") for name in put_in)
+
+
 def test_prepacked_weights_follow_the_lora(engine):
     """optimize.prepack_weights keeps a packed copy of each weight: a switch in place must reach
     it, and switching back must give the base image again; with the `cpu` preset's other
@@ -264,10 +285,10 @@ def test_int8_text_encoder_runs_the_lora_unfused(engine):
     int8 = Engine(settings("text_encoder_dtype=int8"))
     assert int8.lora.unfused == {"text_encoder"}
     base = int8.generate([PROMPT], loras=[])[0]
-    plain = int8._embed([PROMPT])
+    plain = int8.prompts.encode([PROMPT])
     int8.generate([PROMPT], loras=[lora()])
     engine.generate([PROMPT], loras=[lora()])
-    with_lora, reference = int8._embed([PROMPT]), engine._embed([PROMPT])
+    with_lora, reference = int8.prompts.encode([PROMPT]), engine.prompts.encode([PROMPT])
     error = float((with_lora - reference).norm() / reference.norm())
     assert error < 0.025 < float((with_lora - plain).norm() / plain.norm())
     assert torch.equal(int8.generate([PROMPT], loras=[])[0].latents, base.latents)
@@ -550,8 +571,7 @@ def test_the_unknown_word_warning_knows_the_words_a_lora_in_force_teaches(tmp_pa
 def test_the_trainer_writes_both_formats_stating_the_words_they_teach(tmp_path):
     """`train_lora --smoke` (seconds): the kohya and the diffusers file both load, and both
     carry the trigger phrase the unknown-word warning reads."""
-    from sdaccel.engine.lora import read_lora
-    from sdaccel.shapes.train_lora import main
+    from sdaccel.training.train_lora import main
 
     main(["--out", str(tmp_path), "--smoke"])
     kohya, diffusers = (read_lora(tmp_path / f"ring{s}.safetensors") for s in ("", "_diffusers"))
@@ -559,8 +579,6 @@ def test_the_trainer_writes_both_formats_stating_the_words_they_teach(tmp_path):
 
 
 def test_trained_words_come_from_kohya_tags_and_the_modelspec_trigger_phrase():
-    from sdaccel.engine.lora import trained_words
-
     tags = json.dumps({"10_cats": {"a Cat, sitting": 3, "blue sky": 1}})
     assert trained_words({"ss_tag_frequency": tags}) == {"a", "cat", "sitting", "blue", "sky"}
     assert trained_words({"modelspec.trigger_phrase": "sks dog"}) == {"sks", "dog"}

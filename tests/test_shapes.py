@@ -72,7 +72,7 @@ def test_parse_caption_rejects_other_text():
 def test_tokenizer_round_trips_every_caption(tmp_path):
     from transformers import CLIPTokenizer
 
-    from sdaccel.shapes.tokenizer import MODEL_MAX_LENGTH, check_round_trip, save_tokenizer
+    from sdaccel.training.tokenizer import MODEL_MAX_LENGTH, check_round_trip, save_tokenizer
 
     save_tokenizer(tmp_path)
     tok = CLIPTokenizer.from_pretrained(str(tmp_path))
@@ -114,7 +114,7 @@ def test_judge_rejects_mismatched_captions():
 
 
 def test_caption_labels_name_every_stated_attribute():
-    from sdaccel.shapes import train
+    from sdaccel.training import train
 
     labels = train.caption_labels(
         ["a small red circle in the top left on a blue and white background", "two green stars"]
@@ -132,9 +132,9 @@ def test_smoke_training_runs_end_to_end_and_learns(tmp_path):
     measured over seeds 0-2: colour 0.72-0.81, shape 0.64-0.69; 2 steps: 0.14-0.19, 0.22-0.33)."""
     import dataclasses
 
-    from sdaccel.shapes import train
+    from sdaccel.training import train
 
-    cfg = dataclasses.replace(train._parse(["--smoke", "--out", str(tmp_path / "m")]),
+    cfg = dataclasses.replace(train.parse_args(["--smoke", "--out", str(tmp_path / "m")]),
                               text_steps=40)
     report = train.run(cfg)
     assert report["check_image_size"] == [dataset.IMAGE_SIZE, dataset.IMAGE_SIZE]
@@ -156,7 +156,7 @@ def test_vae_check_measures_what_the_vae_can_draw():
 
     import torch
 
-    from sdaccel.shapes import train
+    from sdaccel.training import train
 
     class Perfect:
         def encode(self, x):
@@ -209,7 +209,7 @@ def test_bundled_text_encoder_tells_every_stated_word_apart():
     import torch
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from sdaccel.shapes.train import tokenize
+    from sdaccel.training.train import tokenize
 
     tokenizer = CLIPTokenizer.from_pretrained(str(BUNDLED_DIR / "tokenizer"))
     encoder = CLIPTextModel.from_pretrained(str(BUNDLED_DIR / "text_encoder"))
@@ -261,13 +261,31 @@ def test_bundled_model_draws_what_the_caption_says():
     assert sum(followed) >= 3, readings
 
 
+def test_the_bundled_vocabulary_file_is_the_grammars_words_and_the_components_carry_it():
+    """bundled/shapes/vocabulary.txt is data the runtime reads (Components.vocabulary); the
+    data set module generates it (training/train.py writes it), and the two must agree."""
+    from sdaccel.engine.loading.models import VOCABULARY_FILE, load_components, read_vocabulary
+
+    assert (BUNDLED_DIR / VOCABULARY_FILE).read_text() == "\n".join(dataset.vocabulary()) + "\n"
+    assert read_vocabulary(BUNDLED_DIR) == tuple(dataset.vocabulary())
+    assert load_components("bundled:shapes").vocabulary == tuple(dataset.vocabulary())
+    assert load_components("random:tiny").vocabulary is None  # any text
+
+
+def test_unknown_words_are_the_words_outside_a_vocabulary():
+    from sdaccel.engine.text.vocabulary import unknown_words
+
+    words = dataset.vocabulary()
+    assert unknown_words("A Black circle, on a red background; black!", words) == ["black"]
+    assert unknown_words("two big red squares in the top left", words) == []
+    assert unknown_words("it's a ring", ["a"]) == ["it's", "ring"]
+
+
 def test_words_the_bundled_model_never_saw_are_named_once():
     from sdaccel.engine.engine import Engine
     from sdaccel.events import Warning
     from sdaccel.settings import resolve_settings
 
-    assert dataset.unknown_words("A Black circle, on a red background; black!") == ["black"]
-    assert dataset.unknown_words("two big red squares in the top left") == []
     seen = []
     settings = resolve_settings("tiny", overrides=["sampler.steps=1"], environ={}).settings
     engine = Engine(settings, on_event=seen.append)

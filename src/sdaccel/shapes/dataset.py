@@ -286,7 +286,7 @@ def render(scene: Scene, rng: random.Random) -> Image.Image:
     for cx, cy in _centres(rng, scene, r):
         if scene.shape == "circle":
             draw.ellipse(((cx - r) * s, (cy - r) * s, (cx + r) * s, (cy + r) * s), fill=fill)
-        elif scene.shape == "ring":  # not in SHAPES: what the LoRA of shapes/train_lora.py teaches
+        elif scene.shape == "ring":  # not in SHAPES: what training/train_lora.py teaches
             draw.ellipse(((cx - r) * s, (cy - r) * s, (cx + r) * s, (cy + r) * s), outline=fill,
                          width=round(RING_WIDTH * r * s))
         else:

@@ -2,8 +2,8 @@
 
 Usage::
 
-    python -m sdaccel.shapes.train --out src/sdaccel/bundled/shapes  # full run, ~45 min, 2 cores
-    python -m sdaccel.shapes.train --out /tmp/shapes-smoke --smoke   # seconds: train, save, reload
+    python -m sdaccel.training.train --out src/sdaccel/bundled/shapes # full run, ~45 min, 2 cores
+    python -m sdaccel.training.train --out /tmp/shapes-smoke --smoke  # seconds: train, save, reload
 
 Stages (each logged with its wall time):
 
@@ -27,8 +27,9 @@ Stages (each logged with its wall time):
    ``--unet-minutes`` is reached (learning-rate schedule follows whichever is nearer);
 6. save: a standard diffusers folder (``StableDiffusionPipeline.save_pretrained``, safetensors,
    fp16 UNet/VAE weights unless ``--fp32``) with a ``DPMSolverMultistepScheduler``
-   (DPM-Solver++) config on SD 1.x's noise schedule, and ``training.json`` with the run's
-   settings, times and losses; then reloaded with ``from_pretrained`` and used to generate.
+   (DPM-Solver++) config on SD 1.x's noise schedule, ``vocabulary.txt`` (the grammar's words)
+   and ``training.json`` with the run's settings, times and losses; then reloaded with
+   ``from_pretrained`` and used to generate.
 """
 
 from __future__ import annotations
@@ -46,10 +47,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sdaccel.engine.loading.models import VOCABULARY_FILE
 from sdaccel.shapes import dataset
-from sdaccel.shapes.tokenizer import MODEL_MAX_LENGTH, save_tokenizer
+from sdaccel.training.tokenizer import MODEL_MAX_LENGTH, save_tokenizer
 
-log = logging.getLogger("sdaccel.shapes.train")
+log = logging.getLogger("sdaccel.training.train")
 
 # SD 1.x noise schedule; DDPM/DDIM/DPM-Solver++ are all built from this config.
 SCHEDULER_CONFIG = dict(
@@ -151,7 +153,7 @@ def _lr_factor(progress: float, step: int, warmup: int) -> float:
     return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-class _Budget:
+class Budget:
     """Progress in [0, 1] as the larger of steps done / max steps and time spent / time budget."""
 
     def __init__(self, steps: int, minutes: float):
@@ -164,7 +166,7 @@ class _Budget:
         return max(step / self.steps, self.elapsed() / self.seconds if self.seconds > 0 else 0.0)
 
 
-def _log_progress(stage: str, step: int, recent: list[float], opt, budget: _Budget) -> None:
+def _log_progress(stage: str, step: int, recent: list[float], opt, budget: Budget) -> None:
     seconds = budget.elapsed()
     log.info(
         "%s step %d loss %.4f lr %.2e (%.0f s, %.2f s/step)",
@@ -177,9 +179,9 @@ def _log_progress(stage: str, step: int, recent: list[float], opt, budget: _Budg
     )
 
 
-def _train_loop(stage: str, cfg: TrainConfig, params: list, opt, budget: _Budget,
-                base_lr: float, warmup: int, loss_of, clip: bool = True,
-                after_step=None) -> tuple[int, list[float]]:
+def train_loop(stage: str, cfg: TrainConfig, params: list, opt, budget: Budget,
+               base_lr: float, warmup: int, loss_of, clip: bool = True,
+               after_step=None) -> tuple[int, list[float]]:
     """The loop every stage shares: warm-up then cosine learning rate, a step budget and a
     time budget, optional gradient clipping, logging. `loss_of(progress)` draws a batch and
     returns its loss; `after_step(step)` runs after each optimiser step (the UNet's EMA)."""
@@ -229,7 +231,7 @@ def train_vae(cfg: TrainConfig, images: torch.Tensor, gen: torch.Generator) -> t
     vae = make_vae().train()
     params = list(vae.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.vae_lr, weight_decay=0.0)
-    budget = _Budget(cfg.vae_steps, cfg.vae_minutes)
+    budget = Budget(cfg.vae_steps, cfg.vae_minutes)
     n = images.shape[0]
 
     def loss_of(progress: float) -> torch.Tensor:
@@ -240,7 +242,7 @@ def train_vae(cfg: TrainConfig, images: torch.Tensor, gen: torch.Generator) -> t
         rec = vae.decode(post.sample(generator=gen)).sample
         return F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-6 * post.kl().mean()
 
-    step, losses = _train_loop("vae", cfg, params, opt, budget, cfg.vae_lr, 30, loss_of)
+    step, losses = train_loop("vae", cfg, params, opt, budget, cfg.vae_lr, 30, loss_of)
     vae.eval()
     return vae, {
         "steps": step,
@@ -347,14 +349,14 @@ def train_text_encoder(
     ids_all, labels_all = tokenize(tokenizer, unique), caption_labels(unique)
     params = list(text_encoder.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.text_lr, weight_decay=1e-2)
-    budget = _Budget(cfg.text_steps, cfg.text_minutes)
+    budget = Budget(cfg.text_steps, cfg.text_minutes)
 
     def loss_of(progress: float) -> torch.Tensor:
         idx = torch.randint(0, len(unique), (cfg.text_batch,), generator=gen)
         logits = _attribute_logits(heads, text_encoder, ids_all[idx])
         return sum(F.cross_entropy(lg, labels_all[idx, k]) for k, lg in enumerate(logits))
 
-    step, losses = _train_loop("text", cfg, params, opt, budget, cfg.text_lr, 50, loss_of,
+    step, losses = train_loop("text", cfg, params, opt, budget, cfg.text_lr, 50, loss_of,
                                clip=False)
     text_encoder.eval().requires_grad_(False)
     held = dataset.held_out_captions()
@@ -414,7 +416,7 @@ def train_unet(
     params = list(unet.parameters())
     ema = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-2)
-    budget = _Budget(cfg.unet_steps, cfg.unet_minutes)
+    budget = Budget(cfg.unet_steps, cfg.unet_minutes)
     n = means.shape[0]
 
     def loss_of(progress: float) -> torch.Tensor:
@@ -436,10 +438,10 @@ def train_unet(
     def update_ema(step: int) -> None:
         d = min(cfg.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
-            torch._foreach_mul_(ema, d)
-            torch._foreach_add_(ema, [p.detach() for p in params], alpha=1 - d)
+            for average, p in zip(ema, params, strict=True):
+                average.mul_(d).add_(p.detach(), alpha=1 - d)
 
-    step, losses = _train_loop("unet", cfg, params, opt, budget, cfg.unet_lr, cfg.unet_warmup,
+    step, losses = train_loop("unet", cfg, params, opt, budget, cfg.unet_lr, cfg.unet_warmup,
                                loss_of, after_step=update_ema)
     with torch.no_grad():
         for p, e in zip(params, ema, strict=True):
@@ -483,6 +485,9 @@ def save_pipeline(out: Path, vae, text_encoder, tokenizer, unet, fp32: bool) -> 
     pipe.save_pretrained(str(out), safe_serialization=True)
     for m in halves:
         m.to(torch.float32)
+    # The words it knows, beside it: the engine warns of a prompt's other words (its
+    # Components.vocabulary)
+    (out / VOCABULARY_FILE).write_text("\n".join(dataset.vocabulary()) + "\n", encoding="utf-8")
 
 
 def check_reload(out: Path, prompts: list[str], steps: int, guidance: float, seed: int):
@@ -497,23 +502,10 @@ def check_reload(out: Path, prompts: list[str], steps: int, guidance: float, see
     return pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=gens).images
 
 
-def run(cfg: TrainConfig) -> dict:
-    torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    t_start = time.perf_counter()
-    report: dict = {"config": asdict(cfg)}
-
-    t0 = time.perf_counter()
-    images, captions = make_data(cfg.n_train, cfg.seed)
-    held = set(dataset.held_out_captions())
-    assert not held & set(captions), "held-out caption in the training set"
-    report["data"] = {"images": len(captions), "seconds": round(time.perf_counter() - t0, 1)}
-    log.info("data: %d images in %.1f s", len(captions), time.perf_counter() - t0)
-
+def _first_parts(cfg: TrainConfig, out: Path, images, gen: torch.Generator, report: dict):
+    """The tokenizer and a trained VAE; when resuming, a saved model's tokenizer, VAE, UNet and
+    text encoder (the UNet trains on, the rest is kept). Returns (tokenizer, vae, text_encoder,
+    unet), the last two None when they are still to be trained."""
     unet = text_encoder = None
     if cfg.resume_from:  # continue training a saved model's UNet; tokenizer, VAE, encoder kept
         from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -536,7 +528,12 @@ def run(cfg: TrainConfig) -> dict:
         vae, report["vae"] = train_vae(cfg, images, gen)
     report["vae"].update(vae_check(vae, seed=cfg.seed))
     log.info("vae: %s", report["vae"])
+    return tokenizer, vae, text_encoder, unet
 
+
+def _latents(cfg: TrainConfig, vae, images, gen: torch.Generator, report: dict):
+    """Every image's latent mean and std under `vae`, and the scaling factor that gives the
+    latents unit RMS (set on the VAE's config; a resumed VAE keeps its own)."""
     t0 = time.perf_counter()
     means, stds = encode_all(vae, images)
     sample = means + stds * torch.randn(means.shape, generator=gen)
@@ -552,6 +549,29 @@ def run(cfg: TrainConfig) -> dict:
         "seconds": round(time.perf_counter() - t0, 1),
     }
     log.info("latents: %s", report["latents"])
+    return means, stds, scaling
+
+
+def run(cfg: TrainConfig) -> dict:
+    """Every stage of the module docstring, in order; returns the report (training.json)."""
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    report: dict = {"config": asdict(cfg)}
+
+    t0 = time.perf_counter()
+    images, captions = make_data(cfg.n_train, cfg.seed)
+    held = set(dataset.held_out_captions())
+    assert not held & set(captions), "held-out caption in the training set"
+    report["data"] = {"images": len(captions), "seconds": round(time.perf_counter() - t0, 1)}
+    log.info("data: %d images in %.1f s", len(captions), time.perf_counter() - t0)
+
+    tokenizer, vae, text_encoder, unet = _first_parts(cfg, out, images, gen, report)
+    means, stds, scaling = _latents(cfg, vae, images, gen, report)
     del images
 
     if text_encoder is None:
@@ -589,9 +609,10 @@ def run(cfg: TrainConfig) -> dict:
     return report
 
 
-def _parse(argv: list[str] | None) -> TrainConfig:
+def parse_args(argv: list[str] | None) -> TrainConfig:
+    """The command line -> TrainConfig (its defaults: the shipped run)."""
     p = argparse.ArgumentParser(
-        prog="python -m sdaccel.shapes.train", description=__doc__.split("\n")[0]
+        prog="python -m sdaccel.training.train", description=__doc__.split("\n")[0]
     )
     p.add_argument("--out", required=True, help="output diffusers folder")
     d = TrainConfig(out="")
@@ -642,7 +663,7 @@ def _parse(argv: list[str] | None) -> TrainConfig:
 
 def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    return run(_parse(argv))
+    return run(parse_args(argv))
 
 
 if __name__ == "__main__":

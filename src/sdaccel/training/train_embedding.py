@@ -7,7 +7,7 @@ UNet's noise-prediction loss, starting from the mean of the palette's colour wor
 in particular). The result is saved as AUTOMATIC1111 and diffusers files, which
 `--embedding` loads:
 
-    python -m sdaccel.shapes.train_embedding --out runs/ti --colour red --steps 150
+    python -m sdaccel.training.train_embedding --out runs/ti --colour red --steps 150
 
 writes runs/ti/learned_embeds.safetensors ({"<x>": (1, 128)}) and runs/ti/learned.pt (A1111's
 layout, token "learned" after its file).

@@ -2,8 +2,8 @@
 
 Usage::
 
-    python -m sdaccel.shapes.train_lcm --out src/sdaccel/bundled/loras   # the shipped run
-    python -m sdaccel.shapes.train_lcm --out /tmp/lcm-smoke --smoke      # seconds: a check
+    python -m sdaccel.training.train_lcm --out src/sdaccel/bundled/loras   # the shipped run
+    python -m sdaccel.training.train_lcm --out /tmp/lcm-smoke --smoke      # seconds: a check
 
 The published recipe (Luo et al. 2023, "LCM-LoRA"; diffusers'
 ``examples/consistency_distillation/train_lcm_distill_lora_sd_wds.py``), at toy scale:
@@ -41,9 +41,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sdaccel.shapes import BUNDLED_DIR, dataset, judge, train, train_lora
+from sdaccel.shapes import BUNDLED_DIR, dataset, judge
+from sdaccel.training import train, train_lora
 
-log = logging.getLogger("sdaccel.shapes.train_lcm")
+log = logging.getLogger("sdaccel.training.train_lcm")
 
 # Every linear and convolution layer of the UNet's blocks, as the published LCM-LoRA targets.
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj",
@@ -115,7 +116,7 @@ def distil(cfg: LcmTrainConfig, unet, states, caption_index, empty_state, means,
     solver = DDIMSolver(acp)
     params = [p for p in unet.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    budget = train._Budget(cfg.steps, cfg.minutes)
+    budget = train.Budget(cfg.steps, cfg.minutes)
     n = means.shape[0]
     unet.train()
 
@@ -149,7 +150,7 @@ def distil(cfg: LcmTrainConfig, unet, states, caption_index, empty_state, means,
         d2 = (prediction.float() - target.float()) ** 2
         return (torch.sqrt(d2 + cfg.huber_c**2) - cfg.huber_c).mean()
 
-    step, losses = train._train_loop("lcm", cfg, params, opt, budget, cfg.lr, cfg.warmup,
+    step, losses = train.train_loop("lcm", cfg, params, opt, budget, cfg.lr, cfg.warmup,
                                      loss_of)
     unet.eval()
     curve = [round(float(np.mean(losses[i: i + 50])), 5) for i in range(0, len(losses), 50)]
@@ -186,7 +187,7 @@ def evaluate(tokenizer, text_encoder, vae, unet, smoke: bool = False) -> dict:
 
 def tag_frequency(captions: list[str]) -> dict[str, str]:
     """kohya's `ss_tag_frequency` for the training captions' words: the LoRA teaches no new
-    word, and a file that says so keeps the unknown-word warning plain (engine/lora.py)."""
+    word, and a file that says so keeps the unknown-word warning plain (engine/lora/files.py)."""
     counts = Counter(word for text in captions for word in text.split())
     return {"ss_tag_frequency": json.dumps({"shapes": dict(sorted(counts.items()))})}
 
@@ -258,9 +259,9 @@ def run(cfg: LcmTrainConfig, command: str = "") -> dict:
 def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args = sys.argv[1:] if argv is None else argv
-    cfg = train_lora.parse_config(LcmTrainConfig, "python -m sdaccel.shapes.train_lcm",
+    cfg = train_lora.parse_config(LcmTrainConfig, "python -m sdaccel.training.train_lcm",
                                   __doc__.split("\n")[0], argv)
-    return run(cfg, "python -m sdaccel.shapes.train_lcm " + " ".join(args))
+    return run(cfg, "python -m sdaccel.training.train_lcm " + " ".join(args))
 
 
 if __name__ == "__main__":

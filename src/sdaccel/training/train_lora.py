@@ -2,8 +2,8 @@
 
 Usage::
 
-    python -m sdaccel.shapes.train_lora --out src/sdaccel/bundled/loras   # ~10 min, 2 CPU cores
-    python -m sdaccel.shapes.train_lora --out /tmp/lora-smoke --smoke     # seconds: a check
+    python -m sdaccel.training.train_lora --out src/sdaccel/bundled/loras   # ~10 min, 2 CPU cores
+    python -m sdaccel.training.train_lora --out /tmp/lora-smoke --smoke     # seconds: a check
 
 The bundled model knows four shapes (circle, square, triangle, star); its tokenizer splits "ring"
 into the pieces ``ri n g``, and without a LoRA "a red ring" comes out as a filled shape. The LoRA
@@ -47,9 +47,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sdaccel.shapes import BUNDLED_DIR, dataset, judge, train
+from sdaccel.shapes import BUNDLED_DIR, dataset, judge
+from sdaccel.training import train
 
-log = logging.getLogger("sdaccel.shapes.train_lora")
+log = logging.getLogger("sdaccel.training.train_lora")
 
 NEW_SHAPE = "ring"
 # ModelSpec's field for the words a LoRA teaches: loaders, and sdaccel's unknown-word warning,
@@ -151,7 +152,7 @@ def train_lora(cfg: LoraTrainConfig, tokenizer, text_encoder, unet, means, stds,
     empty = train.tokenize(tokenizer, [""])[0]
     params = [p for m in (unet, text_encoder) for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    budget = train._Budget(cfg.steps, cfg.minutes)
+    budget = train.Budget(cfg.steps, cfg.minutes)
     n = means.shape[0]
     unet.train()
     text_encoder.train()
@@ -169,7 +170,7 @@ def train_lora(cfg: LoraTrainConfig, tokenizer, text_encoder, unet, means, stds,
         pred = unet(noise_sched.add_noise(z, noise, t), t, cond).sample
         return (F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3)) * weight[t]).mean()
 
-    step, losses = train._train_loop("lora", cfg, params, opt, budget, cfg.lr, cfg.warmup,
+    step, losses = train.train_loop("lora", cfg, params, opt, budget, cfg.lr, cfg.warmup,
                                      loss_of)
     unet.eval()
     text_encoder.eval()
@@ -365,9 +366,9 @@ def parse_config(config_class, prog: str, description: str, argv: list[str] | No
 def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args = sys.argv[1:] if argv is None else argv
-    cfg = parse_config(LoraTrainConfig, "python -m sdaccel.shapes.train_lora",
+    cfg = parse_config(LoraTrainConfig, "python -m sdaccel.training.train_lora",
                        __doc__.split("\n")[0], argv)
-    return run(cfg, "python -m sdaccel.shapes.train_lora " + " ".join(args))
+    return run(cfg, "python -m sdaccel.training.train_lora " + " ".join(args))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 A reference is one of:
   random:tiny | random:sd15     the architecture from configs shipped here, random weights (offline)
   bundled:<name>                a trained model shipped inside the package (src/sdaccel/bundled/)
+                                (its folder may hold vocabulary.txt: see Components.vocabulary)
   ./path/to/folder              a diffusers folder (model_index.json, unet/, vae/, ...)
   ./model.safetensors | .ckpt   a single-file checkpoint (original SD 1.5 layout; checkpoint.py)
   org/name[@revision]           a Hugging Face hub id (from the local cache when offline)
@@ -23,6 +24,8 @@ from sdaccel.errors import ModelNotFoundError
 RANDOM_ARCHS = ("tiny", "sd15")
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+(@[\w./-]+)?$")
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+# In a model's folder: every word its training captions used, one a line (bundled models only).
+VOCABULARY_FILE = "vocabulary.txt"
 
 
 @dataclass
@@ -34,6 +37,9 @@ class Components:
     scheduler_config: dict[str, Any]
     name: str  # what metadata calls the model
     source_file: str | None = None  # the single-file checkpoint it was loaded from, if any
+    # Every word the model was trained on, for a model trained on a closed grammar (the bundled
+    # one, from its folder's vocabulary.txt); None: any text (SD 1.5 and other models).
+    vocabulary: tuple[str, ...] | None = None
 
     @cached_property
     def model_hash(self) -> str | None:
@@ -157,6 +163,7 @@ def _pretrained_components(location: str, revision: str | None, name: str,
         tokenizer=_tokenizer(location, **common),
         scheduler_config=_scheduler_config(location, subfolder="scheduler", **common),
         name=name,
+        vocabulary=read_vocabulary(location),
     )
 
 
@@ -181,6 +188,13 @@ def _random_components(arch: str, device: str, name: str) -> Components:
         scheduler_config=_scheduler_config(folder / "scheduler"),
         name=name,
     )
+
+
+def read_vocabulary(location: str | Path) -> tuple[str, ...] | None:
+    """The words of a model folder's vocabulary.txt (one a line), None where the folder has
+    none (a hub id, SD 1.5's configs, a user's folder)."""
+    path = Path(location) / VOCABULARY_FILE
+    return tuple(path.read_text(encoding="utf-8").split()) if path.is_file() else None
 
 
 def _tokenizer(location, **kwargs):
@@ -243,4 +257,5 @@ def _single_file_components(path: str, name: str, dtypes: dict[str, Any]) -> Com
         scheduler_config=_scheduler_config(folder / "scheduler"),
         name=name,
         source_file=path,
+        vocabulary=read_vocabulary(folder),  # written from a bundled model: its words
     )

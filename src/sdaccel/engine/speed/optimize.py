@@ -1,9 +1,11 @@
 """Speed passes: one small function per optimisation, composed from `Settings.optimize`.
 
-In the manner of stable-fast's compilers: each pass does one thing to the already cast model, its
-docstring states its quality risk, and `apply_passes` runs the ones the settings switch on, in a
-fixed order. Every pass is measured by `sdaccel bench` against the plain diffusers baseline, so
-its cost in fidelity is a number, not a guess. Nothing here touches global state (the attention
+In the manner of stable-fast's compilers: each pass does one thing to the already cast model, and
+`apply_passes` runs the ones the settings switch on, in a fixed order. Every pass is measured by
+`sdaccel bench` against the plain diffusers baseline, so its cost in fidelity is a number, not a
+guess. A pass's trade-off (what it gained where measured, its quality risk) is written once: in
+the description of its `OptimizeSettings` key (sdaccel.settings), which the documentation's
+settings reference renders. Nothing here touches global state (the attention
 kernel choice is a context around each call, the inductor flags travel with the compile call),
 except `reuse_freed_memory`, a setting of the process's C allocator, which its name announces.
 """
@@ -12,12 +14,13 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from sdaccel.engine.lora.hooks import on_weights_changed
 from sdaccel.engine.speed import chunked_attention
 from sdaccel.engine.speed.heap import keep_freed_memory
 from sdaccel.engine.speed.prepack import pack_layers
@@ -52,38 +55,51 @@ def sdpa_attention(module: torch.nn.Module) -> torch.nn.Module:
 
 
 def channels_last(module: torch.nn.Module) -> torch.nn.Module:
-    """NHWC memory layout for the convolutions (faster cuDNN/inductor kernels on tensor cores).
-
-    Quality risk: none beyond float reassociation (fp32 latents agree within ~1e-5)."""
+    """NHWC memory layout for the convolutions. Trade-off: `OptimizeSettings.channels_last`."""
     return module.to(memory_format=torch.channels_last)
 
 
 def fuse_qkv(module: torch.nn.Module) -> torch.nn.Module:
     """One matmul for query, key and value of every self-attention (key and value of every
-    cross-attention): diffusers' `fuse_qkv_projections`, with its fused SDPA processor.
+    cross-attention): diffusers' `fuse_qkv_projections`, with its fused SDPA processor. The
+    fused weights are copies, so a LoRA switch that rewrites to_q, to_k or to_v in place calls
+    `refresh_fused_projections` (a hook registered with the LoRA code) to rebuild them.
 
-    Quality risk: none beyond float reassociation (same weights, concatenated)."""
+    Trade-off: `OptimizeSettings.fuse_qkv`."""
     if hasattr(module, "fuse_qkv_projections"):  # a tiny decoder (TAESD) has no attention
         module.fuse_qkv_projections()
+        on_weights_changed(module, refresh_fused_projections)
     return module
+
+
+def refresh_fused_projections(module: torch.nn.Module, changed: Collection[str]) -> None:
+    """The to_qkv (to_kv) weight `fuse_qkv` made, rebuilt in place from to_q, to_k, to_v where
+    some of them (`changed`: module names inside `module`) were rewritten in place."""
+    parents = {name.rpartition(".")[0] for name in changed
+               if name.rpartition(".")[2] in ("to_q", "to_k", "to_v")}
+    for parent in parents:
+        attention = module.get_submodule(parent)
+        if not getattr(attention, "fused_projections", False):
+            continue  # unfused again since (diffusers' unfuse_qkv_projections)
+        if getattr(attention, "to_qkv", None) is not None:
+            attention.to_qkv.weight.copy_(torch.cat(
+                [attention.to_q.weight, attention.to_k.weight, attention.to_v.weight]))
+        if getattr(attention, "to_kv", None) is not None:
+            attention.to_kv.weight.copy_(torch.cat(
+                [attention.to_k.weight, attention.to_v.weight]))
 
 
 def prepack_weights(module: torch.nn.Module) -> torch.nn.Module:
     """Linear and convolution weights packed once into oneDNN's layout instead of reordered on
-    every call (CPU only; see sdaccel.engine.speed.prepack). Per SD 1.5 UNet step on a Zen 4 EPYC:
-    bf16 1.5x at 256x256 and 1.1x at 512x512, fp32 2.3x at 256x256.
-
-    Quality risk: none beyond float reassociation (fp32 UNet output within ~3e-6 relative; bf16
-    as close to fp32 as eager bf16 is)."""
+    every call (CPU only; see sdaccel.engine.speed.prepack). Trade-off:
+    `OptimizeSettings.prepack_weights`."""
     pack_layers(module)
     return module
 
 
 def vae_tiling(vae: torch.nn.Module) -> torch.nn.Module:
-    """Decode in overlapping tiles (diffusers' `enable_tiling`): bounded memory at large sizes.
-
-    Quality risk: faint seams where tiles are blended, only for latents larger than one tile
-    (512 px images for SD 1.5); smaller images decode exactly as without it."""
+    """Decode in overlapping tiles (diffusers' `enable_tiling`). Trade-off:
+    `OptimizeSettings.vae_tiling`."""
     vae.enable_tiling()
     return vae
 
@@ -109,11 +125,7 @@ def attention_in_force(name: str) -> str:
 def with_attention(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
     """`fn` run with only the named SDPA kernel allowed ("flash", "efficient", "math"), or with
     bf16 CPU attention computed in chunks ("chunked", sdaccel.engine.speed.chunked_attention).
-
-    Quality risk: flash and memory-efficient kernels sum the softmax in another order (fp32
-    differences ~1e-6; in fp16 within its rounding). "math" is the reference, and slowest.
-    "chunked" rounds the softmax to bf16 before the second product (UNet output within bf16's
-    own ~1e-2 of fp32)."""
+    Trade-off of each: `OptimizeSettings.attention`."""
     name = attention_in_force(name)
     if name == "chunked":
         context = chunked_attention.ChunkedAttention
@@ -199,7 +211,8 @@ class Pass:
 
 
 # `optimize.<key>` -> its pass, run in this order (after SDPA attention). Adding a speed pass:
-# its function above, one entry here, one OptimizeSettings key (a test checks the two agree).
+# its function above, one entry here, one OptimizeSettings key whose description states its
+# trade-off (a test checks the two agree).
 PASSES: dict[str, Pass] = {
     "fuse_qkv": Pass(fuse_qkv, ("unet", "vae")),
     "channels_last": Pass(channels_last, ("unet", "vae")),
