@@ -8,7 +8,7 @@ import importlib.util
 import pytest
 import regex
 
-from sdaccel.engine.text import clip_tokenizer as ct
+from sdaccel.engine.loading import clip_tokenizer as ct
 from sdaccel.errors import ModelNotFoundError
 
 
@@ -127,9 +127,9 @@ def test_without_open_clip_the_error_says_what_to_install(monkeypatch):
 def test_random_sd15_and_folders_without_a_tokenizer_use_it(tmp_path):
     """random:sd15 (SD 1.5's configs shipped here, no tokenizer/ among them) and a user's folder
     without tokenizer/ read prompts with CLIP's tokenizer; a folder with one keeps its own."""
-    from sdaccel.engine.loading.models import _tokenizer, arch_dir, bundled_dir
+    from sdaccel.engine.loading.models import arch_dir, bundled_dir, load_tokenizer
 
     assert not (arch_dir("sd15") / "tokenizer").exists()
-    assert _tokenizer(arch_dir("sd15"))("a photo of a cat").input_ids[:3] == [49406, 320, 1125]
-    assert len(_tokenizer(tmp_path)) == 49408
-    assert len(_tokenizer(bundled_dir("shapes"))) < 1000  # the bundled model's own
+    assert load_tokenizer(arch_dir("sd15"))("a photo of a cat").input_ids[:3] == [49406, 320, 1125]
+    assert len(load_tokenizer(tmp_path)) == 49408
+    assert len(load_tokenizer(bundled_dir("shapes"))) < 1000  # the bundled model's own

@@ -23,14 +23,16 @@ from sdaccel.engine.lora import LoraSwitcher, prompt_tags, read_loras
 from sdaccel.engine.sampling.cost import UNetCost
 from sdaccel.engine.sampling.feature_cache import LayeredUNet
 from sdaccel.engine.sampling.guider import FeatureCache, Guider, UNetWrapper
-from sdaccel.engine.sampling.loop import SampleOutput, StepCallback, StepState, Track, sample
+from sdaccel.engine.sampling.loop import SampleOutput, StepCallback, StepState, sample
 from sdaccel.engine.sampling.policies import policy_for
 from sdaccel.engine.sampling.policy import StepPolicy
 from sdaccel.engine.sampling.samplers import build_scheduler
+from sdaccel.engine.sampling.track import Track
 from sdaccel.engine.speed.compile import EagerFallback, compile_callable
 from sdaccel.engine.speed.optimize import apply_passes, with_attention
 from sdaccel.engine.text.embeddings import add_embeddings, expansions, read_embeddings
 from sdaccel.engine.text.prompts import PromptEncoder, plain_text
+from sdaccel.engine.text.vocabulary import unknown_words
 from sdaccel.errors import ConfigError, ModelNotFoundError
 from sdaccel.events import (
     BatchDone,
@@ -221,8 +223,7 @@ class Engine:
                 nearest = max(1, round(value / multiple)) * multiple
                 raise ConfigError(
                     f"{key}: {value} is not a multiple of {multiple}, which model "
-                    f"{self.settings.model_id!r} needs (nearest: {nearest})"
-                )
+                    f"{self.settings.model_id!r} needs (nearest: {nearest})", key=key)
 
     @property
     def compile_fallbacks(self) -> tuple[str, ...]:
@@ -294,7 +295,7 @@ class Engine:
             self.check_size(generation.height, generation.width)
         sampler = s.sampler if sampler is None else sampler
         if problem := sampler_problem(sampler) or adaptive_problem(s.adaptive, sampler):
-            raise ConfigError(problem)
+            raise ConfigError(problem, key=problem.key)
         return (s.generation if generation is None else generation), sampler
 
     def _warn_about_prompts(self, texts: list[str]) -> None:
@@ -368,22 +369,21 @@ class Engine:
         return plans
 
     def _warn_unknown_words(self, texts: list[str]) -> None:
-        """The bundled model knows only its training captions' words: say so once per word
-        instead of drawing, say, "black" silently as purple. The LoRAs in force add the words
-        their files say they were trained on."""
-        if self.components.name != "bundled:shapes":
+        """A model that knows only its training captions' words (Components.vocabulary: the
+        bundled one) tells of a prompt's other words once each, instead of drawing, say,
+        "black" silently as purple. The LoRAs in force add the words their files say they were
+        trained on."""
+        vocabulary = self.components.vocabulary
+        if vocabulary is None:
             return
-        from sdaccel.shapes.dataset import unknown_words, vocabulary
-
-        texts = [plain_text(text) for text in texts]  # without weighting syntax
+        text = " ".join(plain_text(text) for text in texts)  # without weighting syntax
         if self.embeddings:  # nor the embeddings' tokens, which are known words now
             names = sorted((e.file.token for e in self.embeddings), key=len, reverse=True)
-            own = re.compile("|".join(rf"{re.escape(n)}(_\d+)?" for n in names), re.I)
-            texts = [own.sub(" ", text) for text in texts]
+            text = re.sub("|".join(rf"{re.escape(n)}(_\d+)?" for n in names), " ", text,
+                          flags=re.I)
         loras = self.lora.in_force()
-        taught = set().union(*(lora.trained_words or () for lora in loras))
-        new = [w for text in texts for w in unknown_words(text)
-               if w not in self._warned and w not in taught]
+        known = set(vocabulary).union(*(lora.trained_words or () for lora in loras))
+        new = [w for w in unknown_words(text, known) if w not in self._warned]
         if new:
             self._warned.update(new)
             # A LoRA whose file does not list its training words may teach these.
@@ -393,7 +393,7 @@ class Engine:
             self.on_event(Warning(
                 f"{self.components.name} never saw the word(s) {', '.join(map(repr, new))}{unless}"
                 f": it ignores them or draws a word it knows instead. It knows: "
-                f"{', '.join(vocabulary())}"))
+                f"{', '.join(vocabulary)}"))
 
     def _shallow_cost(self, latents: torch.Tensor, embeddings: torch.Tensor) -> float:
         """FLOPs of a shallow call as a fraction of a full one, counted once per size and

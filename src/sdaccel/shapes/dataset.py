@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 import random
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -339,14 +338,6 @@ def vocabulary() -> list[str]:
     for p in POSITIONS:
         words |= set(p.split())
     return sorted(words)
-
-
-def unknown_words(text: str) -> list[str]:
-    """Words of `text` outside the grammar, in order of appearance: the model never saw them
-    and draws them as some word it did see (or not at all)."""
-    known = set(vocabulary())
-    found = dict.fromkeys(w for w in re.findall(r"[a-z0-9']+", text.lower()) if w not in known)
-    return list(found)
 
 
 def all_caption_forms() -> Iterator[str]:

@@ -1,2 +1,2 @@
 """Loading: model references -> components (hub id, folder, single file, random:, bundled:),
-precision per component, tiny decoders."""
+the CLIP tokenizer built offline, precision per component, tiny decoders."""

@@ -160,7 +160,7 @@ def _pretrained_components(location: str, revision: str | None, name: str,
         unet=load(UNet2DConditionModel, "unet"),
         vae=load(AutoencoderKL, "vae"),
         text_encoder=load(CLIPTextModel, "text_encoder"),
-        tokenizer=_tokenizer(location, **common),
+        tokenizer=load_tokenizer(location, **common),
         scheduler_config=_scheduler_config(location, subfolder="scheduler", **common),
         name=name,
         vocabulary=read_vocabulary(location),
@@ -184,7 +184,7 @@ def _random_components(arch: str, device: str, name: str) -> Components:
         unet=unet,
         vae=vae,
         text_encoder=text_encoder.eval(),
-        tokenizer=_tokenizer(folder),
+        tokenizer=load_tokenizer(folder),
         scheduler_config=_scheduler_config(folder / "scheduler"),
         name=name,
     )
@@ -197,13 +197,13 @@ def read_vocabulary(location: str | Path) -> tuple[str, ...] | None:
     return tuple(path.read_text(encoding="utf-8").split()) if path.is_file() else None
 
 
-def _tokenizer(location, **kwargs):
+def load_tokenizer(location, **kwargs):
     """The model's own tokenizer/; a local folder without one (SD 1.5's configs shipped here, a
-    user's folder) gets CLIP ViT-L/14's, SD 1.5's tokenizer (engine/text/clip_tokenizer.py)."""
+    user's folder) gets CLIP ViT-L/14's, SD 1.5's tokenizer (engine/loading/clip_tokenizer.py)."""
     from transformers import CLIPTokenizer
 
     if Path(location).is_dir() and not (Path(location) / "tokenizer").is_dir():
-        from sdaccel.engine.text.clip_tokenizer import clip_tokenizer
+        from sdaccel.engine.loading.clip_tokenizer import clip_tokenizer
 
         return clip_tokenizer()
     return CLIPTokenizer.from_pretrained(location, subfolder="tokenizer", **kwargs)
@@ -253,7 +253,7 @@ def _single_file_components(path: str, name: str, dtypes: dict[str, Any]) -> Com
         unet=unet,
         vae=vae,
         text_encoder=text_encoder,
-        tokenizer=_tokenizer(folder),
+        tokenizer=load_tokenizer(folder),
         scheduler_config=_scheduler_config(folder / "scheduler"),
         name=name,
         source_file=path,

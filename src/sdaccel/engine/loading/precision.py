@@ -130,10 +130,12 @@ def check_precisions(device: torch.device, dtypes: dict[str, str]) -> None:
 
 
 def _import_bitsandbytes():
-    # Its CPU backend warns at import about an optional 4-bit kernel package we never use.
-    quiet = logging.getLogger("bitsandbytes.backends.cpu.ops")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
+    # Its CPU backend looks for an optional 4-bit kernel at import (through the `kernels`
+    # package, which warns when the Hub is offline) and warns when there is none: we never use it.
+    quiet = [logging.getLogger(name) for name in ("bitsandbytes.backends.cpu.ops", "kernels")]
+    levels = [logger.level for logger in quiet]
+    for logger in quiet:
+        logger.setLevel(logging.ERROR)
     try:
         import bitsandbytes
     except ImportError as exc:
@@ -141,7 +143,8 @@ def _import_bitsandbytes():
             f"text_encoder_dtype int8 needs bitsandbytes, which failed to import: {exc}"
         ) from None
     finally:
-        quiet.setLevel(level)
+        for logger, level in zip(quiet, levels, strict=True):
+            logger.setLevel(level)
     return bitsandbytes
 
 

@@ -35,8 +35,8 @@ import numpy as np
 import torch
 
 from sdaccel.catalogue import ESTIMATORS  # settings.UncertaintySettings.method
-from sdaccel.engine.sampling.loop import Decision
 from sdaccel.engine.sampling.policy import StepPolicy
+from sdaccel.engine.sampling.track import Decision
 
 # --------------------------------------------------------------------------- x0 and scores
 

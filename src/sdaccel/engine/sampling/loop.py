@@ -13,53 +13,16 @@ re-planned copy of the scheduler); tracks run one after the other.
 
 from __future__ import annotations
 
-import inspect
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from sdaccel.engine.sampling.guider import Guider, Slot
-
-if TYPE_CHECKING:
-    from sdaccel.engine.sampling.policies import StepPolicy
-
-
-@dataclass(frozen=True)
-class Decision:
-    """What a re-planning policy chose for one image of the batch."""
-
-    position: int
-    method: str  # the uncertainty estimator that scored it
-    score: float
-    warmup_steps: int
-    total_steps: int
-    max_steps: int
-
-
-@dataclass
-class Track:
-    """Images that follow one plan: their rows of the batch, latents, generators, scheduler."""
-
-    positions: torch.Tensor  # rows of the batch
-    latents: torch.Tensor
-    generators: list[torch.Generator]
-    scheduler: Any
-    eta: float | None = None  # the step's eta where it takes one (sampler.eta or its default)
-    index: int = 0  # the next entry of scheduler.timesteps
-
-    @cached_property
-    def step_extra(self) -> dict[str, Any]:
-        """The scheduler.step() extras, worked out once per track rather than per step."""
-        return step_kwargs(self.scheduler, self.generators, self.eta)
-
-    def select(self, rows: torch.Tensor, scheduler: Any) -> Track:
-        """The images at `rows` of this track, on `scheduler`."""
-        return Track(self.positions[rows], self.latents[rows],
-                     [self.generators[int(r)] for r in rows], scheduler, self.eta, self.index)
+from sdaccel.engine.sampling.policy import StepPolicy
+from sdaccel.engine.sampling.track import Decision, Track
 
 
 @dataclass(frozen=True)
@@ -101,19 +64,6 @@ def solver_steps(scheduler: Any) -> int:
     """Solver steps in the scheduler's plan. Its timesteps list one entry per UNet call, and a
     step of an order-2 scheduler (Heun) takes two calls but the first: 2n - 1 for n steps."""
     return math.ceil(len(scheduler.timesteps) / scheduler.order)
-
-
-def step_kwargs(scheduler: Any, generators: Sequence[torch.Generator],
-                eta: float | None = None) -> dict[str, Any]:
-    """The per-step extras this scheduler takes: its noise generators, and its eta (DDIM, TCD)
-    as given, else 0 as StableDiffusionPipeline's own default passes it."""
-    accepted = inspect.signature(scheduler.step).parameters
-    kwargs: dict[str, Any] = {}
-    if "eta" in accepted:
-        kwargs["eta"] = 0.0 if eta is None else eta
-    if "generator" in accepted:
-        kwargs["generator"] = list(generators)
-    return kwargs
 
 
 def sample(track: Track, guider: Guider, policy: StepPolicy,

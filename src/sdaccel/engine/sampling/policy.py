@@ -18,14 +18,10 @@ per-batch state only from there.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
 from sdaccel.engine.sampling.guider import COND, UNCOND, Guider, Slot
-
-if TYPE_CHECKING:
-    from sdaccel.engine.sampling.loop import Decision, Track
+from sdaccel.engine.sampling.track import Decision, Track
 
 
 class StepPolicy:

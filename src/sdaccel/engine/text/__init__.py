@@ -1,2 +1,2 @@
-"""Text: prompts -> conditioning (A1111 weights, BREAK, long prompts), the CLIP tokenizer,
-textual-inversion embeddings."""
+"""Text: prompts -> conditioning (A1111 weights, BREAK, long prompts), textual-inversion
+embeddings, a model's vocabulary."""
