@@ -25,7 +25,7 @@ from sdaccel.catalogue import (
 from sdaccel.errors import ConfigError
 from sdaccel.settings import SamplerSettings, UncertaintySettings
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ADAPTIVE_GUIDE = Path(__file__).resolve().parents[1] / "docs" / "adaptive.md"
 
 
 def bundled_scheduler_config() -> dict:
@@ -143,18 +143,18 @@ def test_eta_defaults_are_those_of_the_samplers_steps():
     assert catalogue.sampler("tcd").eta == 0.3 and catalogue.sampler("ddim").eta == 0.0
 
 
-def test_every_estimator_is_an_adaptive_function_the_planner_accepts():
+def test_every_estimator_is_an_adaptive_function_the_replan_policy_accepts():
     from sdaccel.engine.sampling import adaptive
 
     for name in ESTIMATORS:
         assert callable(getattr(adaptive, name))
-        adaptive.Planner(name, 2, 3, 4, 0.1, 0.2)
+        adaptive.Replan(name, 2, 3, 4, 0.1, 0.2)
 
 
-def test_readme_names_the_re_plannable_samplers():
-    text = README.read_text()
+def test_the_adaptive_guide_names_the_re_plannable_samplers():
+    text = ADAPTIVE_GUIDE.read_text()
     line = re.search(r"Samplers that can re-plan: (.*?) \(", text)
-    assert line, "README lost its 'Samplers that can re-plan:' sentence"
+    assert line, "docs/adaptive.md lost its 'Samplers that can re-plan:' sentence"
     assert re.findall(r"`([^`]+)`", line.group(1)) == list(REPLANNABLE)
 
 

@@ -7,7 +7,7 @@ source of src/, tests/ and examples/ with `ast`:
    may use the private names of `self`, `cls` and of the classes it defines itself;
 2. no test or example replaces what an Engine has (`engine.x = ...`, `engine.x.y = ...`,
    `monkeypatch.setattr(engine, ...)`, `setattr(engine.unet, ...)`) or an attribute of one of
-   sdaccel's classes (`Engine.generate = ...`, `monkeypatch.setattr(StepwiseDenoiser, ...)`):
+   sdaccel's classes (`Engine.generate = ...`, `monkeypatch.setattr(PerStep, ...)`):
    they use the engine's public seams instead.
 
 Third-party private names that sdaccel cannot do without are in ALLOWED, each with its reason.
@@ -255,8 +255,8 @@ def test_the_reader_finds_each_kind_of_violation():
     """The rules on a made-up test file: what they catch and what they leave."""
     source = '''
 from sdaccel.engine.engine import Engine
-from sdaccel.engine.sampling.stepwise import StepwiseDenoiser
-from sdaccel.engine.loading.models import _tokenizer
+from sdaccel.engine.sampling.stepwise import PerStep
+from sdaccel.engine.loading.models import _arch
 import torch._dynamo
 import torch._secret
 
@@ -273,7 +273,7 @@ def test(monkeypatch, tmp):
     other.lora.unfused = {"unet"}
     monkeypatch.setattr(engine, "on_event", print)
     monkeypatch.setattr("sdaccel.compile_cache._load_artifacts", None)
-    StepwiseDenoiser.decide = None
+    PerStep.decide = None
     getattr(tmp, "_hidden")
     torch._dynamo.reset()
     tmp.public = 1
