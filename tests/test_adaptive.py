@@ -129,8 +129,8 @@ def test_batch_images_get_their_own_plans_and_honest_nfe(monkeypatch, unet_calls
 
     # Each image equals the same decision made for it alone (batch size changes arithmetic only).
     monkeypatch.setattr(adaptive_module, "pred_var", lambda history: torch.tensor([1.0]))
-    engine.settings.generation.num_images_per_prompt = 1
-    alone = engine.generate(["a red circle"], seed=4)[0]
+    one = engine.settings.generation.model_copy(update={"num_images_per_prompt": 1})
+    alone = engine.generate(["a red circle"], seed=4, generation=one)[0]
     assert alone.steps == 9
     assert (alone.latents - results[1].latents).abs().max().item() <= 1e-4
 
@@ -177,14 +177,13 @@ def test_predicted_x0_is_the_schedulers_own(sampler, prediction):
     sample, output = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
     for t in scheduler.timesteps[[1, 5, 9]]:
         ours = predicted_x0(scheduler, sample, output, t)
-        scheduler._step_index = None  # the scheduler finds t's index in its plan
+        scheduler.set_timesteps(10)  # a fresh plan: step() finds t's index in it
+        noise = ({"generator": torch.Generator().manual_seed(0)}
+                 if "generator" in inspect.signature(scheduler.step).parameters else {})
+        step = scheduler.step(output, t, sample, **noise, return_dict=True)
         if isinstance(scheduler, (diffusers.DPMSolverMultistepScheduler,
                                   diffusers.UniPCMultistepScheduler)):
-            scheduler._init_step_index(t)
-            theirs = scheduler.convert_model_output(output, sample=sample)
+            theirs = scheduler.model_outputs[-1]  # step()'s convert_model_output, kept
         else:
-            noise = ({"generator": torch.Generator().manual_seed(0)}
-                     if "generator" in inspect.signature(scheduler.step).parameters else {})
-            theirs = scheduler.step(output, t, sample, **noise,
-                                    return_dict=True).pred_original_sample
+            theirs = step.pred_original_sample
         assert torch.allclose(ours, theirs, rtol=1e-5, atol=1e-5), (sampler, float(t))

@@ -172,18 +172,26 @@ def test_installed_console_script(tmp_path):
 
 
 def test_interrupt_keeps_finished_images(tmp_path, monkeypatch):
+    """Ctrl-C while the second prompt's batch runs (raised from its first UNet call, through
+    the engine's UNet-wrapper seam): the first prompt's image stays, the exit code is 130."""
+    from sdaccel import runs
     from sdaccel.engine.engine import Engine
 
-    real_generate = Engine.generate
-    calls = []
+    timesteps = []
 
-    def interrupted_on_second_prompt(self, prompts, *args, **kwargs):
-        calls.append(prompts)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_generate(self, prompts, *args, **kwargs)
+    def interrupted_on_second_prompt(call):
+        def unet(unet_input):
+            timesteps.append(float(unet_input.timestep))
+            if timesteps.count(timesteps[0]) == 2:  # the plan starts over: the second batch
+                raise KeyboardInterrupt
+            return call(unet_input)
+        return unet
 
-    monkeypatch.setattr(Engine, "generate", interrupted_on_second_prompt)
+    def start_engine(settings, on_event, environ=None):
+        return Engine(settings, on_event=on_event,
+                      unet_wrappers=[interrupted_on_second_prompt]), []
+
+    monkeypatch.setattr(runs, "start_engine", start_engine)
     result = invoke("generate", "one", "two", "three", *TINY_FLAGS, "--out-dir", str(tmp_path))
     assert result.exit_code == 130
     assert "Interrupted" in result.stderr

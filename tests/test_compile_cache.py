@@ -103,7 +103,7 @@ def test_device_auto_on_a_cuda_machine_records_the_gpu(cache, monkeypatch):
     assert entry.meta["graph_settings"]["device"] == "cuda"
     assert entry.meta["graph_hash"] == cc.graph_hash(tiny_settings(*COMPILED, "device=cuda"))
     # ... and on that machine the entry is found and judged usable for device: auto.
-    monkeypatch.setattr("sdaccel.compile_cache._load_artifacts", lambda data: None)
+    monkeypatch.setattr("sdaccel.compile_cache.load_artifacts", lambda data: None)
     events = []
     assert [e.key for e in cc.load_matching(settings, events.append)] == [entry.key]
     assert events == []

@@ -112,14 +112,13 @@ def test_eta_reaches_the_step(engine):
     assert (gamma_0 - gamma_default).abs().max().item() > 1e-2
 
 
-def test_heun_reports_its_steps_and_its_unet_calls(engine, monkeypatch):
+def test_heun_reports_its_steps_and_its_unet_calls():
     """Heun's plan is 2n - 1 UNet calls for n steps: an image says n steps (A1111's `Steps`),
     its nfe and cost count every call, and progress counts calls from start to end."""
     events = []
-    monkeypatch.setattr(engine, "on_event", events.append)
-    result = engine.generate(PROMPTS[:1], seed=3, sampler=SamplerSettings(name="heun", steps=5),
-                             generation=engine.settings.generation.model_copy(
-                                 update={"guidance_scale": 7.5}))[0]
+    engine = Engine(tiny_settings("generation.guidance_scale=7.5"), on_event=events.append)
+    result = engine.generate(PROMPTS[:1], seed=3,
+                             sampler=SamplerSettings(name="heun", steps=5))[0]
     assert (result.steps, result.nfe, result.cost, result.decisions) == (5, 18, 9.0, "F" * 9)
     started = next(e for e in events if isinstance(e, BatchStarted))
     steps = [(e.step, e.total_steps) for e in events if isinstance(e, StepDone)]

@@ -60,7 +60,7 @@ def _cpu_with(monkeypatch, amx: bool, avx512_bf16: bool, arm: set[str] = frozens
 
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
-    monkeypatch.setattr(precision, "_arm_features", lambda: set(arm))
+    monkeypatch.setattr(precision, "arm_features", lambda: set(arm))
 
 
 @pytest.mark.parametrize(("amx", "avx512_bf16", "arm", "feature"), [

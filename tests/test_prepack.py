@@ -54,8 +54,8 @@ def test_one_packing_serves_every_batch_and_size_with_the_plain_layers_output(dt
         for shape in [(2, 8, 16, 16), (1, 8, 16, 16), (3, 8, 8, 8), (2, 8, 32, 32)]:
             x = torch.randn(shape).to(dtype)
             assert relative(packed(x), plain(x)) < bound, shape
-    assert all(isinstance(layer._packed, torch.Tensor) and layer._packed.is_mkldnn
-               for layer in packed.modules() if isinstance(layer, prepack._Packed))
+    assert all(isinstance(layer.packed, torch.Tensor) and layer.packed.is_mkldnn
+               for layer in packed.modules() if isinstance(layer, prepack.Packed))
 
 
 def test_a_weight_changed_in_place_is_packed_again():

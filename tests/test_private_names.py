@@ -208,7 +208,9 @@ class Reader(ast.NodeVisitor):
 
     def _check_targets(self, node: ast.AST, targets: list[ast.AST]) -> None:
         for target in targets:
-            if isinstance(target, ast.Attribute):
+            if isinstance(target, (ast.Tuple, ast.List)):  # a, b.c = ...: each one
+                self._check_targets(node, target.elts)
+            elif isinstance(target, ast.Attribute):
                 self._check_replacement(node, target.value, f"{dotted(target) or '...'} = ...")
 
     def visit_Assign(self, node: ast.Assign) -> None:
@@ -270,6 +272,7 @@ def test(monkeypatch, tmp):
     other = Engine(None)
     engine._unet_forward(1)
     other.layered = None
+    other.prompts.weighting, x = False, 1
     other.lora.unfused = {"unet"}
     monkeypatch.setattr(engine, "on_event", print)
     monkeypatch.setattr("sdaccel.compile_cache._load_artifacts", None)
@@ -280,4 +283,4 @@ def test(monkeypatch, tmp):
     Own()._mine
 '''
     found = Reader(ast.parse(source), test_or_example=True).found
-    assert [line for line, _ in found] == [4, 6, 16, 17, 18, 19, 20, 21, 22, 25], found
+    assert [line for line, _ in found] == [4, 6, 16, 17, 18, 19, 20, 21, 22, 23, 26], found

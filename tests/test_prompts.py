@@ -69,15 +69,13 @@ PLAIN = ["a red circle on a blue background", "two green squares", "", "photo: a
 
 @pytest.mark.parametrize("weighting", [True, False])
 def test_plain_prompts_are_encoded_exactly_as_before(tiny, weighting):
-    tiny.prompts.weighting = weighting
-    try:
-        assert torch.equal(tiny.prompts.encode(PLAIN), diffusers_embeddings(tiny, PLAIN))
-        guided = tiny.encode_prompts(PLAIN[:2], "blurry", tiny.settings.generation.model_copy(
-            update={"num_images_per_prompt": 2, "guidance_scale": 7.5}))
-    finally:
-        tiny.prompts.weighting = True
-    expected = torch.cat([diffusers_embeddings(tiny, ["blurry"] * 2),
-                          diffusers_embeddings(tiny, PLAIN[:2])]).repeat_interleave(2, dim=0)
+    engine = tiny if weighting else Engine(tiny_settings("prompt.weighting=false"))
+    assert engine.prompts.weighting is weighting
+    assert torch.equal(engine.prompts.encode(PLAIN), diffusers_embeddings(engine, PLAIN))
+    guided = engine.encode_prompts(PLAIN[:2], "blurry", engine.settings.generation.model_copy(
+        update={"num_images_per_prompt": 2, "guidance_scale": 7.5}))
+    expected = torch.cat([diffusers_embeddings(engine, ["blurry"] * 2),
+                          diffusers_embeddings(engine, PLAIN[:2])]).repeat_interleave(2, dim=0)
     assert torch.equal(guided, expected)
 
 
@@ -125,27 +123,25 @@ def test_escaped_brackets_are_text(tiny):
 # ---------------------------------------------------------------------------- chunks
 
 
-def test_a_150_token_prompt_is_two_chunks_and_the_negative_prompt_is_padded(tiny):
+def test_a_150_token_prompt_is_two_chunks_and_the_negative_prompt_is_padded():
     events = []
-    tiny.prompts.on_event = events.append
-    try:
-        prompt = " ".join(["a"] * 150)  # 150 tokens: two chunks of 75
-        chunks = tiny.prompts.chunks(prompt)
-        embeddings = tiny.encode_prompts([prompt], "blurry", tiny.settings.generation.model_copy(
-            update={"guidance_scale": 7.5}))
-    finally:
-        tiny.prompts.on_event = tiny.on_event
+    engine = Engine(tiny_settings(), on_event=events.append)  # the prompt encoder's Warnings
+    prompt = " ".join(["a"] * 150)  # 150 tokens: two chunks of 75
+    chunks = engine.prompts.chunks(prompt)
+    embeddings = engine.encode_prompts([prompt], "blurry", engine.settings.generation.model_copy(
+        update={"guidance_scale": 7.5}))
     assert not events  # nothing is cut: nothing to say
-    assert [c.ids.count(tiny.tokenizer.convert_tokens_to_ids("a</w>")) for c in chunks] == [75] * 2
-    assert all(c.ids[0] == tiny.tokenizer.bos_token_id and c.ids[76] == tiny.tokenizer.eos_token_id
+    tokenizer = engine.tokenizer
+    assert [c.ids.count(tokenizer.convert_tokens_to_ids("a</w>")) for c in chunks] == [75] * 2
+    assert all(c.ids[0] == tokenizer.bos_token_id and c.ids[76] == tokenizer.eos_token_id
                for c in chunks)
     assert embeddings.shape == (2, 154, 32)
     uncond, cond = embeddings
-    chunk = diffusers_embeddings(tiny, [" ".join(["a"] * 75)])[0]
+    chunk = diffusers_embeddings(engine, [" ".join(["a"] * 75)])[0]
     assert torch.equal(cond[:77], chunk) and torch.equal(cond[77:], chunk)
     # The negative prompt: its own chunk, then the empty prompt's.
-    assert torch.equal(uncond[:77], diffusers_embeddings(tiny, ["blurry"])[0])
-    assert torch.equal(uncond[77:], diffusers_embeddings(tiny, [""])[0])
+    assert torch.equal(uncond[:77], diffusers_embeddings(engine, ["blurry"])[0])
+    assert torch.equal(uncond[77:], diffusers_embeddings(engine, [""])[0])
 
 
 def test_prompts_of_one_batch_are_padded_to_the_longest(tiny):
@@ -180,13 +176,10 @@ def test_a_full_chunk_breaks_after_its_last_comma(tiny):
     assert chunks[1].ids[1:12] == [b] * 10 + [tiny.tokenizer.eos_token_id]
 
 
-def test_weighting_off_cuts_long_prompts_and_says_how_much(tiny):
+def test_weighting_off_cuts_long_prompts_and_says_how_much():
     events = []
-    tiny.prompts.on_event, tiny.prompts.weighting = events.append, False
-    try:
-        embeddings = tiny.prompts.encode([" ".join(["a"] * 80)])
-    finally:
-        tiny.prompts.on_event, tiny.prompts.weighting = tiny.on_event, True
+    engine = Engine(tiny_settings("prompt.weighting=false"), on_event=events.append)
+    embeddings = engine.prompts.encode([" ".join(["a"] * 80)])
     assert embeddings.shape == (1, 77, 32)
     assert len(events) == 1 and isinstance(events[0], Warning)
     assert "80 tokens" in events[0].message and "last 5 token(s) are cut" in events[0].message

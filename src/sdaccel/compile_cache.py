@@ -259,7 +259,7 @@ def load_matching(settings: Settings, on_event: EventHandler = ignore,
         try:
             marker = (str(artifacts), artifacts.stat().st_mtime)
             if marker not in _loaded:
-                _load_artifacts(artifacts.read_bytes())
+                load_artifacts(artifacts.read_bytes())
                 if (entry.path / KERNELS).is_file():
                     _unpack_kernels(entry.path / KERNELS)
                 _loaded.add(marker)
@@ -272,7 +272,7 @@ def load_matching(settings: Settings, on_event: EventHandler = ignore,
     return loaded
 
 
-def _load_artifacts(data: bytes) -> None:
+def load_artifacts(data: bytes) -> None:
     """torch.compiler.load_cache_artifacts, failing loudly: torch itself only logs a traceback
     (through its own handler) and returns None for bytes it cannot read."""
     quiet = logging.getLogger("torch.compiler._cache")

@@ -72,10 +72,11 @@ def cpu_bf16_support() -> str | None:
         return "AMX"
     if torch.cpu._is_avx512_bf16_supported():
         return "AVX512-BF16"
-    return "Arm BF16" if "bf16" in _arm_features() else None
+    return "Arm BF16" if "bf16" in arm_features() else None
 
 
-def _arm_features() -> set[str]:
+def arm_features() -> set[str]:
+    """The CPU flags /proc/cpuinfo lists as Arm `Features` (empty elsewhere)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:

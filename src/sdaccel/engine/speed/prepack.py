@@ -31,10 +31,16 @@ def packable_dtypes() -> set[torch.dtype]:
     return dtypes
 
 
-class _Packed:
-    """The packed weight of one layer, kept beside the layer's own weight."""
+class Packed:
+    """The packed weight of one layer, kept beside the layer's own weight (the base of the
+    packed layer classes: `isinstance(layer, Packed)` tells a packed layer)."""
 
     _PACKED = ("_packed", "_packed_key")
+
+    @property
+    def packed(self) -> torch.Tensor | None:
+        """The oneDNN weight the last call used; None before a first call (and in a copy)."""
+        return self.__dict__.get("_packed")
 
     def _fits(self, x: torch.Tensor) -> bool:
         """The packed kernels take plain CPU tensors without autograd: anything else (fake
@@ -59,7 +65,7 @@ class _Packed:
         return {k: v for k, v in self.__dict__.items() if k not in self._PACKED}
 
 
-class PackedLinear(_Packed, nn.Linear):
+class PackedLinear(Packed, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._fits(x):
             return super().forward(x)
@@ -69,7 +75,7 @@ class PackedLinear(_Packed, nn.Linear):
         return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
 
 
-class PackedConv2d(_Packed, nn.Conv2d):
+class PackedConv2d(Packed, nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._fits(x):
             return super().forward(x)
@@ -107,7 +113,7 @@ def unpack_layers(module: nn.Module) -> None:
     """Undo `pack_layers` in place: plain `nn.Linear` / `nn.Conv2d` again (for a tracer such as
     torch.compile or OpenVINO's converter, or an eager baseline)."""
     for layer in module.modules():
-        if isinstance(layer, _Packed):
+        if isinstance(layer, Packed):
             layer.__class__ = nn.Linear if isinstance(layer, nn.Linear) else nn.Conv2d
-            for name in _Packed._PACKED:
+            for name in Packed._PACKED:
                 layer.__dict__.pop(name, None)
