@@ -1,6 +1,8 @@
 """The engine's public seams: UNet wrappers, a step policy handed to the engine, the per-step
 callback. Examples and tests extend the engine through these, never by patching its names."""
 
+import typing
+
 import torch
 from helpers import tiny_settings
 
@@ -72,6 +74,10 @@ def test_a_policy_handed_to_the_engine_runs_and_reports_its_work():
 
 
 def test_policies_are_chosen_by_name():
-    assert set(POLICIES) == {"plain", "replan", "per_step"}
+    """Every mode the settings accept names a registered policy, and every policy but the
+    plain one (adaptive off) is a mode."""
+    modes = typing.get_args(AdaptiveSettings.model_fields["mode"].annotation)
+    assert set(POLICIES) == {"plain", *modes}
+    assert all(POLICIES[name](AdaptiveSettings()).name == name for name in POLICIES)
     assert policy_for(AdaptiveSettings()).name == "plain"
     assert policy_for(AdaptiveSettings(enabled=True, mode="per_step")).name == "per_step"
