@@ -159,6 +159,8 @@ def main() -> int:
         f"total {time.perf_counter() - started:.0f} s; torch {merged.versions['torch']}, "
         f"diffusers {merged.versions['diffusers']}"
     )
+    for message, labels in merged.warnings().items():
+        print(f"warning: {', '.join(labels)}: {message}")
     for row in merged.rows:
         if row.notes:
             print(f"note: {row.label}: {row.notes}")

@@ -11,53 +11,52 @@ import mmap
 import re
 
 import pytest
-from diffusers import StableDiffusionPipeline
 from helpers import TINY, set_flags, tiny_settings
 from typer.testing import CliRunner
 
 from sdaccel import bench, gpu_stats
 from sdaccel.bench import runner as bench_runner
 from sdaccel.cli import app
-from sdaccel.engine.engine import Engine
 from sdaccel.errors import ConfigError
 
 PROMPTS = ["a red circle", "two blue squares"]
 runner = CliRunner()
 
 
-def _counting(calls: list):
-    """Wrap Engine.generate and StableDiffusionPipeline.__call__ to record (runner, prompt,
-    seed) of every call; engines are named e0, e1, ... in the order they are first called."""
-    generate, pipeline_call = Engine.generate, StableDiffusionPipeline.__call__
-    names: dict[int, str] = {}
+def _after_each_call(monkeypatch, after):
+    """Wrap the call of every row the runner loads (through the runner's loaders, public names
+    of its module): `after(row, prompt, seed)` runs after each call. Tests count the calls and
+    script the runner's clock with it."""
+    def wrapped(load):
+        def loader(*args, **kwargs):
+            row = load(*args, **kwargs)
+            call = row.call
 
-    def counting_generate(self, prompts, negative_prompt="", seed=None):
-        name = names.setdefault(id(self), f"e{len(names)}")
-        calls.append((name, prompts[0], seed))
-        return generate(self, prompts, negative_prompt, seed)
+            def counted(prompt, seed):
+                result = call(prompt, seed)
+                after(row, prompt, seed)
+                return result
 
-    def counting_pipeline(self, prompt, *args, **kwargs):
-        calls.append(("diffusers", prompt, kwargs["generator"][0].initial_seed()))
-        return pipeline_call(self, prompt, *args, **kwargs)
+            row.call = counted
+            return row
+        return loader
 
-    Engine.generate, StableDiffusionPipeline.__call__ = counting_generate, counting_pipeline
-    return lambda: (setattr(Engine, "generate", generate),
-                    setattr(StableDiffusionPipeline, "__call__", pipeline_call))
+    for name in ("load_engine", "load_pipeline"):
+        monkeypatch.setattr(bench_runner, name, wrapped(getattr(bench_runner, name)))
 
 
 @pytest.fixture(scope="module")
 def report_and_calls():
     calls: list = []
-    restore = _counting(calls)
     progress = []
-    try:
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        _after_each_call(monkeypatch, lambda row, prompt, seed: calls.append(
+            (row.label, prompt, seed)))
         report = bench.benchmark(
             [("fp32", "tiny"), "tiny"], PROMPTS, iters=3, warmup=1,
             overrides=[*TINY, "sampler.steps=3", "optimize.fuse_qkv=true"],
             on_progress=progress.append,
         )
-    finally:
-        restore()
     return report, calls, progress
 
 
@@ -76,7 +75,7 @@ def test_rows_baselines_and_labels(report_and_calls):
 
 def test_rows_are_warmed_up_in_turn_then_timed_in_interleaved_rounds(report_and_calls):
     report, calls, progress = report_and_calls
-    rows = ["diffusers", "e0", "e1"]  # table order: baseline, fp32, tiny
+    rows = ["diffusers fp32", "fp32", "tiny"]  # table order
     # Warm-up: each row's own call 0 in turn; then round r calls every row with call 1 + r's
     # prompt and seed (prompts in turn, seed 42 + call index).
     plan = [("a red circle", 42), ("two blue squares", 43), ("a red circle", 44),
@@ -122,20 +121,11 @@ def test_speedup_is_the_median_of_paired_per_round_ratios(monkeypatch):
     monkeypatch.setattr(bench_runner, "clock", lambda: now[0])
     base_seconds = iter([1.0, 2.0, 1.0, 4.0, 1.0])
     our_seconds = iter([0.5, 2.0, 0.25, 1.0, 1.0])  # ratios 2, 1, 4, 4, 1
-    generate, pipeline_call = Engine.generate, StableDiffusionPipeline.__call__
 
-    def slow_generate(self, *args, **kwargs):
-        result = generate(self, *args, **kwargs)
-        now[0] += next(our_seconds)
-        return result
+    def tick(row, _prompt, _seed):
+        now[0] += next(base_seconds if row.kind == "baseline" else our_seconds)
 
-    def slow_pipeline(self, *args, **kwargs):
-        result = pipeline_call(self, *args, **kwargs)
-        now[0] += next(base_seconds)
-        return result
-
-    monkeypatch.setattr(Engine, "generate", slow_generate)
-    monkeypatch.setattr(StableDiffusionPipeline, "__call__", slow_pipeline)
+    _after_each_call(monkeypatch, tick)
     report = bench.benchmark([("ours", tiny_settings("sampler.steps=1"))], PROMPTS[:1], iters=5,
                              warmup=0)
     ours, base = report.row("ours"), report.row("diffusers fp32")
@@ -460,20 +450,11 @@ def test_a_reference_rows_speedup_is_paired_with_it_round_by_round(monkeypatch):
     now = [0.0]
     monkeypatch.setattr(bench_runner, "clock", lambda: now[0])
     scripts: dict = {}
-    generate, pipeline_call = Engine.generate, StableDiffusionPipeline.__call__
 
-    def scripted_generate(self, *args, **kwargs):
-        result = generate(self, *args, **kwargs)
-        now[0] += next(scripts[self.settings.sampler.name])
-        return result
+    def tick(row, _prompt, _seed):
+        now[0] += 1.0 if row.kind == "baseline" else next(scripts[row.settings.sampler.name])
 
-    def scripted_pipeline(self, *args, **kwargs):
-        result = pipeline_call(self, *args, **kwargs)
-        now[0] += 1.0
-        return result
-
-    monkeypatch.setattr(Engine, "generate", scripted_generate)
-    monkeypatch.setattr(StableDiffusionPipeline, "__call__", scripted_pipeline)
+    _after_each_call(monkeypatch, tick)
     configs = [("slow", tiny_settings("sampler.steps=2")),
                ("fast", tiny_settings("sampler.steps=1", "sampler.name=ddim"))]
     for baselines in (True, False):
@@ -618,3 +599,57 @@ def test_the_baseline_loads_the_rows_lora_and_tiny_decoder(tmp_path):
         assert row.same_image and row.psnr_min_db > 50 and not row.drift, label
         # ... and not the image of the same model's plain baseline.
         assert metrics.psnr(report.images[row.baseline], report.images[plain]) < 40, label
+
+
+def test_the_default_bench_is_right_on_the_first_run():
+    """`sdaccel bench` on the defaults (the tiny preset, bundled:shapes): held-out captions the
+    model knows, the same images as its diffusers baseline, nothing to warn about."""
+    from sdaccel.shapes import dataset
+
+    result = runner.invoke(app, ["bench", "--iters", "2", "--warmup", "0", "--steps", "4",
+                                 "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["prompts"] == dataset.held_out_captions()[:2]
+    assert [(r["label"], r["drift"], r["same_image"]) for r in data["rows"]] == [
+        ("diffusers fp32", False, True), ("tiny", False, True)]
+    assert data["rows"][1]["psnr_min_db"] == bench.PSNR_CAP_DB
+    assert data["warnings"] == [] and "Warning" not in result.stderr
+
+
+def test_prompts_beyond_the_window_condition_the_baseline_as_the_rows_and_warn_once(tmp_path):
+    """The seed's prompts on bundled:shapes: two of them hold words the model never saw, spelt
+    in more tokens than its 16-token window. The engine reads them whole in chained chunks; the
+    baseline is given those embeddings (and says so) instead of cutting them, so the images are
+    the same and nothing drifts. A configuration that cuts them (prompt.weighting false) gets a
+    baseline that cuts them too. Each engine warning is said once for the run, naming the rows
+    that had it, not once per row."""
+    prompts = tmp_path / "seed.txt"
+    prompts.write_text("\n".join(bench.DEFAULT_PROMPTS) + "\n")
+    cut = tmp_path / "cut.yaml"
+    cut.write_text("prompt:\n  weighting: false\n")
+    result = runner.invoke(app, ["bench", "--iters", "3", "--warmup", "0", "--steps", "4",
+                                 "--prompts", str(prompts), "-p", "tiny", "-p", "tiny",
+                                 "-c", str(cut), "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    rows = {r["label"]: r for r in data["rows"]}
+    assert [(label, r["baseline"]) for label, r in rows.items()] == [
+        ("diffusers fp32", "diffusers fp32"), ("tiny", "diffusers fp32"),
+        ("tiny#2", "diffusers fp32"), ("diffusers fp32 #2", "diffusers fp32 #2"),
+        ("cut", "diffusers fp32 #2")]
+    for label in ("tiny", "tiny#2", "cut"):
+        row = rows[label]
+        assert row["same_image"] and not row["drift"], label
+        assert row["psnr_min_db"] == bench.PSNR_CAP_DB, label
+    assert rows["diffusers fp32"]["notes"].startswith("2 of 3 prompt(s) exceed the text "
+                                                      "encoder's 16-token window")
+    assert rows["diffusers fp32 #2"]["notes"] == ""
+    # Said once each, for every row that had it.
+    said = [line for line in result.stderr.splitlines() if line.startswith("Warning:")]
+    assert said and len(said) == len(set(said)) == len(data["warnings"])
+    unknown = [w for w in data["warnings"] if "never saw" in w["message"]]
+    assert unknown and all(w["rows"] == ["tiny", "tiny#2", "cut"] for w in unknown)
+    cuts = [w for w in data["warnings"] if "are cut" in w["message"]]
+    assert cuts and all(w["rows"] == ["cut"] for w in cuts)
+    assert rows["tiny"]["warnings"] == [w["message"] for w in unknown]

@@ -97,10 +97,11 @@ def device_of(settings: Settings) -> str:
 
 def baseline_key(settings: Settings, dtype: str) -> tuple:
     """Configurations with equal keys share one baseline (and one set of peer rows): the same
-    device and precision, and everything a diffusers pipeline builds from the settings (model,
-    seed, sampler, plan, size, guidance, batch, LoRAs, tiny decoder)."""
+    device and precision, everything a diffusers pipeline builds from the settings (model,
+    seed, sampler, plan, size, guidance, batch, LoRAs, tiny decoder), and the same reading of
+    prompts (prompt.weighting: the baseline is given a long prompt as the engine reads it)."""
     made = json.dumps(pipeline_recipe(settings, plan_steps(settings)), sort_keys=True)
-    return (device_of(settings), dtype, made)
+    return (device_of(settings), dtype, made, settings.prompt.weighting)
 
 
 def precision_label(settings: Settings) -> str:

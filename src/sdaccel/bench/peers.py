@@ -83,8 +83,9 @@ def _apply_deepcache(pipe, params: dict[str, Any]):
     helper = DeepCacheSDHelper(pipe=pipe)
     helper.set_params(**params)
     helper.enable()
-    pipe._sdaccel_peer = helper  # keep it with the pipeline it wraps
-    return None
+    # The helper must live as long as the pipeline it wraps is called: the row's per-call
+    # prepare (which has nothing to do) holds it.
+    return lambda _seed, helper=helper: None
 
 
 def _apply_tomesd(pipe, params: dict[str, Any]):

@@ -92,7 +92,10 @@ class Row:
     # attribute of the caption back (None: another model, or prompts that are not captions).
     alignment: float | None = None
     equal_cost_of: str | None = None  # equal-cost rows: the configuration whose cost it matches
-    notes: str = ""  # the engine's warnings during the run (e.g. a compile fallback)
+    notes: str = ""  # the bench's remarks on the row (e.g. how its baseline reads the prompts)
+    # Its engine's warnings during the run (e.g. a compile fallback), each once; the run's
+    # (BenchReport.warnings) say each once for every row that had it.
+    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -115,6 +118,15 @@ class BenchReport:
                 return row
         raise KeyError(f"no row {label!r}; rows: {', '.join(r.label for r in self.rows)}")
 
+    def warnings(self) -> dict[str, list[str]]:
+        """Each engine warning of the run, once, with the labels of the rows that had it (in
+        table order): configurations of one model repeat the same warnings."""
+        out: dict[str, list[str]] = {}
+        for row in self.rows:
+            for message in row.warnings:
+                out.setdefault(message, []).append(row.label)
+        return out
+
     def to_dict(self) -> dict[str, Any]:
         low, high = SPREAD_PERCENTILES
         return {
@@ -131,6 +143,8 @@ class BenchReport:
             "bounds": {"min_psnr_db": self.min_psnr, "min_ssim": self.min_ssim,
                        "psnr_cap_db": PSNR_CAP_DB},
             "memory_note": self.memory_note,
+            "warnings": [{"message": message, "rows": labels}
+                         for message, labels in self.warnings().items()],
             "rows": [asdict(r) for r in self.rows],
         }
 
@@ -152,8 +166,9 @@ class BenchReport:
             with path.open("w", newline="") as handle:
                 writer = csv.DictWriter(handle, fieldnames=list(asdict(self.rows[0])))
                 writer.writeheader()
-                for row in self.rows:
-                    writer.writerow(asdict(row))
+                for row in self.rows:  # a list as one cell, as notes are
+                    writer.writerow({key: "; ".join(value) if isinstance(value, list) else value
+                                     for key, value in asdict(row).items()})
         return path
 
     def plot(self, path: Path) -> Path:

@@ -387,7 +387,7 @@ def _row(c: Contestant, iters: int, warmup: int) -> Row:
         nfe=statistics.fmean(c.nfes) if c.nfes else c.nfe,
         cost=cost, cost_source=c.cost_source if cost is not None else "",
         compile_cache_entries=c.cache_entries, equal_cost_of=c.equal_cost_of,
-        notes="; ".join(c.notes),
+        notes="; ".join(c.notes), warnings=list(c.warnings),
     )
 
 

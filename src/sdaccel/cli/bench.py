@@ -23,7 +23,7 @@ def bench(
                                         "(compilation happens here).")] = 3,
     prompts_file: Annotated[Path | None, typer.Option(
         "--prompts", help="File of prompts, one per line (# comments and blank lines skipped). "
-        "[default: the seed's three prompts; held-out shape captions where a configuration "
+        "\\[default: the seed's three prompts; held-out shape captions where a configuration "
         "runs bundled:shapes]", show_default=False)] = None,
     baseline_dtype: Annotated[str, typer.Option(
         "--baseline-dtype", help="Precision of the diffusers baseline: fp32, or fp16/bf16 "
@@ -35,7 +35,7 @@ def bench(
         "--peer", help="Also run a peer package on the baseline pipeline, as its own row: "
         "deepcache or tomesd, optionally with the package's own parameters "
         "(deepcache:cache_interval=5, tomesd:ratio=0.3); repeatable. Needs "
-        "pip install 'sdaccel[peers]'.", show_default=False)] = None,
+        "pip install 'sdaccel\\[peers]'.", show_default=False)] = None,
     equal_cost: Annotated[bool, typer.Option(
         "--equal-cost", help="For each configuration whose measured cost is below its plan, "
         "also run it with adaptive compute off at that many fixed steps (equal cost).")
@@ -87,6 +87,9 @@ def bench(
         console.print(f"[green]csv[/] {report.write_csv(csv_file)}", highlight=False)
     if plot_file is not None:
         console.print(f"[green]plot[/] {report.plot(plot_file)}", highlight=False)
+    for message, labels in report.warnings().items():  # once per run, not once per row
+        console.print(f"[yellow]Warning:[/] {escape(', '.join(labels))}: {escape(message)}",
+                      highlight=False)
     for row in report.rows:
         if row.notes:
             console.print(f"[yellow]Note:[/] {escape(row.label)}: {escape(row.notes)}",

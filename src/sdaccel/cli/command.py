@@ -71,16 +71,39 @@ def stdout_console() -> Console:
 def quiet_library_logs() -> None:
     """Libraries' notices that a user cannot act on stay out of the output (errors still show):
     bitsandbytes' note on an optional 4-bit kernel, diffusers' remarks on dtype casts. The
-    libraries set their own loggers' levels when first imported, hence their own API here."""
+    libraries set their own loggers' levels when first imported, hence their own API here.
+
+    Also keeps diffusers from importing bitsandbytes with its models (`defer_bitsandbytes`)."""
     import logging
 
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # bitsandbytes' CPU backend looks for an optional 4-bit kernel on import, through the
+    # `kernels` package, which warns when the Hub is offline (every offline run with int8).
+    for name in ("bitsandbytes", "kernels"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     for library in (diffusers_logging, transformers_logging):
         library.set_verbosity_error()
         library.disable_progress_bar()  # "Loading weights" bars: our own progress is enough
+    defer_bitsandbytes()
+
+
+def defer_bitsandbytes() -> None:
+    """Let diffusers' model classes load without importing bitsandbytes (about 1 s, the import
+    that on some CPUs also asks the Hub for an optional kernel): sdaccel's int8 casts import it
+    themselves (engine/loading/precision.py) and never use diffusers' bitsandbytes quantizer.
+    diffusers decides once, when `diffusers.models` is first imported, from the flag set here;
+    a process that has already imported them, or a diffusers without the flag, is left as is.
+    A command process only: a library user's process keeps diffusers' own behaviour."""
+    import sys
+
+    from diffusers.utils import import_utils
+
+    if "diffusers.models.modeling_utils" in sys.modules or \
+            not hasattr(import_utils, "_bitsandbytes_available"):
+        return
+    import_utils._bitsandbytes_available = False
 
 
 def command(

@@ -12,7 +12,7 @@ from sdaccel.catalogue import SAMPLER_NAMES, SCHEDULES
 Preset = Annotated[
     str | None,
     typer.Option("--preset", "-p", help="Packaged preset (see inspect-config --list-presets); "
-                 "the seed's file names work too.  [default: tiny]", show_default=False),
+                 "the seed's file names work too.  \\[default: tiny]", show_default=False),
 ]
 ConfigFile = Annotated[
     Path | None,
@@ -22,7 +22,7 @@ ConfigFile = Annotated[
 Presets = Annotated[
     list[str] | None,
     typer.Option("--preset", "-p", help="Preset to measure; repeat to compare several (the "
-                 "seed's file names work too).  [default: tiny]", show_default=False),
+                 "seed's file names work too).  \\[default: tiny]", show_default=False),
 ]
 Configs = Annotated[
     list[Path] | None,
