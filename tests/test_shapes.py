@@ -291,7 +291,11 @@ def test_words_the_bundled_model_never_saw_are_named_once():
     engine = Engine(settings, on_event=seen.append)
     engine.generate(["a black circle"], negative_prompt="blurry")
     engine.generate(["a black square"])  # already said
+    engine.check_prompts(["a pink square", "a black ring"])  # a run's prompts, checked ahead
     warnings = [e.message for e in seen if isinstance(e, Warning)]
-    assert len(warnings) == 1
+    assert len(warnings) == 2
     assert "never saw the word(s) 'black', 'blurry'" in warnings[0]
     assert "It knows: a, and, background" in warnings[0]
+    # New words are named; the vocabulary, said once, is not listed again.
+    assert "never saw the word(s) 'pink', 'ring'" in warnings[1]
+    assert "It knows" not in warnings[1]

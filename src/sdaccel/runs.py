@@ -82,6 +82,8 @@ def images(engine: Engine, jobs: Iterable[Job]) -> Iterator[tuple[Job, int, Imag
     """Generate each job's batch in one engine call: (job, global image index, result) for
     every image, in order. The caller saves them (a plain run, a prompts file's manifest)."""
     per_prompt = engine.settings.generation.num_images_per_prompt
+    if isinstance(jobs, Sequence):  # all known ahead: their warnings come as one
+        engine.check_prompts([text for job in jobs for text in (job.prompt, job.negative_prompt)])
     for job in jobs:
         results = engine.generate([job.prompt], job.negative_prompt, seed=list(job.seeds),
                                   generation=job.generation, loras=job.loras)

@@ -11,6 +11,7 @@ from typing import Any
 
 from sdaccel.bench.fidelity import pipeline_recipe
 from sdaccel.errors import ConfigError
+from sdaccel.seeds import image_seeds
 from sdaccel.settings import (
     ResolvedSettings,
     Settings,
@@ -120,4 +121,5 @@ def call_plan(settings: Settings, prompts: Sequence[str], calls: int) -> list[tu
     baseline and every row draw exactly the same noise. Round r of the timed calls is call
     warmup + r for every row."""
     batch = settings.generation.num_images_per_prompt
-    return [(prompts[i % len(prompts)], settings.seed + i * batch) for i in range(calls)]
+    return [(prompts[i % len(prompts)], image_seeds(settings.seed, 1, first=i * batch)[0])
+            for i in range(calls)]

@@ -15,6 +15,7 @@ from typing import Any
 from sdaccel.bench.configs import BenchConfig, call_plan, device_of, plan_steps
 from sdaccel.bench.fidelity import pipeline_recipe, recipe
 from sdaccel.bench.peers import PeerSpec, apply_peer, peer_failure
+from sdaccel.seeds import image_seeds
 from sdaccel.settings import Settings
 
 # One call: (PIL images, step timestamps, per-image cost or None where the runner cannot say).
@@ -105,6 +106,7 @@ def load_engine(config: BenchConfig, prompts, calls: int) -> Contestant:
             warnings.append(event.message)
 
     engine, cache_entries = start_engine(settings, on_event)
+    engine.check_prompts(dict.fromkeys(prompts))  # one warning for all of them
     contestant: Contestant
 
     def call(prompt: str, seed: int) -> CallResult:
@@ -177,7 +179,7 @@ def load_pipeline(settings: Settings, dtype: str, prompts, calls: int,
         marks.clear()
         if prepare is not None:
             prepare(seed)
-        generators = [torch.Generator("cpu").manual_seed(seed + k) for k in range(batch)]
+        generators = [torch.Generator("cpu").manual_seed(k) for k in image_seeds(seed, batch)]
         try:
             text = text_inputs(prompt)
             out = pipe(text.pop("prompt", None), **text, num_inference_steps=steps,

@@ -95,29 +95,14 @@ def benchmark(
     labelled `reference` when given (speed-up paired in the same rounds, PSNR, whether it is
     meant to be the same image); `baselines=False` (with a reference only) runs no diffusers
     rows. Returns a BenchReport (`.rows`, `.to_json()`, `.write_csv()`, `.plot()`)."""
-    from sdaccel import gpu_stats
-    from sdaccel.engine.loading.precision import check_precisions, resolve_device
-
-    if iters < 1:
-        raise ConfigError(f"iters must be at least 1, got {iters}")
-    if warmup < 0:
-        raise ConfigError(f"warmup must not be negative, got {warmup}")
-    for dtype in (baseline_dtype, *also_baselines):
-        if dtype not in ("fp32", "fp16", "bf16"):
-            raise ConfigError(f"baseline dtype {dtype!r} is not valid; valid: fp32, fp16, bf16")
+    _check_counts(iters, warmup, (baseline_dtype, *also_baselines))
     progress = on_progress or (lambda _p: None)
     peer_specs = parse_peers(peers)
     configs = resolve_configs(config, overrides, flags)
     _check_reference(reference, baselines, configs, also_baselines, peer_specs)
     prompts = list(prompts or default_prompts([c.settings.model_id for c in configs],
                                               warmup + iters) or DEFAULT_PROMPTS)
-    for c in configs:  # fail before measuring anything, naming the configuration
-        try:
-            device = resolve_device(c.settings.device)
-            for dtype in (baseline_dtype, *also_baselines):
-                check_precisions(device, {"baseline": dtype})
-        except SdaccelError as exc:
-            raise type(exc)(f"configuration {c.label!r}: {exc}") from None
+    _check_devices(configs, (baseline_dtype, *also_baselines))
 
     calls = warmup + iters
     _import_libraries()
@@ -137,6 +122,40 @@ def benchmark(
             _timed_call(c, warmup + r)
             progress(BenchProgress(c.label, "timed", r + 1, iters))
 
+    rows = _rows(field, iters, warmup, min_psnr, min_ssim)
+    images = {c.label: c.images for c in field}
+    device = device_of(configs[0].settings)
+    del field  # every loaded model goes with it
+    return _report(rows, images, prompts, iters, warmup, device, peer_specs, min_psnr,
+                   min_ssim, reference)
+
+
+def _check_counts(iters: int, warmup: int, baseline_dtypes: Sequence[str]) -> None:
+    if iters < 1:
+        raise ConfigError(f"iters must be at least 1, got {iters}")
+    if warmup < 0:
+        raise ConfigError(f"warmup must not be negative, got {warmup}")
+    for dtype in baseline_dtypes:
+        if dtype not in ("fp32", "fp16", "bf16"):
+            raise ConfigError(f"baseline dtype {dtype!r} is not valid; valid: fp32, fp16, bf16")
+
+
+def _check_devices(configs: list[BenchConfig], baseline_dtypes: Sequence[str]) -> None:
+    """Fail before measuring anything, naming the configuration."""
+    from sdaccel.engine.loading.precision import check_precisions, resolve_device
+
+    for c in configs:
+        try:
+            device = resolve_device(c.settings.device)
+            for dtype in baseline_dtypes:
+                check_precisions(device, {"baseline": dtype})
+        except SdaccelError as exc:
+            raise type(exc)(f"configuration {c.label!r}: {exc}") from None
+
+
+def _rows(field: list[Contestant], iters: int, warmup: int, min_psnr: float,
+          min_ssim: float) -> list[Row]:
+    """Each contestant's row, compared with its baseline (or the reference)."""
     rows = [_row(c, iters, warmup) for c in field]
     by_label = {c.label: c for c in field}
     for row, c in zip(rows, field, strict=True):
@@ -148,14 +167,19 @@ def benchmark(
             _compare(row, c, by_label[row.baseline], min_psnr, min_ssim)
         if uses_captions(c.settings.model_id):
             row.alignment = caption_alignment(c.images, _captions(c, iters, warmup))
-    images = {c.label: c.images for c in field}
+    return rows
 
+
+def _report(rows: list[Row], images: dict, prompts: list[str], iters: int, warmup: int,
+            device, peer_specs: list[PeerSpec], min_psnr: float, min_ssim: float,
+            reference: str | None) -> BenchReport:
+    """The report, with the versions and the device's memory note (the models freed first)."""
     import diffusers
     import torch
 
-    device = device_of(configs[0].settings)
+    from sdaccel import gpu_stats
+
     resettable = gpu_stats.reset_peak(device)
-    del field, by_label, c  # every loaded model goes with them
     _free(device)
     versions = {"torch": torch.__version__, "diffusers": diffusers.__version__}
     versions.update({s.peer.package: package_version(s.peer.package) for s in peer_specs})

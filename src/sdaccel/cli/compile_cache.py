@@ -27,15 +27,15 @@ app = typer.Typer(
 )
 
 Sizes = Annotated[list[str] | None, typer.Option(
-    "--size", help="HEIGHTxWIDTH to compile for; repeatable.  [default: the settings' size]",
+    "--size", help="HEIGHTxWIDTH to compile for; repeatable.  \\[default: the settings' size]",
     show_default=False)]
 Batch = opt.shorthand(int, "--batch", "--num-images", "-n", help="Images per call "
-                      "(generation.num_images_per_prompt).  [default: the settings' value]")
+                      "(generation.num_images_per_prompt).  \\[default: the settings' value]")
 # The same flags as `generate` but --out-dir (no image is kept), so the same command line finds
 # the same entry; steps, seed and LoRAs do not change the graph, but are accepted.
 Prompt = Annotated[str | None, typer.Option(
     "--prompt", help="Prompt of the compiling call (any prompt gives the same graph).  "
-    "[default: a fixed one]", show_default=False)]
+    "\\[default: a fixed one]", show_default=False)]
 
 
 def _sizes(sizes: list[str] | None, settings) -> list[tuple[int, int]]:
@@ -81,7 +81,7 @@ def list_(console: Console, as_json: opt.Json = False) -> None:
         typer.echo(json.dumps(records, indent=2))
         return
     if not records:
-        console.print(f"compile cache {compile_dir()} is empty", highlight=False)
+        console.print(f"compile cache {escape(str(compile_dir()))} is empty", highlight=False)
         return
     table = Table(title=f"compile cache: {escape(str(compile_dir()))}", title_justify="left")
     for column in ("key", "preset", "model", "size", "batch", "torch", "triton",
@@ -122,7 +122,7 @@ def _start(console: Console, resolved: ResolvedSettings, prompt: str | None, as_
     prompt = prompt or compile_cache.DEFAULT_PROMPT
     batch = settings.generation.num_images_per_prompt
     if sizes is not None:
-        console.print(f"[dim]compiling preset {preset} ({settings.model_id}, "
+        console.print(f"[dim]compiling preset {escape(str(preset))} ({escape(settings.model_id)}, "
                       f"{settings.compile.mode}) for {', '.join(f'{h}x{w}' for h, w in sizes)}, "
                       f"batch {batch}: cold, this takes a while[/]", highlight=False)
     renderer = ProgressRenderer(console)

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from sdaccel.cli import options as opt
 from sdaccel.cli.command import EXIT_INTERRUPTED, command
@@ -61,7 +62,7 @@ def _describe(resolved) -> str:
                  f"{a.uncertainty.method})")
     else:
         steps = f"{settings.sampler.steps} steps, adaptive compute per step"
-    return (f"[dim]preset {resolved.preset}, model {settings.model_id}, "
+    return (f"[dim]preset {escape(str(resolved.preset))}, model {escape(settings.model_id)}, "
             f"{settings.sampler.name} {steps}, {settings.device}[/]")
 
 

@@ -61,7 +61,8 @@ def serve(
                + ("" if api_key else " and anyone there can use it (set --api-key)"))
     limits = Limits(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
                     max_pixels=max_pixels)
-    console.print(f"[dim]loading {settings.settings.model_id} (preset {settings.preset})[/]",
+    console.print(f"[dim]loading {escape(settings.settings.model_id)} "
+                  f"(preset {escape(str(settings.preset))})[/]",
                   highlight=False)
     app = create_app(settings.settings, limits, api_key, on_notice=notice)
     # The model loads here, not in uvicorn's start-up, so that a model that cannot load is one

@@ -120,6 +120,7 @@ class Engine:
         self.embeddings = add_embeddings(embedding_files, self.components.tokenizer,
                                          self.components.text_encoder, settings.model_id)
         self._warned: set[str] = set()  # unknown prompt words already reported
+        self._told_vocabulary = False
         self._prepare(self.components)
         self.lora.add_files(lora_files)
         self.lora.apply(settings.loras)  # fused before the first (compiling) UNet call
@@ -256,7 +257,7 @@ class Engine:
         """
         g, sampler = self._check_request(generation, sampler)
         lora_records = self._apply_loras(self.settings.loras if loras is None else loras)
-        self._warn_about_prompts([*prompts, negative_prompt])
+        self.check_prompts([*prompts, negative_prompt])
         image_prompts = [p for p in prompts for _ in range(g.num_images_per_prompt)]
         seeds = self._seeds(seed, len(image_prompts))
         scheduler = self._prepare_timesteps(sampler)
@@ -298,7 +299,11 @@ class Engine:
             raise ConfigError(problem, key=problem.key)
         return (s.generation if generation is None else generation), sampler
 
-    def _warn_about_prompts(self, texts: list[str]) -> None:
+    def check_prompts(self, texts: Sequence[str]) -> None:
+        """Warn (once per tag or word) about what in these texts the model will not read as
+        meant: LoRA tags, words outside a vocabulary. generate() checks its own prompts; a run
+        that knows all of its prompts ahead checks them together, for one warning."""
+        texts = list(texts)
         if tags := [t for t in prompt_tags(texts) if t not in self._warned]:
             self._warned.update(tags)
             self.on_event(Warning(f"{', '.join(tags)}: LoRA tags in a prompt are read as plain "
@@ -390,10 +395,12 @@ class Engine:
             silent = [lora.name for lora in loras if lora.trained_words is None]
             unless = (f" (unless the LoRA {', '.join(map(repr, silent))} teaches them: its file "
                       "lists no training words)" if silent else "")
+            # The vocabulary, long, is listed in the first such warning only.
+            knows = "" if self._told_vocabulary else f" It knows: {', '.join(vocabulary)}"
+            self._told_vocabulary = True
             self.on_event(Warning(
                 f"{self.components.name} never saw the word(s) {', '.join(map(repr, new))}{unless}"
-                f": it ignores them or draws a word it knows instead. It knows: "
-                f"{', '.join(vocabulary)}"))
+                f": it ignores them or draws a word it knows instead.{knows}"))
 
     def _shallow_cost(self, latents: torch.Tensor, embeddings: torch.Tensor) -> float:
         """FLOPs of a shallow call as a fraction of a full one, counted once per size and
