@@ -18,7 +18,10 @@ class RecordingEngine:
     """engine.generate's calls, each answered with one stand-in result per seed."""
 
     def __init__(self, settings):
-        self.settings, self.calls = settings, []
+        self.settings, self.calls, self.checked = settings, [], []
+
+    def check_prompts(self, texts):
+        self.checked.append(list(texts))
 
     def generate(self, prompts, negative_prompt="", seed=None, generation=None, sampler=None,
                  loras=None):
@@ -57,6 +60,8 @@ def test_images_runs_each_job_as_one_engine_call():
         ("a", 0, "a#42"), ("a", 1, "a#43"), ("b", 2, "b#44"), ("b", 3, "b#45")]
     assert [call[2] for call in engine.calls] == [[42, 43], [44, 45]]
     assert all(call[3] == settings.generation and call[4] is None for call in engine.calls)
+    # A run's prompts are checked together first (one warning for all of them).
+    assert engine.checked == [["a", "", "b", ""]]
 
 
 def test_the_loop_makes_the_images_the_engine_makes_alone():
