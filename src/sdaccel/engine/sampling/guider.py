@@ -32,6 +32,7 @@ class UNetInput:
     timestep: torch.Tensor
     context: torch.Tensor  # each row's text conditioning
     slots: tuple[Slot, ...]  # the (image, half) of each row
+    step: int  # the index of the step in its plan (0-based)
     shallow: bool = False  # feature caching: the shallow branch on cached deep features
 
 
@@ -52,14 +53,14 @@ class FeatureCache:
         history = self.deep.get(slot)
         return history[-1][0] if history else None
 
-    def full(self, call: UNetInput, index: int) -> torch.Tensor:
+    def full(self, call: UNetInput) -> torch.Tensor:
         out, deep = self.layered.full(call.sample, call.timestep, call.context, self.level)
         for j, slot in enumerate(call.slots):
-            self.deep[slot] = [*self.deep.get(slot, [])[-1:], (index, deep[j:j + 1])]
+            self.deep[slot] = [*self.deep.get(slot, [])[-1:], (call.step, deep[j:j + 1])]
         return out
 
-    def shallow(self, call: UNetInput, index: int) -> torch.Tensor:
-        deep = torch.cat([self._features(self.deep[slot], index) for slot in call.slots])
+    def shallow(self, call: UNetInput) -> torch.Tensor:
+        deep = torch.cat([self._features(self.deep[slot], call.step) for slot in call.slots])
         return self.layered.shallow(call.sample, call.timestep, call.context, self.level, deep)
 
     def _features(self, history: list[tuple[int, torch.Tensor]], index: int) -> torch.Tensor:
@@ -91,7 +92,6 @@ class Guider:
         self.guidance_scale = guidance_scale
         self.cache, self.shallow_cost = cache, shallow_cost
         self.halves = (COND, UNCOND) if self.guided else (COND,)
-        self._index = 0  # the step being evaluated (the feature cache keys by it)
         call = self._call_unet
         for wrap in wrappers:
             call = wrap(call)
@@ -106,7 +106,6 @@ class Guider:
         """Run the full and the shallow slots (one call each) on `model_input` (the scaled
         latents of the images at `positions` of the batch; slots count rows of it); slot ->
         its fp32 output."""
-        self._index = index
         outputs: dict[Slot, torch.Tensor] = {}
         for full in (True, False):
             chosen = sorted((s for s, f in slots.items() if f == full), key=lambda s: (s[1], s[0]))
@@ -116,7 +115,8 @@ class Guider:
             context = self.embeddings[torch.tensor([self._context_row(int(positions[k]), half)
                                                     for k, half in chosen])]
             global_slots = tuple((int(positions[k]), half) for k, half in chosen)
-            out = self._call(UNetInput(model_input[rows], t, context, global_slots, not full))
+            out = self._call(UNetInput(model_input[rows], t, context, global_slots, index,
+                                       not full))
             for j, slot in enumerate(chosen):
                 outputs[slot] = out[j].float()
         return outputs
@@ -137,8 +137,8 @@ class Guider:
         """The innermost call: the UNet (compiled, its attention kernel forced), or the layered
         one when features are cached."""
         if call.shallow:
-            return self.cache.shallow(call, self._index)
+            return self.cache.shallow(call)
         if self.cache is not None:
-            return self.cache.full(call, self._index)
+            return self.cache.full(call)
         return self.unet_forward(call.sample, call.timestep, encoder_hidden_states=call.context,
                                  return_dict=False)[0]
