@@ -63,7 +63,8 @@ class ImageResult:
     # UNet evaluations spent on it: one a step (Heun: 2 a step but the first, 2n - 1), twice
     # that with guidance (cond + uncond)
     nfe: int
-    cost: float  # UNet work in full-UNet equivalents: one full (guided) call of this image = 1
+    cost: float  # UNet work in full-UNet equivalents: one full call of this image = 1 (both
+    # halves when guided, its one row when not)
     decisions: str  # what ran at each step, one letter a step (F full, C cached, f/c cond only,
     # - skipped; see engine/sampling/stepwise.py)
     image: object  # PIL.Image.Image
