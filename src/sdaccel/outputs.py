@@ -197,7 +197,7 @@ def image_metadata(result, settings, model_name: str, model_hash: str | None = N
     from sdaccel.settings import settings_as_dict
 
     s, g = settings, result.generation
-    loras = getattr(result, "loras", ())  # the LoRA records of engine/lora.py
+    loras = getattr(result, "loras", ())  # the LoRA records of engine/lora/
     image_info = {
         "prompt": result.prompt, "negative_prompt": result.negative_prompt,
         "seed": result.seed, "steps": result.steps, "nfe": result.nfe,
