@@ -29,7 +29,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("text", ("engine.text",)),
     ("loading", ("engine.loading",)),
     ("measures", ("metrics", "gpu_stats", "shapes")),
-    ("shared records", ("outputs", "settings", "events", "seeds")),
+    ("shared records", ("outputs", "settings", "events", "seeds", "start")),
     ("leaves", ("catalogue", "errors", "cache_dir", "__init__")),  # __init__: the version
 ]
 FRONT_ENDS = LAYERS[0][1]

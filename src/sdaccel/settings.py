@@ -466,6 +466,11 @@ class GenerationSettings(_Section):
                                   "the UNet work), as diffusers does.")
     num_images_per_prompt: int = Field(1, ge=1, le=64, description="Images per prompt, made as "
                                        "one batch; image k of a run uses seed + k.")
+    strength: float = Field(0.75, gt=0, le=1, description="Not in the seed. With an init image "
+                            "(image to image, inpainting): how much of it is drawn again, "
+                            "AUTOMATIC1111's denoising strength. The sampler runs the last "
+                            "`strength` x steps of its plan, from the image's latents noised to "
+                            "that point (as diffusers' img2img pipeline); 1 starts from noise.")
 
     @field_validator("height", "width")
     @classmethod
@@ -474,6 +479,24 @@ class GenerationSettings(_Section):
             nearest = max(1, round(value / 8)) * 8
             raise ValueError(f"must be a multiple of 8, got {value} (nearest: {nearest})")
         return value
+
+
+class HiresSettings(_Section):
+    """Not in the seed. AUTOMATIC1111's hires fix: generate at the settings' size, upscale, then
+    draw the upscaled image again at `denoising_strength` (an image-to-image pass) for detail a
+    model cannot give at the larger size in one pass."""
+
+    enabled: bool = Field(False, description="Run the second, upscaled pass.")
+    scale: float = Field(2.0, gt=1, le=4, description="Upscale factor of the second pass; its "
+                         "size is rounded to what the model's latent grid needs.")
+    upscaler: Literal["latent", "latent-nearest", "lanczos"] = Field(
+        "latent", description="`latent`: the first pass's latents, bilinear (A1111's "
+        "\"Latent\"); `latent-nearest`: nearest-neighbour (\"Latent (nearest)\"); `lanczos`: "
+        "the decoded image resized with Lanczos and encoded again (\"Lanczos\").")
+    steps: int = Field(0, ge=0, le=1000, description="Steps of the second pass's plan (it runs "
+                       "`denoising_strength` of them); 0: the sampler's own steps.")
+    denoising_strength: float = Field(0.7, gt=0, le=1, description="How much of the upscaled "
+                                      "image the second pass draws again.")
 
 
 class IOSettings(_Section):
@@ -577,6 +600,7 @@ class Settings(BaseSettings):
     sampler: SamplerSettings = SamplerSettings()
     adaptive: AdaptiveSettings = AdaptiveSettings()
     generation: GenerationSettings = GenerationSettings()
+    hires: HiresSettings = HiresSettings()
     io: IOSettings = IOSettings()
     loras: list[LoraEntry] = Field([], description="Not in the seed. LoRA files fused into the "
                                    "weights, each `FILE`, `FILE:WEIGHT` or a mapping; none by "
