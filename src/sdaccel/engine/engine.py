@@ -5,8 +5,9 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+import PIL.Image
 import torch
 from diffusers.image_processor import VaeImageProcessor
 
@@ -30,6 +31,7 @@ from sdaccel.engine.sampling.samplers import build_scheduler
 from sdaccel.engine.sampling.track import Track
 from sdaccel.engine.speed.compile import EagerFallback, compile_callable
 from sdaccel.engine.speed.optimize import apply_passes, with_attention
+from sdaccel.engine.starts import image_to_image, inpainting, noise_for
 from sdaccel.engine.text.embeddings import add_embeddings, expansions, read_embeddings
 from sdaccel.engine.text.prompts import PromptEncoder, plain_text
 from sdaccel.engine.text.vocabulary import unknown_words
@@ -46,12 +48,14 @@ from sdaccel.events import (
 from sdaccel.seeds import image_seeds
 from sdaccel.settings import (
     GenerationSettings,
+    HiresSettings,
     LoraEntry,
     SamplerSettings,
     Settings,
     adaptive_problem,
     sampler_problem,
 )
+from sdaccel.start import ImageStart
 
 
 @dataclass
@@ -78,6 +82,9 @@ class ImageResult:
     embeddings: tuple[dict[str, str], ...] = ()
     # The tiny decoder that decoded it (path, name, sha256; loading/decoders.py); None: the VAE.
     decoder: dict[str, str] | None = None
+    strength: float | None = None  # drawn from an init image at this strength; None: from noise
+    mask_blur: int | None = None  # inpainted: the mask's blur radius; None: no mask
+    hires: HiresSettings | None = None  # the hires fix's second pass, when one ran
 
 
 def _upscaling(decoder) -> int:
@@ -144,6 +151,9 @@ class Engine:
         # As diffusers' pipeline: the latent grid is the image over the decoder's upscaling.
         self.vae_scale_factor = _upscaling(self.decoder)
         self._image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+        self._mask_processor = VaeImageProcessor(  # as diffusers' inpainting pipeline's
+            vae_scale_factor=self.vae_scale_factor, do_normalize=False, do_binarize=True,
+            do_convert_grayscale=True)
         self.check_size(s.generation.height, s.generation.width)
         # PyTorch SDPA attention, then the speed passes the settings switch on.
         self.passes = apply_passes(self.unet, self.decoder, s, self.device, self.on_event)
@@ -218,14 +228,17 @@ class Engine:
 
     def check_size(self, height: int, width: int) -> None:
         """ConfigError unless this model can generate height x width."""
-        # The UNet halves the latent at every down block but the last.
-        multiple = self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+        multiple = self._size_multiple()
         for key, value in (("generation.height", height), ("generation.width", width)):
             if value % multiple:
                 nearest = max(1, round(value / multiple)) * multiple
                 raise ConfigError(
                     f"{key}: {value} is not a multiple of {multiple}, which model "
                     f"{self.settings.model_id!r} needs (nearest: {nearest})", key=key)
+
+    def _size_multiple(self) -> int:
+        # The UNet halves the latent at every down block but the last.
+        return self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
 
     @property
     def compile_fallbacks(self) -> tuple[str, ...]:
@@ -245,18 +258,24 @@ class Engine:
         self, prompts: Sequence[str], negative_prompt: str = "",
         seed: int | Sequence[int] | None = None, generation: GenerationSettings | None = None,
         sampler: SamplerSettings | None = None, loras: Sequence[LoraEntry] | None = None,
-        on_step: StepCallback | None = None,
+        on_step: StepCallback | None = None, start: ImageStart | None = None,
+        hires: HiresSettings | None = None,
     ) -> list[ImageResult]:
         """One batch: every prompt x num_images_per_prompt, ordered prompt-major as diffusers.
 
         Image k of the batch is drawn from its own generator seeded `seed + k` (or `seed[k]`,
         one seed per image: a server merging requests), so any image can be regenerated alone
-        from the seed in its metadata. `generation` (size, guidance, images per prompt) and
-        `sampler` (name, steps) replace the settings' own for this batch. `loras` (settings
-        entries) too: fused before the batch, or nothing done when they are the ones in force.
-        `on_step(StepState)` is called after every step; it may return new latents.
+        from the seed in its metadata. `generation` (size, guidance, images per prompt,
+        strength) and `sampler` (name, steps) replace the settings' own for this batch. `loras`
+        (settings entries) too: fused before the batch, or nothing done when they are the ones
+        in force. `on_step(StepState)` is called after every step; it may return new latents.
+        `start`: init images (and masks) to start from (image to image, inpainting) at
+        `generation.strength`. `hires`: the hires fix's settings for this batch (default: the
+        settings' `hires`).
         """
         g, sampler = self._check_request(generation, sampler)
+        hires = self.settings.hires if hires is None else hires
+        self._check_start(start, hires)
         lora_records = self._apply_loras(self.settings.loras if loras is None else loras)
         self.check_prompts([*prompts, negative_prompt])
         image_prompts = [p for p in prompts for _ in range(g.num_images_per_prompt)]
@@ -266,9 +285,11 @@ class Engine:
         self.on_event(BatchStarted(len(seeds), len(scheduler.timesteps), tuple(prompts)))
         started = time.perf_counter()
         embeddings = self.encode_prompts(prompts, negative_prompt, g)
-        track = self._prepare_latents(seeds, scheduler, g, sampler.eta_in_force)
-        out = self._denoise(track, embeddings, g.guidance_scale, on_step)
+        begin = self._prepare_start(seeds, scheduler, g, sampler, start, len(prompts))
+        out = self._denoise(begin, scheduler, seeds, embeddings, g, sampler, on_step)
         plans = self._announce_plans(out, image_prompts, seeds)
+        if hires.enabled:
+            out, g = self._hires_pass(out, seeds, embeddings, g, sampler, hires, on_step)
         images = self.decode(out.latents)
         seconds = time.perf_counter() - started
         self.on_event(BatchDone(len(seeds), max(out.steps), seconds))
@@ -281,6 +302,9 @@ class Engine:
                 generation=g, plan=plans[k], loras=lora_records,
                 embeddings=tuple(e.file.record() for e in self.embeddings),
                 decoder=self.tiny.record() if self.tiny else None,
+                strength=g.strength if start is not None else None,
+                mask_blur=start.mask_blur if start is not None and start.masks else None,
+                hires=hires if hires.enabled else None,
             )
             for k in range(len(seeds))
         ]
@@ -335,33 +359,114 @@ class Engine:
         cond = self.prompts.encode(list(prompts), negative_prompt if guided else None)
         return cond.repeat_interleave(generation.num_images_per_prompt, dim=0)  # prompt-major
 
-    def _prepare_latents(self, seeds: list[int], scheduler, g: GenerationSettings,
-                         eta: float | None) -> Track:
-        shape = (self.unet.config.in_channels, g.height // self.vae_scale_factor,
-                 g.width // self.vae_scale_factor)
-        generators = [torch.Generator("cpu").manual_seed(k) for k in seeds]
-        # One draw per image from its own CPU generator: same noise on every device.
-        noise = torch.stack([torch.randn(shape, generator=gen) for gen in generators])
-        latents = noise.to(self.device) * scheduler.init_noise_sigma
-        return Track(torch.arange(len(seeds)), latents, generators, scheduler, eta)
+    def _check_start(self, start: ImageStart | None, hires: HiresSettings) -> None:
+        """Refuse what cannot start from an image: the re-planning policy plans from the first
+        step of a plan, which an image start skips."""
+        if (start is not None or hires.enabled) and self.policy.name == "replan":
+            raise ConfigError("adaptive.mode: replan re-plans from the start of the plan, which "
+                              "image to image, inpainting and the hires fix skip; use per_step "
+                              "or turn adaptive off", key="adaptive.mode")
+        if start is not None and start.masks is not None and (
+                len(start.masks) != len(start.images)):
+            raise ConfigError(f"{len(start.masks)} masks for {len(start.images)} init images: "
+                              "give one mask per image", key="mask")
 
-    def _denoise(self, track: Track, embeddings: torch.Tensor, guidance_scale: float,
+    def _generators(self, seeds: list[int]) -> list[torch.Generator]:
+        return [torch.Generator("cpu").manual_seed(k) for k in seeds]
+
+    def _prepare_start(self, seeds: list[int], scheduler, g: GenerationSettings,
+                       sampler: SamplerSettings, start: ImageStart | None, prompts: int) -> Track:
+        """The batch's first latents, on the plan's entry it begins at: noise, or the init
+        images' latents (inpainting: with what the loop adds, engine/starts.py)."""
+        generators = self._generators(seeds)
+        track = Track(torch.arange(len(seeds)), None, generators, scheduler,
+                      sampler.eta_in_force)
+        if start is None:
+            shape = (self.unet.config.in_channels, g.height // self.vae_scale_factor,
+                     g.width // self.vae_scale_factor)
+            track.latents = noise_for(generators, shape).to(self.device) * (
+                scheduler.init_noise_sigma)
+            return track
+        start = start.for_prompts(prompts)
+        per_prompt = g.num_images_per_prompt
+        pixels = self._pixels(start.images, g).repeat_interleave(per_prompt, dim=0)
+        if start.masks is None:
+            begun = image_to_image(self.vae, pixels, generators, scheduler, sampler.steps,
+                                   g.strength)
+        else:
+            masks = self._masks(start.masks, start.mask_blur, g)
+            begun = inpainting(self.vae, pixels, masks.repeat_interleave(per_prompt, dim=0),
+                               generators, scheduler, sampler.steps, g.strength,
+                               self.unet.config.in_channels)
+        track.latents, track.index = begun.latents, begun.begin
+        track.extra, track.blend = begun.extra, begun.blend
+        return track
+
+    def _pixels(self, images: Sequence, g: GenerationSettings) -> torch.Tensor:
+        """Init images resized to the batch's size (Lanczos, as diffusers' image processor),
+        in [-1, 1]."""
+        return self._image_processor.preprocess(list(images), height=g.height,
+                                                width=g.width).float()
+
+    def _masks(self, masks: Sequence, blur: int, g: GenerationSettings) -> torch.Tensor:
+        """Masks at the batch's size, blurred first when asked (as A1111), then binarized."""
+        if blur:
+            masks = [self._mask_processor.blur(mask, blur_factor=blur) for mask in masks]
+        return self._mask_processor.preprocess(list(masks), height=g.height, width=g.width)
+
+    def _denoise(self, track: Track, scheduler, seeds: list[int], embeddings: torch.Tensor,
+                 g: GenerationSettings, sampler: SamplerSettings,
                  on_step: StepCallback | None) -> SampleOutput:
         cache = None
         if self.policy.cache_level is not None:
             cache = FeatureCache(self.layered, self.policy.cache_level,
                                  self.policy.cache_forecast)
         guider = Guider(self.unet_forward, self.unet_dtype, embeddings, len(track.positions),
-                        guidance_scale, self.unet_wrappers, cache,
-                        self._shallow_cost(track.latents, embeddings))
+                        g.guidance_scale, self.unet_wrappers, cache,
+                        self._shallow_cost(track.latents, embeddings), track.extra)
+        blend = track.blend
 
         def step_done(state: StepState) -> torch.Tensor | None:
+            latents = blend(state) if blend is not None else None
+            if latents is not None:
+                state = replace(state, latents=latents)
             costs = state.costs if self.policy.per_image else ()
             self.on_event(StepDone(state.step, state.total_steps, len(state.positions),
                                    state.decisions, costs))
-            return on_step(state) if on_step is not None else None
+            mine = on_step(state) if on_step is not None else None
+            return latents if mine is None else mine
 
         return sample(track, guider, self.policy, step_done)
+
+    def _hires_pass(self, first: SampleOutput, seeds: list[int], embeddings: torch.Tensor,
+                    g: GenerationSettings, sampler: SamplerSettings, hires: HiresSettings,
+                    on_step: StepCallback | None) -> tuple[SampleOutput, GenerationSettings]:
+        """A1111's hires fix: the first pass upscaled (its latents, or its decoded image), then
+        drawn again at `denoising_strength` from fresh generators of the same seeds."""
+        multiple = self._size_multiple()
+        height, width = (max(multiple, round(side * hires.scale / multiple) * multiple)
+                         for side in (g.height, g.width))
+        second = g.model_copy(update={"height": height, "width": width,
+                                      "strength": hires.denoising_strength})
+        sampler = sampler.model_copy(update={"steps": hires.steps or sampler.steps})
+        latent_size = (height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if hires.upscaler.startswith("latent"):
+            mode = "nearest" if hires.upscaler == "latent-nearest" else "bilinear"
+            start = torch.nn.functional.interpolate(first.latents, size=latent_size, mode=mode)
+        else:  # the decoded image, resized with Lanczos, encoded again
+            images = [image.resize((width, height), PIL.Image.LANCZOS)
+                      for image in self.decode(first.latents)]
+            start = self._pixels(images, second)
+        scheduler = self._prepare_timesteps(sampler)
+        generators = self._generators(seeds)
+        begun = image_to_image(self.vae, start, generators, scheduler, sampler.steps,
+                               second.strength)
+        track = Track(torch.arange(len(seeds)), begun.latents, generators, scheduler,
+                      sampler.eta_in_force, begun.begin)
+        out = self._denoise(track, scheduler, seeds, embeddings, second, sampler, on_step)
+        return SampleOutput(out.latents, first.steps, [a + b for a, b in zip(
+            first.codes, out.codes, strict=True)], [a + b for a, b in zip(
+                first.costs, out.costs, strict=True)], first.decisions), second
 
     def _announce_plans(self, out: SampleOutput, image_prompts: list[str],
                         seeds: list[int]) -> list[PlanDecided | None]:

@@ -83,14 +83,17 @@ class Guider:
 
     def __init__(self, unet_forward: Callable, unet_dtype: torch.dtype, embeddings: torch.Tensor,
                  batch: int, guidance_scale: float, wrappers: Sequence[UNetWrapper] = (),
-                 cache: FeatureCache | None = None, shallow_cost: float = 1.0) -> None:
+                 cache: FeatureCache | None = None, shallow_cost: float = 1.0,
+                 extra: torch.Tensor | None = None) -> None:
         """`embeddings`: [uncond; cond] rows when guided, cond rows alone otherwise (whoever
-        encoded the prompts chose); `shallow_cost`: a shallow call's FLOPs over a full one's."""
+        encoded the prompts chose); `shallow_cost`: a shallow call's FLOPs over a full one's;
+        `extra`: channels appended to each image's UNet input (an inpainting UNet's mask and
+        masked image latents), one row per image of the batch."""
         self.unet_forward, self.unet_dtype = unet_forward, unet_dtype
         self.embeddings, self.batch = embeddings, batch
         self.guided = embeddings.shape[0] == 2 * batch
         self.guidance_scale = guidance_scale
-        self.cache, self.shallow_cost = cache, shallow_cost
+        self.cache, self.shallow_cost, self.extra = cache, shallow_cost, extra
         self.halves = (COND, UNCOND) if self.guided else (COND,)
         call = self._call_unet
         for wrap in wrappers:
@@ -115,8 +118,11 @@ class Guider:
             context = self.embeddings[torch.tensor([self._context_row(int(positions[k]), half)
                                                     for k, half in chosen])]
             global_slots = tuple((int(positions[k]), half) for k, half in chosen)
-            out = self._call(UNetInput(model_input[rows], t, context, global_slots, index,
-                                       not full))
+            sample = model_input[rows]
+            if self.extra is not None:
+                images = torch.tensor([image for image, _ in global_slots])
+                sample = torch.cat([sample, self.extra[images].to(sample.dtype)], dim=1)
+            out = self._call(UNetInput(sample, t, context, global_slots, index, not full))
             for j, slot in enumerate(chosen):
                 outputs[slot] = out[j].float()
         return outputs

@@ -4,7 +4,7 @@ what a re-planning policy decided for each image."""
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -34,6 +34,10 @@ class Track:
     scheduler: Any
     eta: float | None = None  # the step's eta where it takes one (sampler.eta or its default)
     index: int = 0  # the next entry of scheduler.timesteps
+    # Inpainting (engine/starts.py): channels appended to each image's UNet input, one row per
+    # image of the batch; or a blend of the latents after each step
+    extra: torch.Tensor | None = None
+    blend: Callable | None = None
 
     @cached_property
     def step_extra(self) -> dict[str, Any]:
@@ -43,7 +47,8 @@ class Track:
     def select(self, rows: torch.Tensor, scheduler: Any) -> Track:
         """The images at `rows` of this track, on `scheduler`."""
         return Track(self.positions[rows], self.latents[rows],
-                     [self.generators[int(r)] for r in rows], scheduler, self.eta, self.index)
+                     [self.generators[int(r)] for r in rows], scheduler, self.eta, self.index,
+                     self.extra, self.blend)
 
 
 def step_kwargs(scheduler: Any, generators: Sequence[torch.Generator],
