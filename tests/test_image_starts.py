@@ -111,7 +111,7 @@ def test_an_inpainting_model_reads_the_mask_as_diffusers_does(inpainting_engine,
     assert (mine - theirs).abs().max().item() <= 1e-4
 
 
-@pytest.mark.parametrize("upscaler", ["latent", "latent-nearest"])
+@pytest.mark.parametrize("upscaler", ["latent", "latent-nearest", "lanczos"])
 def test_hires_fix_is_txt2img_then_img2img_on_the_upscaled_latents(engine, upscaler):
     hires = HiresSettings(enabled=True, scale=2, upscaler=upscaler, steps=4,
                           denoising_strength=0.5)
@@ -126,6 +126,9 @@ def test_hires_fix_is_txt2img_then_img2img_on_the_upscaled_latents(engine, upsca
     mode = "nearest" if upscaler == "latent-nearest" else "bilinear"
     latent_side = 2 * SIDE // engine.vae_scale_factor
     upscaled = torch.nn.functional.interpolate(first, size=(latent_side, latent_side), mode=mode)
+    if upscaler == "lanczos":  # the decoded image resized, which the img2img pipeline encodes
+        upscaled = [image.resize((2 * SIDE, 2 * SIDE), Image.LANCZOS)
+                    for image in engine.decode(first)]
     theirs = pipeline("StableDiffusionImg2ImgPipeline", engine, "dpm_solver++")(
         PROMPTS, image=upscaled, strength=0.5, num_inference_steps=4, guidance_scale=7.5,
         negative_prompt=[""] * 2, generator=generators(2), output_type="latent").images

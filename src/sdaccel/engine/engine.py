@@ -523,6 +523,7 @@ class Engine:
     def _decode_eager(self, latents: torch.Tensor) -> torch.Tensor:
         return self.decoder.decode(latents, return_dict=False)[0]
 
+    @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> list:
         """Final latents (as ImageResult.latents holds them) -> PIL images, with the decoder in
         force: the model's VAE or the tiny decoder."""
