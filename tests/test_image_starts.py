@@ -158,6 +158,14 @@ def test_one_init_image_serves_every_prompt_and_each_image_keeps_its_seed(engine
     assert (both[1].latents - alone.latents).abs().max().item() <= 1e-5
 
 
+def test_per_step_adaptive_compute_starts_from_an_image():
+    engine = Engine(tiny_settings("adaptive.enabled=true", "adaptive.mode=per_step",
+                                  "sampler.steps=8", "adaptive.cache.interval=2"))
+    result = engine.generate(PROMPTS[:1], seed=SEED, start=ImageStart(pictures(1)))[0]
+    assert len(result.decisions) == 6 and result.decisions[0] == "F"  # int(8 x 0.75) steps
+    assert result.cost < 6
+
+
 def test_what_cannot_start_from_an_image_is_refused(engine):
     with pytest.raises(ConfigError, match="2 masks for 1 init images") as error:
         engine.generate(PROMPTS[:1], start=ImageStart(pictures(1), masks(2)))
