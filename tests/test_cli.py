@@ -295,3 +295,140 @@ def test_out_dir_naming_a_file_is_an_error_before_anything_loads(tmp_path):
     assert result.exit_code == 2
     assert f"io.out_dir: {str(existing)!r} is a file" in result.stderr
     assert existing.read_text() == "keep me"
+
+
+def write_png(path, size=(32, 32), color="red"):
+    from PIL import Image
+
+    Image.new("RGB", size, color).save(path)
+    return path
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--init-image", "{dir}/nope.png"], "--init-image: '{dir}/nope.png' does not exist"),
+    (["--init-image", "{dir}/notes.txt"], "--init-image {dir}/notes.txt: not an image"),
+    (["--init-image", "{dir}/cut.png"], "--init-image {dir}/cut.png: not a readable image"),
+    (["--init-image", "{dir}/a.png", "--mask", "{dir}/cut.png"],
+     "--mask {dir}/cut.png: not a readable image"),
+    (["--mask", "{dir}/a.png"], "--mask needs --init-image"),
+    (["--init-image", "{dir}/a.png", "--strength", "0"],
+     "generation.strength: Input should be greater than 0"),
+    (["--init-image", "{dir}/a.png", "--strength", "1.01"],
+     "generation.strength: Input should be less than or equal to 1"),
+    (["--init-image", "{dir}/a.png", "--init-image", "{dir}/a.png"],
+     "2 --init-image for 3 prompts: give one image for every prompt"),
+    (["--init-image", "{dir}/a.png", *["--mask", "{dir}/a.png"] * 2],
+     "2 --mask for 1 --init-image"),
+    (["--init-image", "{dir}/a.png", "--mask-blur", "2"], "--mask-blur: only with --mask"),
+    (["--init-image", "{dir}/a.png", "--mask", "{dir}/a.png", "--mask-blur", "65"],
+     "--mask-blur: must be from 0 to 64"),
+    (["--hires-upscaler", "esrgan"], "hires.upscaler: Input should be 'latent', "),
+    (["--hires", "--hires-scale", "1"], "hires.scale: Input should be greater than 1"),
+    (["--set", "hires.steps=-1"], "hires.steps: Input should be greater than or equal to 0"),
+])
+def test_bad_init_images_masks_and_strengths_are_one_line_and_exit_2(tmp_path, args, message):
+    write_png(tmp_path / "a.png")
+    (tmp_path / "notes.txt").write_text("not an image")
+    data = (tmp_path / "a.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[:-30])
+    out = tmp_path / "o"
+    result = invoke("generate", "x", "y", "z", *TINY_FLAGS, "--out-dir", str(out),
+                    *[arg.format(dir=tmp_path) for arg in args])
+    assert result.exit_code == 2, result.output
+    assert message.format(dir=tmp_path) in result.stderr.replace("\n", "")
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stdout == ""
+    assert not out.exists()  # nothing written
+
+
+def test_init_images_with_a_prompts_file_are_per_line(tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("x\n")
+    result = invoke("generate", "--prompts-file", str(prompts), "--init-image",
+                    str(write_png(tmp_path / "a.png")), *TINY_FLAGS)
+    assert result.exit_code == 2 and "give each line its own init_image" in result.stderr
+
+
+def test_prompts_pair_with_init_images_and_masks(tmp_path):
+    """One image for every prompt; one prompt for every image; as many of each: pairs. One
+    mask serves every image, or one per image."""
+    from helpers import tiny_settings
+
+    from sdaccel.cli.generate import start_jobs
+
+    a, b, m, n = (write_png(tmp_path / f"{name}.png") for name in "abmn")
+    settings = tiny_settings()
+
+    def pairs(prompts, images, masks=()):
+        jobs = start_jobs(settings, prompts, "", images, list(masks), 4)
+        return [(j.index, j.prompt, j.init_image.path.name,
+                 j.mask and j.mask.path.name) for j in jobs]
+
+    assert pairs(["x", "y"], [a]) == [(0, "x", "a.png", None), (1, "y", "a.png", None)]
+    assert pairs(["x"], [a, b], [m]) == [(0, "x", "a.png", "m.png"), (1, "x", "b.png", "m.png")]
+    assert pairs(["x", "y"], [a, b], [m, n]) == [(0, "x", "a.png", "m.png"),
+                                                 (1, "y", "b.png", "n.png")]
+    jobs = start_jobs(settings, ["x", "y"], "", [a, a], [], 4)
+    assert jobs[0].init_image is jobs[1].init_image  # read once
+    assert start_jobs(settings, ["x"], "", [], [], 4)[0].init_image is None
+
+
+# The bundled model at its own 64x64, few steps: real pictures in seconds.
+BUNDLED_FLAGS = ["--preset", "tiny", "--steps", "4"]
+
+
+def test_image_to_image_and_inpainting_from_a_generated_png(tmp_path):
+    import hashlib
+
+    import numpy as np
+    from PIL import Image
+
+    out = tmp_path / "out"
+    first = invoke("generate", "a red circle", *BUNDLED_FLAGS, "--out-dir", str(out), "--json")
+    assert first.exit_code == 0, first.output
+    source = out / "img_000_steps4.png"
+    result = invoke("generate", "a blue square", *BUNDLED_FLAGS, "--init-image", str(source),
+                    "--strength", "0.5", "--out-dir", str(out), "--json")
+    assert result.exit_code == 0, result.output
+    assert "image to image at strength 0.5" in result.stderr
+    record = json.loads(result.stdout)
+    sha = hashlib.sha256(source.read_bytes()).hexdigest()
+    assert record["init_image"] == {"path": str(source.resolve()), "sha256": sha}
+    assert record["strength"] == 0.5 and "mask" not in record and record["steps"] == 4
+    meta = read_metadata(record["path"])
+    assert "Steps: 4," in meta["parameters"]  # the plan's steps, as A1111 writes them
+    assert meta["parameters"].splitlines()[-1].endswith(", Denoising strength: 0.5")
+    image = json.loads(meta["sdaccel"])["image"]
+    assert image["init_image"]["sha256"] == sha and image["strength"] == 0.5
+
+    mask = tmp_path / "mask.png"  # another size than the image: resized with it
+    drawn = np.zeros((32, 32), np.uint8)
+    drawn[:, 16:] = 255  # redraw the right half
+    Image.fromarray(drawn).save(mask)
+    result = invoke("generate", "a blue square", *BUNDLED_FLAGS, "--init-image", str(source),
+                    "--mask", str(mask), "--out-dir", str(out), "--json")
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    assert record["mask"]["path"] == str(mask.resolve()) and record["mask_blur"] == 4
+    assert record["strength"] == 0.75  # generation.strength's default
+    assert read_metadata(record["path"])["parameters"].splitlines()[-1].endswith(
+        ", Denoising strength: 0.75, Mask blur: 4")
+    before, after = (np.asarray(Image.open(p), dtype=float) for p in (source, record["path"]))
+    kept, redrawn = (np.abs(after - before)[:, cols].mean() for cols in (slice(0, 24),
+                                                                          slice(40, 64)))
+    assert kept < redrawn  # the black half is kept, the white half drawn again
+
+
+def test_hires_fix_with_scale_2(tmp_path):
+    result = invoke("generate", "a red circle", *BUNDLED_FLAGS, "--hires", "--hires-scale", "2",
+                    "--hires-steps", "2", "--out-dir", str(tmp_path), "--json")
+    assert result.exit_code == 0, result.output
+    assert "hires fix x2 (latent)" in result.stderr
+    record = json.loads(result.stdout)
+    from PIL import Image
+
+    assert Image.open(record["path"]).size == (128, 128)
+    assert record["hires"]["scale"] == 2 and record["hires"]["steps"] == 2
+    line = read_metadata(record["path"])["parameters"].splitlines()[-1]
+    assert "Size: 64x64," in line  # A1111 writes the first pass's size
+    assert line.endswith(", Denoising strength: 0.7, Hires upscale: 2, Hires steps: 2, "
+                         "Hires upscaler: Latent")

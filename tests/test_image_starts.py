@@ -120,6 +120,9 @@ def test_hires_fix_is_txt2img_then_img2img_on_the_upscaled_latents(engine, upsca
     results = engine.generate(PROMPTS, seed=SEED, generation=generation, sampler=sampler,
                               hires=hires)
     assert all(r.image.size == (2 * SIDE, 2 * SIDE) and r.hires == hires for r in results)
+    # The results keep the request's size (A1111's `Size:`, the first pass's), so that their
+    # settings make them again.
+    assert all(r.generation == generation and r.strength is None for r in results)
     first = pipeline("StableDiffusionPipeline", engine, "dpm_solver++")(
         PROMPTS, height=SIDE, width=SIDE, num_inference_steps=STEPS, guidance_scale=7.5,
         negative_prompt=[""] * 2, generator=generators(2), output_type="latent").images

@@ -229,3 +229,133 @@ def test_a_line_s_size_and_guidance_reach_its_image_and_metadata_only(tmp_path):
     assert (saved["height"], saved["guidance_scale"]) == (48, 1.0)
     saved = json.loads(read_metadata(out / second["file"])["sdaccel"])["settings"]["generation"]
     assert (saved["height"], saved["guidance_scale"]) == (32, 4.0)
+
+
+def write_png(path, size=(32, 32), color="red"):
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, color).save(path)
+    return path
+
+
+def test_init_image_mask_strength_and_hires_lines(tmp_path):
+    """Paths are relative to the prompts file's folder; each file is read and hashed once."""
+    write_png(tmp_path / "in" / "cat.png")
+    write_png(tmp_path / "in" / "mask.png", size=(64, 48), color="white")  # resized: fine
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(
+        '{"prompt": "a", "init_image": "in/cat.png", "strength": 0.5}\n'
+        '{"prompt": "b", "init_image": "in/cat.png", "mask": "in/mask.png", "mask_blur": 8}\n'
+        '{"prompt": "c", "init_image": "in/cat.png", "mask": "in/mask.png"}\n'
+        '{"prompt": "d", "hires": true}\n'
+        '{"prompt": "e", "hires": {"scale": 1.5, "upscaler": "lanczos", "steps": 3}}\n'
+        'f\n')
+    settings = tiny_settings("generation.strength=0.6", "hires.denoising_strength=0.4")
+    a, b, c, d, e, f = read_jobs(path, settings, mask_blur=2)
+    assert a.init_image.path == (tmp_path / "in" / "cat.png").resolve()
+    assert a.init_image is b.init_image and a.mask is None
+    assert (a.generation.strength, b.generation.strength) == (0.5, 0.6)
+    assert (b.mask.path.name, b.mask_blur, c.mask_blur) == ("mask.png", 8, 2)
+    assert d.hires.enabled and d.hires.denoising_strength == 0.4 and d.init_image is None
+    assert (e.hires.enabled, e.hires.scale, e.hires.upscaler, e.hires.steps) == (
+        True, 1.5, "lanczos", 3)
+    assert e.hires.denoising_strength == 0.4  # the run's, under the line's keys
+    assert f.hires is None and f.init_image is None and f.sources() == {}
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    ('{"prompt": "x", "init_image": "nope.png"}', ":1: init_image: '{dir}/nope.png' does not "
+                                                  "exist"),
+    ('{"prompt": "x", "init_image": "notes.txt"}', ":1: init_image {dir}/notes.txt: not an "
+                                                   "image"),
+    ('{"prompt": "x", "init_image": "cut.png"}', ":1: init_image {dir}/cut.png: not a "
+                                                 "readable image"),
+    ('{"prompt": "x", "init_image": 3}', ":1: init_image: must be an image file's path"),
+    ('{"prompt": "x", "init_image": "ok.png", "mask": "cut.png"}', ":1: mask {dir}/cut.png: "
+                                                                  "not a readable image"),
+    ('{"prompt": "x", "mask": "ok.png"}', ":1: mask: only with init_image"),
+    ('{"prompt": "x", "strength": 0.5}', ":1: strength: only with init_image"),
+    ('{"prompt": "x", "init_image": "ok.png", "mask_blur": 3}', ":1: mask_blur: only with mask"),
+    ('{"prompt": "x", "init_image": "ok.png", "strength": 0}', ":1: strength: Input should be "
+                                                              "greater than 0"),
+    ('{"prompt": "x", "init_image": "ok.png", "strength": 1.5}', ":1: strength: Input should be "
+                                                                "less than or equal to 1"),
+    ('{"prompt": "x", "init_image": "ok.png", "mask": "ok.png", "mask_blur": -1}',
+     ":1: mask_blur: must be an integer from 0 to 64"),
+    ('{"prompt": "x", "hires": "yes"}', ":1: hires: must be true, false or an object"),
+    ('{"prompt": "x", "hires": {"scale": 9}}', ":1: hires.scale: Input should be less than"),
+    ('{"prompt": "x", "hires": {"upscaler": "esrgan"}}', ":1: hires.upscaler: Input should be"),
+    ('{"prompt": "x", "hires": {"size": 2}}', ":1: hires.size: Extra inputs are not permitted"),
+])
+def test_bad_start_keys_are_errors_naming_file_line_and_key(tmp_path, line, message):
+    write_png(tmp_path / "ok.png")
+    (tmp_path / "notes.txt").write_text("not an image")
+    data = (tmp_path / "ok.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) - 30])
+    path = tmp_path / "jobs.jsonl"
+    path.write_text(f"{line}\n")
+    with pytest.raises(ConfigError) as info:
+        read_jobs(path, tiny_settings())
+    assert f"{path}{message.format(dir=tmp_path)}" in str(info.value)
+
+
+def test_start_fields_a_resumed_run_compares(tmp_path):
+    """A record names the init image and mask (path and sha256), strength, mask blur and hires;
+    records made before they existed read as text to image."""
+    from sdaccel.jobs.manifest import expected_fields
+
+    write_png(tmp_path / "cat.png")
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"prompt": "a", "init_image": "cat.png", "mask": "cat.png"}\n'
+                    '{"prompt": "b", "hires": {"steps": 2}}\nc\n')
+    settings = tiny_settings()
+    a, b, c = read_jobs(path, settings)
+    fields = expected_fields(a, 0, settings)
+    assert fields["init_image"] == fields["mask"] == a.init_image.record()
+    assert (fields["strength"], fields["mask_blur"], fields["hires"]) == (0.75, 4, None)
+    assert expected_fields(b, 0, settings)["hires"]["steps"] == 2
+    plain = expected_fields(c, 0, settings)
+    keys = ("init_image", "strength", "mask", "mask_blur", "hires")
+    assert [plain[k] for k in keys] == [None] * 5
+
+
+def test_a_prompts_file_of_init_images_masks_and_hires_runs_and_resumes(tmp_path):
+    write_png(tmp_path / "in" / "cat.png", color="blue")
+    write_png(tmp_path / "in" / "mask.png", size=(16, 16), color="white")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        '{"prompt": "a red circle", "init_image": "in/cat.png", "strength": 0.5}\n'
+        '{"prompt": "a red circle", "init_image": "in/cat.png", "mask": "in/mask.png"}\n'
+        '{"prompt": "a blue square", "hires": {"scale": 2, "steps": 2}}\n'
+        'a green triangle\n')
+    out = tmp_path / "out"
+    result, records = generate(prompts, out, "--mask-blur", "2")
+    assert result.exit_code == 0, result.output
+    a, b, c, d = read_manifest(out)
+    cat = str((tmp_path / "in" / "cat.png").resolve())
+    assert (a["init_image"]["path"], a["strength"], "mask" in a) == (cat, 0.5, False)
+    assert (b["mask"]["path"].endswith("mask.png"), b["mask_blur"], b["strength"]) == (
+        True, 2, 0.75)
+    assert c["hires"]["scale"] == 2 and "init_image" not in c
+    assert not {"init_image", "strength", "mask", "mask_blur", "hires"} & set(d)
+    from PIL import Image
+
+    assert Image.open(out / c["file"]).size == (64, 64)
+    assert "Denoising strength: 0.5" in read_metadata(out / a["file"])["parameters"]
+
+    before = snapshot(out)
+    again, records = generate(prompts, out, "--mask-blur", "2")
+    assert again.exit_code == 0, again.output
+    assert records == [] and snapshot(out) == before  # nothing redone
+
+    changed, _ = generate(prompts, out)  # another mask blur than the images were made with
+    assert changed.exit_code == 2 and "image 1 was made with mask_blur 2" in (
+        changed.stderr.replace("\n", ""))
+    write_png(tmp_path / "in" / "cat.png", color="green")  # the init image edited
+    changed, _ = generate(prompts, out, "--mask-blur", "2")
+    assert changed.exit_code == 2
+    message = changed.stderr.replace("\n", "")
+    assert f"image 0 was made with init_image {cat} (sha256 " in message
+    assert f"{prompts} line 1 with these settings asks for {cat} (sha256 " in message
+    assert snapshot(out) == before  # nothing touched

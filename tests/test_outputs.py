@@ -103,3 +103,74 @@ def test_ti_hashes_list_the_embeddings_the_prompts_use_and_no_other():
     assert line.endswith(f'TI hashes: "<cat-toy>: {"a" * 12}, sks: {"b" * 12}"')
     assert "TI hashes" not in a1111_parameters("asks", "", 20, "Euler", 7.0, 1, 512, 512, "m",
                                                embeddings=records)
+
+
+def started(result, **fields):
+    """`result` with image-to-image fields (strength, mask_blur, hires) as the engine sets them."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(**{**vars(result), "strength": None, "mask_blur": None,
+                              "hires": None, **fields})
+
+
+def parameters_fields(parameters: str) -> dict[str, str]:
+    return dict(re.findall(r"([A-Za-z ]+): ([^,]+)(?:, |$)", parameters.splitlines()[-1]))
+
+
+def test_image_to_image_and_inpainting_metadata_as_a1111_writes_it(tmp_path):
+    s = tiny_settings(f"io.out_dir={tmp_path}")
+    writer = RunWriter(s, model_name="random:tiny")
+    sources = {"init_image": {"path": "/a/cat.png", "sha256": "c" * 64},
+               "mask": {"path": "/a/mask.png", "sha256": "d" * 64}}
+    record = writer.save(started(fake_result(), strength=0.75, mask_blur=4), sources=sources)
+    meta = read_metadata(record["path"])
+    fields = parameters_fields(meta["parameters"])
+    assert (fields["Denoising strength"], fields["Mask blur"]) == ("0.75", "4")
+    assert meta["parameters"].splitlines()[-1].endswith(
+        "Model: random:tiny, Denoising strength: 0.75, Mask blur: 4")
+    assert not any(key.startswith("Hires") for key in fields)
+    image = json.loads(meta["sdaccel"])["image"]
+    assert image["init_image"] == sources["init_image"] and image["mask"] == sources["mask"]
+    assert (image["strength"], image["mask_blur"]) == (0.75, 4)
+    assert record["init_image"]["sha256"] == "c" * 64 and "hires" not in record
+
+    plain = writer.save(started(fake_result(), strength=0.5),
+                        sources={"init_image": sources["init_image"]})
+    fields = parameters_fields(read_metadata(plain["path"])["parameters"])
+    assert fields["Denoising strength"] == "0.5" and "Mask blur" not in fields
+    assert "mask" not in plain and "mask_blur" not in plain
+
+
+def test_hires_metadata_as_a1111_writes_it(tmp_path):
+    from sdaccel.settings import HiresSettings
+
+    s = tiny_settings(f"io.out_dir={tmp_path}")
+    writer = RunWriter(s, model_name="random:tiny")
+    for hires, expected in [
+        (HiresSettings(enabled=True), "Denoising strength: 0.7, Hires upscale: 2, "
+                                      "Hires upscaler: Latent"),
+        (HiresSettings(enabled=True, scale=1.5, steps=10, upscaler="latent-nearest",
+                       denoising_strength=0.55),
+         "Denoising strength: 0.55, Hires upscale: 1.5, Hires steps: 10, "
+         "Hires upscaler: Latent (nearest)"),
+        (HiresSettings(enabled=True, upscaler="lanczos"), "Hires upscaler: Lanczos"),
+    ]:
+        record = writer.save(started(fake_result(), hires=hires))
+        meta = read_metadata(record["path"])
+        line = meta["parameters"].splitlines()[-1]
+        assert line.endswith(expected), line
+        assert "Size: 32x32" in line  # A1111's Size is the first pass's
+        ours = json.loads(meta["sdaccel"])
+        assert ours["image"]["hires"] == hires.model_dump(mode="json") == record["hires"]
+        assert ours["settings"]["hires"] == hires.model_dump(mode="json")
+        assert "strength" not in record and "init_image" not in record
+
+
+def test_text_to_image_metadata_has_no_start_fields(tmp_path):
+    s = tiny_settings(f"io.out_dir={tmp_path}", "hires.enabled=true")
+    record = RunWriter(s, model_name="random:tiny").save(started(fake_result()))
+    meta = read_metadata(record["path"])
+    assert "Denoising" not in meta["parameters"] and "Hires" not in meta["parameters"]
+    assert not {"strength", "mask_blur", "hires", "init_image", "mask"} & set(record)
+    # the run's settings asked for the hires fix, but this image had no second pass
+    assert json.loads(meta["sdaccel"])["settings"]["hires"]["enabled"] is False

@@ -2,6 +2,7 @@
 run's and a prompts file's alike), the loop that runs them through the engine, the engine's
 warm start."""
 
+
 import numpy as np
 import pytest
 from helpers import TINY_FLAGS, tiny_settings
@@ -18,14 +19,15 @@ class RecordingEngine:
     """engine.generate's calls, each answered with one stand-in result per seed."""
 
     def __init__(self, settings):
-        self.settings, self.calls, self.checked = settings, [], []
+        self.settings, self.calls, self.checked, self.starts = settings, [], [], []
 
     def check_prompts(self, texts):
         self.checked.append(list(texts))
 
     def generate(self, prompts, negative_prompt="", seed=None, generation=None, sampler=None,
-                 loras=None):
+                 loras=None, **start):
         self.calls.append((list(prompts), negative_prompt, seed, generation, loras))
+        self.starts.append(start)
         return [f"{prompts[0]}#{k}" for k in seed]
 
 
@@ -82,3 +84,69 @@ def test_warm_start_needs_the_compile_cache_on():
         runs.warm_start(tiny_settings(), "tiny")
     result = CliRunner().invoke(app, ["compile-cache", "load", *TINY_FLAGS])
     assert result.exit_code == 2 and "nothing to load" in result.stderr
+
+
+def png_bytes(size=(16, 16), color="red", mode="RGB") -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new(mode, size, color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_read_image_refuses_what_is_not_a_whole_image():
+    image = runs.read_image(png_bytes(mode="RGBA"), "init.png")
+    assert (image.mode, image.size) == ("RGB", (16, 16))
+    assert runs.read_image(png_bytes(), "m", mode="L").mode == "L"
+    data = png_bytes(size=(64, 64))
+    corrupt = bytearray(data)
+    corrupt[60] ^= 0xFF  # inside the image data: its chunk checksum no longer matches
+    for bad, reason in ((b"hello, not an image", "not an image"),
+                        (data[: len(data) // 2], "not a readable image"),
+                        (bytes(corrupt), "not a readable image")):
+        with pytest.raises(ConfigError, match=f"^init.png: {reason}") as info:
+            runs.read_image(bad, "init.png", key="init_images")
+        assert info.value.key == "init_images"
+
+
+def test_a_start_file_is_read_checked_and_hashed(tmp_path):
+    import hashlib
+
+    path = tmp_path / "cat.png"
+    path.write_bytes(png_bytes())
+    file = runs.StartFile.read(path, "--init-image")
+    assert file.path == path.resolve()
+    assert file.record() == {"path": str(path), "sha256": hashlib.sha256(png_bytes()).hexdigest()}
+    assert file.image("init image").size == (16, 16)
+    with pytest.raises(ConfigError, match=r"^--init-image: '.*nope.png' does not exist$"):
+        runs.StartFile.read(tmp_path / "nope.png", "--init-image")
+    with pytest.raises(ConfigError, match="is a folder, not an image file"):
+        runs.StartFile.read(tmp_path, "--init-image")
+    path.write_bytes(png_bytes(color="blue"))  # changed during the run: not used silently
+    with pytest.raises(ConfigError, match="cat.png: the file changed"):
+        file.image("init image")
+
+
+def test_jobs_hand_the_engine_their_init_image_mask_and_hires(tmp_path):
+    from sdaccel.settings import HiresSettings
+
+    settings = tiny_settings()
+    (tmp_path / "a.png").write_bytes(png_bytes(color="red"))
+    (tmp_path / "m.png").write_bytes(png_bytes(color="white"))
+    image = runs.StartFile.read(tmp_path / "a.png", "init")
+    mask = runs.StartFile.read(tmp_path / "m.png", "mask")
+    hires = HiresSettings(enabled=True, scale=1.5)
+    jobs = [*runs.prompt_jobs(["x", "y"], settings, "", [image, image], [mask, mask], 6),
+            runs.Job.at(2, "z", settings, hires=hires), runs.Job.at(3, "w", settings)]
+    engine = RecordingEngine(settings)
+    list(runs.images(engine, jobs))
+    first = engine.starts[0]["start"]
+    assert first.images[0].getpixel((0, 0)) == (255, 0, 0) and first.mask_blur == 6
+    assert first.masks[0].mode == "L" and first.masks[0].getpixel((0, 0)) == 255
+    assert engine.starts[2:] == [{"hires": hires}, {}]  # text to image: neither argument
+    assert jobs[0].sources() == {"init_image": image.record(), "mask": mask.record()}
+    assert jobs[2].sources() == {}
+    with pytest.raises(ConfigError, match="a mask needs an init image"):
+        runs.Job.at(0, "x", settings, mask=mask)

@@ -27,6 +27,10 @@ from sdaccel.errors import SdaccelError, writing
 
 IMAGE_NAME = re.compile(r"^img_(\d{3,})_steps\d+\.png$")
 
+# hires.upscaler -> A1111's name of the same upscaler (`Hires upscaler:`, its hr_upscaler field)
+HIRES_UPSCALER_LABELS = {"latent": "Latent", "latent-nearest": "Latent (nearest)",
+                         "lanczos": "Lanczos"}
+
 
 def next_index(out_dir: Path) -> int:
     """One past the highest image index already in out_dir (0 for a new folder)."""
@@ -46,14 +50,17 @@ def a1111_parameters(
     compute: str | None = None, model_hash: str | None = None,
     loras: Sequence[dict[str, Any]] = (), embeddings: Sequence[dict[str, str]] = (),
     decoder: dict[str, str] | None = None, schedule_type: str | None = None,
-    eta: tuple[str, float] | None = None,
+    eta: tuple[str, float] | None = None, denoising_strength: float | None = None,
+    mask_blur: int | None = None, hires: dict[str, Any] | None = None,
 ) -> str:
     """The 'parameters' text chunk in the layout AUTOMATIC1111's readers parse (extra
     `Key: value` pairs, like the adaptive decision, are part of that layout). `model_hash`: a
     single-file model's A1111 hash (Components.model_hash), before `Model:` as A1111 writes it.
     `embeddings`: the embedding records in force; those the prompts use go to `TI hashes`.
     `schedule_type`: A1111 1.9+'s label of a schedule other than the model's own (Karras);
-    `eta`: (A1111's key, value) of an eta other than the sampler's default ("Eta DDIM", 0.5)."""
+    `eta`: (A1111's key, value) of an eta other than the sampler's default ("Eta DDIM", 0.5).
+    `denoising_strength`: image to image's strength, or the hires pass's; `mask_blur`: an
+    inpainting mask's blur; `hires`: the hires settings of a second pass that ran."""
     for lora in loras:  # A1111 keeps <lora:name:weight> in the prompt it records
         if f"<lora:{lora['name']}:" not in prompt:
             prompt += f" <lora:{lora['name']}:{lora['weight']:g}>"
@@ -67,6 +74,7 @@ def a1111_parameters(
     if decoder:  # a tiny decoder, where A1111 names the VAE file: 10 hex of its sha256, name
         name = re.sub("[:,]", "", decoder["name"])  # A1111 splits the line at ", " and ": "
         settings_line += f", VAE hash: {decoder['sha256'][:10]}, VAE: {name}"
+    settings_line += _a1111_start_fields(denoising_strength, mask_blur, hires)
     if eta:  # where A1111 writes its extra generation parameters
         settings_line += f", {eta[0]}: {eta[1]:g}"
     if adaptive:
@@ -83,6 +91,23 @@ def a1111_parameters(
         settings_line += f', TI hashes: "{hashes}"'
     lines.append(settings_line)
     return "\n".join(lines)
+
+
+def _a1111_start_fields(denoising_strength: float | None, mask_blur: int | None,
+                        hires: dict[str, Any] | None) -> str:
+    """Image to image, inpainting and the hires fix as A1111 writes them (its
+    extra_generation_params, in its order)."""
+    text = ""
+    if denoising_strength is not None:
+        text += f", Denoising strength: {denoising_strength:g}"
+    if mask_blur is not None:
+        text += f", Mask blur: {mask_blur}"
+    if hires:
+        text += f", Hires upscale: {hires['scale']:g}"
+        if hires["steps"]:
+            text += f", Hires steps: {hires['steps']}"
+        text += f", Hires upscaler: {HIRES_UPSCALER_LABELS[hires['upscaler']]}"
+    return text
 
 
 def _uses(text: str, token: str) -> bool:
@@ -189,15 +214,37 @@ def save_grid(out_dir: Path, images: Sequence[Image.Image], first: int, last: in
     return path
 
 
-def image_metadata(result, settings, model_name: str, model_hash: str | None = None
+def start_fields(result, sources: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What an image started from, as its record states it: `strength` (image to image),
+    `mask_blur` (inpainting), `hires` (the settings of a second pass that ran), and the caller's
+    `sources` (init_image, mask: path and sha256); only those that apply."""
+    fields: dict[str, Any] = {}
+    strength = getattr(result, "strength", None)
+    if strength is not None:
+        fields["strength"] = strength
+    mask_blur = getattr(result, "mask_blur", None)
+    if mask_blur is not None:
+        fields["mask_blur"] = mask_blur
+    hires = getattr(result, "hires", None)
+    if hires is not None:
+        fields["hires"] = hires.model_dump(mode="json")
+    fields.update(sources or {})
+    return fields
+
+
+def image_metadata(result, settings, model_name: str, model_hash: str | None = None,
+                   sources: dict[str, Any] | None = None
                    ) -> tuple[dict[str, Any], str, PngInfo]:
     """One ImageResult's record fields, its A1111 `parameters` text and the PNG chunks holding
-    both and the settings it was made with (a server keeps them in memory, RunWriter on disk)."""
+    both and the settings it was made with (a server keeps them in memory, RunWriter on disk).
+    `sources`: the files it started from, {"init_image": {"path", "sha256"}, "mask": ...}."""
     from sdaccel import __version__
     from sdaccel.settings import settings_as_dict
 
     s, g = settings, result.generation
     loras = getattr(result, "loras", ())  # the LoRA records of engine/lora/
+    started = start_fields(result, sources)
+    hires = started.get("hires")
     image_info = {
         "prompt": result.prompt, "negative_prompt": result.negative_prompt,
         "seed": result.seed, "steps": result.steps, "nfe": result.nfe,
@@ -211,19 +258,23 @@ def image_metadata(result, settings, model_name: str, model_hash: str | None = N
     decoder = getattr(result, "decoder", None)  # a tiny decoder's record (loading/decoders.py)
     if decoder:
         image_info["tiny_decoder"] = dict(decoder)  # path, name, sha256
+    image_info.update(started)
     parameters = a1111_parameters(
         result.prompt, result.negative_prompt, result.steps, a1111_label(s.sampler.name),
         g.guidance_scale, result.seed, g.width, g.height, model_name,
         describe_plan(result.plan) if result.plan else None,
         describe_compute(result.cost, result.steps, result.decisions), loras=loras,
         model_hash=model_hash, embeddings=result.embeddings, decoder=decoder,
-        **_a1111_sampler_fields(s.sampler),
+        denoising_strength=started.get("strength", hires and hires["denoising_strength"]),
+        mask_blur=started.get("mask_blur"), hires=hires, **_a1111_sampler_fields(s.sampler),
     )
     metadata = png_metadata(parameters, {
         "version": __version__, "image": image_info,
         "settings": {**settings_as_dict(s), "model_id": _absolute_if_local(s.model_id),
                      "tiny_decoder": s.tiny_decoder and _absolute_if_local(s.tiny_decoder),
                      "generation": g.model_dump(mode="json"),
+                     # the hires fix as it ran (a prompts-file line's own), or off
+                     "hires": hires or {**s.hires.model_dump(mode="json"), "enabled": False},
                      # the files in force, each with its token and sha256
                      "embeddings": [dict(e) for e in result.embeddings],
                      # the LoRAs it was made with (a prompts-file line's own), sha256 included
@@ -263,13 +314,16 @@ class RunWriter:
         self.records: list[dict[str, Any]] = []
         self._grid_images: list[Image.Image] = []
 
-    def save(self, result, index: int | None = None) -> dict[str, Any]:
+    def save(self, result, index: int | None = None,
+             sources: dict[str, Any] | None = None) -> dict[str, Any]:
         """Write one ImageResult (with latents if asked); returns its record, as --json prints.
 
         With `index` the image gets exactly that index (a prompts-file run's global index), and
-        an existing file of that name is an error."""
+        an existing file of that name is an error. `sources`: the files it started from
+        (runs.Job.sources())."""
         s = self.settings
-        image_info, _, metadata = image_metadata(result, s, self.model_name, self.model_hash)
+        image_info, _, metadata = image_metadata(result, s, self.model_name, self.model_hash,
+                                                 sources)
         index, path = save_image(self.out_dir, self._next if index is None else index,
                                  result.steps, result.image, metadata, exact=index is not None)
         self._next = index + 1

@@ -36,10 +36,10 @@ Overrides = Annotated[
 ]
 
 
-def shorthand(kind: type, *names: str, help: str) -> Any:  # noqa: A002 - Typer's own name
+def shorthand(kind: type, *names: str, help: str, **extra: Any) -> Any:  # noqa: A002
     """The option alias of a shorthand flag: `kind` or None (None: the flag was not given)."""
     return Annotated[kind | None, typer.Option(*names, help=help, show_default=False,
-                                               rich_help_panel="Shorthand settings")]
+                                               rich_help_panel="Shorthand settings", **extra)]
 
 
 # Shorthand flag (parameter name) -> (the settings key it sets, its option). Adding one is one
@@ -70,6 +70,18 @@ SHORTHAND: dict[str, tuple[str, Any]] = {
     "tiny_decoder": ("tiny_decoder", shorthand(str, "--tiny-decoder", help="tiny_decoder: TAESD "
                                                "(taesd_decoder.safetensors, a folder or hub id) "
                                                "decodes instead of the model's VAE")),
+    "strength": ("generation.strength", shorthand(
+        float, "--strength", help="generation.strength: with an init image, how much of it is "
+        "drawn again, 0 < S <= 1 (A1111's denoising strength)")),
+    "hires": ("hires.enabled", shorthand(bool, "--hires", help="hires.enabled: the hires fix "
+                                         "(generate, upscale, draw again)", metavar="")),
+    "hires_scale": ("hires.scale", shorthand(float, "--hires-scale", help="hires.scale")),
+    "hires_upscaler": ("hires.upscaler", shorthand(str, "--hires-upscaler", help="hires.upscaler: "
+                                                   "latent, latent-nearest, lanczos")),
+    "hires_steps": ("hires.steps", shorthand(int, "--hires-steps", help="hires.steps (0: the "
+                                             "sampler's steps)")),
+    "hires_strength": ("hires.denoising_strength", shorthand(
+        float, "--hires-strength", help="hires.denoising_strength")),
 }
 
 # What commands that write no image leave out of SHORTHAND (`command(exclude=...)`).

@@ -74,7 +74,9 @@ class ImageResult:
     image: object  # PIL.Image.Image
     latents: torch.Tensor  # final latents (before VAE decode), fp32, on the CPU
     seconds: float  # wall time of its batch divided by the batch size
-    generation: GenerationSettings  # the size, guidance and batch it was made with
+    # The size, guidance, batch and strength it was asked for (with the hires fix: the first
+    # pass's size; the image is `hires.scale` times larger)
+    generation: GenerationSettings
     plan: PlanDecided | None = None  # the adaptive decision, when adaptive steps are on
     # The LoRAs in force: settings entries (path, weight, sha256) with A1111's name and hash.
     loras: tuple[dict, ...] = ()
@@ -288,8 +290,8 @@ class Engine:
         begin = self._prepare_start(seeds, scheduler, g, sampler, start, len(prompts))
         out = self._denoise(begin, scheduler, seeds, embeddings, g, sampler, on_step)
         plans = self._announce_plans(out, image_prompts, seeds)
-        if hires.enabled:
-            out, g = self._hires_pass(out, seeds, embeddings, g, sampler, hires, on_step)
+        if hires.enabled:  # the results keep the request's size and strength, as A1111's
+            out = self._hires_pass(out, seeds, embeddings, g, sampler, hires, on_step)
         images = self.decode(out.latents)
         seconds = time.perf_counter() - started
         self.on_event(BatchDone(len(seeds), max(out.steps), seconds))
@@ -440,7 +442,7 @@ class Engine:
 
     def _hires_pass(self, first: SampleOutput, seeds: list[int], embeddings: torch.Tensor,
                     g: GenerationSettings, sampler: SamplerSettings, hires: HiresSettings,
-                    on_step: StepCallback | None) -> tuple[SampleOutput, GenerationSettings]:
+                    on_step: StepCallback | None) -> SampleOutput:
         """A1111's hires fix: the first pass upscaled (its latents, or its decoded image), then
         drawn again at `denoising_strength` from fresh generators of the same seeds."""
         multiple = self._size_multiple()
@@ -466,7 +468,7 @@ class Engine:
         out = self._denoise(track, scheduler, seeds, embeddings, second, sampler, on_step)
         return SampleOutput(out.latents, first.steps, [a + b for a, b in zip(
             first.codes, out.codes, strict=True)], [a + b for a, b in zip(
-                first.costs, out.costs, strict=True)], first.decisions), second
+                first.costs, out.costs, strict=True)], first.decisions)
 
     def _announce_plans(self, out: SampleOutput, image_prompts: list[str],
                         seeds: list[int]) -> list[PlanDecided | None]:

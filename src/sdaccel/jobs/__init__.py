@@ -2,7 +2,8 @@
 the split of the work across processes (Hugging Face Accelerate's `PartialState`).
 
 A prompts file holds one job per non-blank line: a plain prompt, or a JSON object (a line that
-starts with `{`) with a "prompt" and optional per-job overrides (JOB_KEYS). Job i (0-based, blank
+starts with `{`) with a "prompt" and optional per-job overrides (JOB_KEYS: size, guidance, LoRAs,
+an init image and mask to start from, hires). Job i (0-based, blank
 lines not counted) makes num_images_per_prompt images with global indices i*n .. i*n+n-1, seeds
 `seed + j` from the job's own "seed", else settings.seed + i*n + j, and files
 img_{index:03d}_steps{steps}.png. Nothing depends on the rank or the number of processes, so the

@@ -46,7 +46,21 @@ def expected_fields(job: Job, j: int, settings: Settings) -> dict[str, Any]:
     if not settings.adaptive.enabled:
         fields["steps"] = settings.sampler.steps
     fields["loras"] = _lora_fields(settings.loras if job.loras is None else job.loras)
+    fields.update(_start_fields(job, settings))
     return fields
+
+
+def _start_fields(job: Job, settings: Settings) -> dict[str, Any]:
+    """Image to image, inpainting and the hires fix as a record states them (outputs.
+    start_fields); None where they do not apply, as records made before they existed read."""
+    hires = settings.hires if job.hires is None else job.hires
+    return {
+        "init_image": job.init_image and job.init_image.record(),  # path and sha256
+        "strength": job.generation.strength if job.init_image else None,
+        "mask": job.mask and job.mask.record(),
+        "mask_blur": job.mask_blur if job.mask else None,
+        "hires": hires.model_dump(mode="json") if hires.enabled else None,
+    }
 
 
 def _lora_fields(loras) -> list[dict[str, Any]]:
@@ -215,9 +229,16 @@ def _check(record: dict[str, Any], wanted: dict[str, Any], what: str, source: Pa
                    else getattr(SAMPLERS.get(record.get("sampler")), "eta", None))
         if got != value:
             raise ConfigError(
-                f"{what} was made with {key} {record.get(key)!r}, but {source} line {job.line} "
-                f"with these settings asks for {value!r}. Resume with the same prompts file "
-                f"and settings, or use another --out-dir")
+                f"{what} was made with {key} {_shown(record.get(key))}, but {source} line "
+                f"{job.line} with these settings asks for {_shown(value)}. Resume with the same "
+                f"prompts file and settings, or use another --out-dir")
+
+
+def _shown(value: Any) -> str:
+    """A field's value in an error: a file (init image, mask) as its path and short sha256."""
+    if isinstance(value, dict) and set(value) == {"path", "sha256"}:
+        return f"{value['path']} (sha256 {str(value['sha256'])[:12]})"
+    return repr(value)
 
 
 def _image_files(out_dir: Path) -> Iterator[tuple[int, str]]:

@@ -1,6 +1,6 @@
 """The prompts file: one job per non-blank line, a plain prompt or a JSON object (a line that
 starts with `{`) with a "prompt" and optional per-job overrides (JOB_KEYS); every line validated
-up front, errors naming the file, line and key."""
+up front, init images and masks read whole, errors naming the file, line and key."""
 
 from __future__ import annotations
 
@@ -12,16 +12,19 @@ from typing import Any
 from pydantic import TypeAdapter, ValidationError
 
 from sdaccel.errors import ConfigError, LoraError
-from sdaccel.runs import Job
-from sdaccel.settings import GenerationSettings, LoraEntry, Settings
+from sdaccel.runs import DEFAULT_MASK_BLUR, MAX_MASK_BLUR, Job, StartFile
+from sdaccel.settings import GenerationSettings, HiresSettings, LoraEntry, Settings
 
-JOB_KEYS = ("prompt", "negative_prompt", "seed", "height", "width", "guidance_scale", "loras")
-GENERATION_KEYS = ("height", "width", "guidance_scale")
+JOB_KEYS = ("prompt", "negative_prompt", "seed", "height", "width", "guidance_scale", "loras",
+            "init_image", "mask", "strength", "mask_blur", "hires")
+GENERATION_KEYS = ("height", "width", "guidance_scale", "strength")
 
 
-def read_jobs(path: Path, settings: Settings, negative_prompt: str = "") -> list[Job]:
-    """Every job of a prompts file, validated up front (errors name the file, line and key).
-    Job i is the i-th non-blank line (sdaccel.runs.Job: its images and seeds)."""
+def read_jobs(path: Path, settings: Settings, negative_prompt: str = "",
+              mask_blur: int = DEFAULT_MASK_BLUR) -> list[Job]:
+    """Every job of a prompts file, validated up front (errors name the file, line and key;
+    init images and masks read whole). Job i is the i-th non-blank line (sdaccel.runs.Job: its
+    images and seeds); `negative_prompt` and `mask_blur` serve lines without their own."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"prompts file {str(path)!r} does not exist")
@@ -30,6 +33,7 @@ def read_jobs(path: Path, settings: Settings, negative_prompt: str = "") -> list
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     jobs: list[Job] = []
+    files: dict[Path, StartFile] = {}  # each init image or mask read once
     for number, raw in enumerate(text.split("\n"), start=1):
         line = raw.strip()
         if not line:
@@ -41,6 +45,7 @@ def read_jobs(path: Path, settings: Settings, negative_prompt: str = "") -> list
             negative_prompt=fields.get("negative_prompt", negative_prompt),
             seed=fields.get("seed"), generation=_generation(settings, fields, where),
             loras=_loras(fields["loras"], where) if "loras" in fields else None, line=number,
+            **_start(fields, path.parent, where, settings, files, mask_blur),
         ))
     if not jobs:
         raise ConfigError(f"{path}: no prompts (one per line, or one JSON object per line "
@@ -77,20 +82,70 @@ def _parse_line(line: str, where: str) -> dict[str, Any]:
 
 
 def _generation(settings: Settings, fields: dict[str, Any], where: str) -> GenerationSettings:
-    """The run's generation settings with this line's size/guidance, by the settings' rules."""
+    """The run's generation settings with this line's size/guidance/strength, by the settings'
+    rules."""
     updates = {key: fields[key] for key in GENERATION_KEYS if key in fields}
     if not updates:
         return settings.generation
+    return _validated(settings.generation, updates, where, "generation", "")
+
+
+def _validated(section, updates: dict[str, Any], where: str, name: str, shown: str):
+    """`section` (a settings section) with `updates`, by the settings' rules; an error names
+    the line and the key (`shown` + key)."""
     try:
-        return GenerationSettings.model_validate(
-            {**settings.generation.model_dump(), **updates}, strict=True)
+        return type(section).model_validate({**section.model_dump(), **updates}, strict=True)
     except ValidationError as exc:
         error = exc.errors()[0]
         key = ".".join(str(part) for part in error["loc"])
         message = error["msg"].removeprefix("Value error, ")
         if error["type"] != "value_error":
             message += f" (got {error['input']!r})"
-        raise ConfigError(f"{where}: {key}: {message}", key=f"generation.{key}") from None
+        raise ConfigError(f"{where}: {shown}{key}: {message}", key=f"{name}.{key}") from None
+
+
+def _start(fields: dict[str, Any], folder: Path, where: str, settings: Settings,
+           files: dict[Path, StartFile], mask_blur: int) -> dict[str, Any]:
+    """A line's init_image and mask (paths relative to the prompts file's folder, read and
+    checked now), mask_blur and hires: Job.at's keyword arguments."""
+    start: dict[str, Any] = {"mask_blur": mask_blur}
+    for key in ("init_image", "mask"):
+        if key not in fields:
+            continue
+        value = fields[key]
+        if not isinstance(value, str) or not value.strip():
+            raise ConfigError(f"{where}: {key}: must be an image file's path (got {value!r})")
+        path = (folder / Path(value).expanduser()).resolve()
+        if path not in files:
+            files[path] = StartFile.read(path, f"{where}: {key}")
+        start[key] = files[path]
+    for key, needs in (("mask", "init_image"), ("strength", "init_image"),
+                       ("mask_blur", "mask")):
+        if key in fields and needs not in fields:
+            raise ConfigError(f"{where}: {key}: only with {needs}")
+    if "mask_blur" in fields:
+        blur = fields["mask_blur"]
+        if not isinstance(blur, int) or isinstance(blur, bool) or \
+                not 0 <= blur <= MAX_MASK_BLUR:
+            raise ConfigError(f"{where}: mask_blur: must be an integer from 0 to "
+                              f"{MAX_MASK_BLUR} (got {blur!r})")
+        start["mask_blur"] = blur
+    if "hires" in fields:
+        start["hires"] = _hires(fields["hires"], settings, where)
+    return start
+
+
+def _hires(value: Any, settings: Settings, where: str) -> HiresSettings:
+    """A line's "hires": true / false (the hires fix on or off with the run's hires settings),
+    or an object of `hires:` keys over the run's (on, unless it says "enabled": false)."""
+    if isinstance(value, bool):
+        updates = {"enabled": value}
+    elif isinstance(value, dict):
+        updates = {"enabled": True, **value}
+    else:
+        raise ConfigError(f"{where}: hires: must be true, false or an object of hires keys "
+                          f"({', '.join(HiresSettings.model_fields)}) (got {value!r})")
+    return _validated(settings.hires, updates, where, "hires", "hires.")
 
 
 def _loras(value: Any, where: str) -> tuple[LoraEntry, ...]:

@@ -89,7 +89,8 @@ def run_jobs(engine, writer, jobs: list[Job], state, source: Path,
         for job, index, result in runs.images(engine, mine):
             if index in plan.done:
                 continue
-            manifest.append(manifest_record(writer.save(result, index=index), job))
+            saved = writer.save(result, index=index, sources=job.sources())
+            manifest.append(manifest_record(saved, job))
             made += 1
     state.wait_for_everyone()
     records: list[dict[str, Any]] = []
