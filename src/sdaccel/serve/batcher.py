@@ -2,7 +2,8 @@
 
 Each request is split into jobs (one per A1111 `n_iter` batch). The worker always starts with the
 oldest waiting job (so requests that cannot merge are served in arrival order), then adds every
-waiting job with the same key (size, sampler, steps, guidance, negative prompt) until the batch
+waiting job with the same key (model, size, sampler, steps, guidance, negative prompt, LoRAs,
+hires fix, whether it starts from images; a model load is a job of its own) until the batch
 holds `max_batch` images, waiting up to `max_wait` seconds for more to arrive, but only while
 requests come concurrently (the last batch had company, or a request arrived while it ran): a
 lone client's requests start at once. The batch runs as
@@ -29,12 +30,17 @@ class Interrupted(Exception):
     """The batch was stopped by /sdapi/v1/interrupt."""
 
 
+class Skipped(Interrupted):
+    """The batch was stopped by /sdapi/v1/skip: its request goes on with its other batches."""
+
+
 @dataclass
 class Job:
     key: Hashable  # jobs with equal keys can share one engine call
     prompt: str
     seeds: list[int]  # one per image
     params: Any  # what the engine call needs besides prompt and seeds (same for equal keys)
+    start: Any = None  # this job's own init images (an ImageStart), if it starts from images
     future: Future = field(default_factory=Future)
 
     @property
@@ -51,9 +57,12 @@ class Progress:
     batch_images: int = 0
     started: float | None = None
     queued_images: int = 0
+    interrupted: bool = False  # the running batch was interrupted
+    skipped: bool = False  # ... or skipped
 
     def fraction(self) -> float:
-        return self.step / self.steps if self.steps else 0.0
+        """Of the running batch; 0 when none runs (clients wait for 0 and no jobs)."""
+        return self.step / self.steps if self.steps and self.started is not None else 0.0
 
     def eta(self) -> float:
         done = self.fraction()
@@ -74,6 +83,7 @@ class Batcher:
         self._waiting: list[Job] = []
         self._ready = threading.Condition()
         self._interrupt = threading.Event()
+        self._skip = threading.Event()
         self._stopped = False
         # Wait for company only while requests come concurrently; assumed at the start.
         self._company = True
@@ -97,13 +107,21 @@ class Batcher:
 
     def interrupt(self) -> None:
         """Stop the running batch at its next step (its requests get Interrupted)."""
+        self.progress.interrupted = True
         self._interrupt.set()
 
+    def skip(self) -> None:
+        """Stop the running batch at its next step (its jobs get Skipped)."""
+        self.progress.skipped = True
+        self._skip.set()
+
     def step_done(self, step: int, total: int) -> None:
-        """The engine's step events: progress, and where an interrupt takes effect."""
+        """The engine's step events: progress, and where an interrupt or skip takes effect."""
         self.progress.step, self.progress.steps = step, total
         if self._interrupt.is_set():
             raise Interrupted("interrupted")
+        if self._skip.is_set():
+            raise Skipped("skipped")
 
     def queued(self) -> int:
         with self._ready:
@@ -154,6 +172,8 @@ class Batcher:
     def _run(self, batch: list[Job]) -> None:
         images = sum(job.images for job in batch)
         self._interrupt.clear()
+        self._skip.clear()
+        self.progress.interrupted = self.progress.skipped = False
         self.progress.step, self.progress.steps = 0, 0
         self.progress.batch_images, self.progress.started = images, time.perf_counter()
         try:

@@ -10,16 +10,23 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel
 
 from sdaccel.errors import ConfigError
-from sdaccel.serve.checks import BadRequest, JobParams, body_of, check_counts, generation_for
+from sdaccel.serve.checks import (
+    BadRequest,
+    JobParams,
+    body_of,
+    check_counts,
+    generation_for,
+    hires_within,
+)
 from sdaccel.serve.server import Server, ServerDep
 
 router = APIRouter(prefix="/v1")
-PER_REQUEST = ("generation", "sampler", "seed")  # the settings a request may set
+PER_REQUEST = ("generation", "sampler", "seed", "hires")  # the settings a request may set
 
 
 class NativeRequest(BaseModel):
     """POST /v1/generate: a prompt and our own settings schema for what may differ per request
-    (generation, sampler, seed); the rest is fixed when the server starts."""
+    (generation, sampler, seed, hires); the rest is fixed when the server starts."""
 
     model_config = {"extra": "forbid"}
 
@@ -34,8 +41,8 @@ class NativeRequest(BaseModel):
 @router.post("/generate")
 async def generate(request: Request, server: ServerDep):
     body = await body_of(request, NativeRequest, server.limits)
-    params, seed = native_params(body, server)
-    results = await server.generate(body.prompt, seed, body.num_images, 1, params)
+    prompt, params, seed, chunks = await native_params(body, server)
+    results = await server.generate(prompt, seed, body.num_images, 1, params, chunks)
     if results is None:
         return JSONResponse({"detail": "interrupted", "images": []}, 200)
     return {"images": server.keep(results, params, body.save)}
@@ -43,8 +50,9 @@ async def generate(request: Request, server: ServerDep):
 
 @router.get("/health")
 async def health(server: ServerDep):
+    engine = server.engine  # None while a switch loads the next one
     return {"status": "ok", "model": server.model_name, "queued_images": server.queued(),
-            "device": str(server.engine.device)}
+            "device": str(engine.device) if engine is not None else None}
 
 
 @router.get("/metrics")
@@ -53,9 +61,11 @@ async def prometheus(server: ServerDep):
                              media_type="text/plain; version=0.0.4")
 
 
-def native_params(body: NativeRequest, server: Server) -> tuple[JobParams, int]:
-    """The engine parameters and first seed of a /v1/generate body: its settings layered over
-    the server's, as --set values over a preset."""
+async def native_params(body: NativeRequest, server: Server
+                        ) -> tuple[str, JobParams, int, int]:
+    """The prompt (without its <lora:...> tags), engine parameters, first seed and the prompt's
+    chunk count of a /v1/generate body: its settings layered over the server's, as --set values
+    over a preset. It runs on the current model."""
     from sdaccel.settings import layer_over
 
     for key in body.settings:
@@ -68,11 +78,18 @@ def native_params(body: NativeRequest, server: Server) -> tuple[JobParams, int]:
     except ConfigError as exc:
         raise BadRequest(f"settings.{exc.key}" if exc.key else "body", str(exc)) from None
     g = chosen.generation
-    generation = generation_for(g.width, g.height, g.guidance_scale, server.engine,
-                                server.limits)
     check_counts(body.num_images, 1, chosen.sampler.steps, server.limits)
+    hires = chosen.hires if "hires" in body.settings or chosen.hires.enabled else None
+    if hires is not None and hires.enabled:
+        hires_within(hires, g.width, g.height, server.limits)
+    prompt, loras = server.prompt_loras(body.prompt)
+    model = server.current
+    engine = await server.engine_for(model)
+    generation = generation_for(g.width, g.height, g.guidance_scale, engine, server.limits)
+    chunks = engine.prompts.chunk_count(prompt, body.negative_prompt)
     seed = body.seed if body.seed is not None else chosen.seed
-    return JobParams(body.negative_prompt, generation, chosen.sampler), seed
+    return prompt, JobParams(body.negative_prompt, generation, chosen.sampler, model.title,
+                             loras, hires), seed, chunks
 
 
 def _dotted(values: dict[str, Any], prefix: str = ""):
