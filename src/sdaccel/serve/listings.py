@@ -66,44 +66,23 @@ async def latent_upscale_modes():
     return [{"name": name} for name in HIRES_UPSCALER_NAMES if name not in PIXEL_UPSCALERS]
 
 
-@router.get("/sd-vae")
-async def sd_vae():  # each checkpoint decodes with its own VAE
+# Lists A1111 serves that sdaccel has nothing in (each checkpoint decodes with its own VAE; no
+# face restorers, hypernetworks, saved styles, scripts or extensions): empty, as A1111 answers.
+EMPTY_LISTS = ("sd-vae", "face-restorers", "realesrgan-models", "hypernetworks",
+               "prompt-styles", "script-info", "extensions")
+
+
+def _empty() -> list:
     return []
 
 
-@router.get("/face-restorers")
-async def face_restorers():
-    return []
-
-
-@router.get("/realesrgan-models")
-async def realesrgan_models():
-    return []
-
-
-@router.get("/hypernetworks")
-async def hypernetworks():
-    return []
-
-
-@router.get("/prompt-styles")
-async def prompt_styles():
-    return []
+for _path in EMPTY_LISTS:
+    router.add_api_route(f"/{_path}", _empty, methods=["GET"], name=_path)
 
 
 @router.get("/scripts")
 async def scripts():
     return {"txt2img": [], "img2img": []}
-
-
-@router.get("/script-info")
-async def script_info():
-    return []
-
-
-@router.get("/extensions")
-async def extensions():
-    return []
 
 
 @router.get("/loras")
