@@ -59,7 +59,8 @@ def test_hub_revision_loads_that_revision_from_the_cache(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize(("ref", "message"), [
-    ("random:sdxl", "unknown random architecture; valid: random:tiny, random:sd15"),
+    ("random:sdxl-huge", "unknown random architecture; valid: random:tiny, random:sd15, "
+                         "random:sdxl-tiny, random:sdxl"),
     ("bundled:nope", "no such bundled model"),
     ("missing.safetensors", "does not exist"),
     ("just-a-word", "is not an existing folder"),

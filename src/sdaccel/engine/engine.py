@@ -33,7 +33,7 @@ from sdaccel.engine.speed.compile import EagerFallback, compile_callable
 from sdaccel.engine.speed.optimize import apply_passes, with_attention
 from sdaccel.engine.starts import image_to_image, inpainting, noise_for
 from sdaccel.engine.text.embeddings import add_embeddings, expansions, read_embeddings
-from sdaccel.engine.text.prompts import PromptEncoder, plain_text
+from sdaccel.engine.text.prompts import DualPromptEncoder, PromptEncoder, plain_text
 from sdaccel.engine.text.vocabulary import unknown_words
 from sdaccel.errors import ConfigError, ModelNotFoundError
 from sdaccel.events import (
@@ -87,6 +87,25 @@ class ImageResult:
     strength: float | None = None  # drawn from an init image at this strength; None: from noise
     mask_blur: int | None = None  # inpainted: the mask's blur radius; None: no mask
     hires: HiresSettings | None = None  # the hires fix's second pass, when one ran
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """A batch's text conditioning: embeddings rows ([uncond; cond] when guided, repeated per
+    image) and, for SDXL, the second encoder's pooled rows in the same order."""
+
+    embeddings: torch.Tensor
+    pooled: torch.Tensor | None = None
+
+    def added(self, g: GenerationSettings) -> dict[str, torch.Tensor] | None:
+        """SDXL's added conditioning for a batch of g's size: the pooled text and the size
+        conditioning (original size, crop top-left (0, 0), target size; as the pipeline's
+        defaults), one row per embeddings row."""
+        if self.pooled is None:
+            return None
+        sizes = torch.tensor([[g.height, g.width, 0, 0, g.height, g.width]],
+                             dtype=self.pooled.dtype, device=self.pooled.device)
+        return {"text_embeds": self.pooled, "time_ids": sizes.repeat(len(self.pooled), 1)}
 
 
 def _upscaling(decoder) -> int:
@@ -145,9 +164,7 @@ class Engine:
         self.decoder = self._cast_tiny_decoder() if self.tiny else self.vae
         self.text_encoder = cast(parts.text_encoder, s.text_encoder_dtype, self.device).eval()
         self.tokenizer = parts.tokenizer
-        self.prompts = PromptEncoder(self.tokenizer, self.text_encoder, self.device,
-                                     DTYPES[s.unet_dtype], s.prompt.weighting,
-                                     expansions(self.embeddings), self.on_event)
+        self.prompts = self._prompt_encoder(parts)
         self.unet_dtype = DTYPES[s.unet_dtype]
         self.vae_dtype = DTYPES[s.vae_dtype]
         # As diffusers' pipeline: the latent grid is the image over the decoder's upscaling.
@@ -169,6 +186,25 @@ class Engine:
             self.layered = LayeredUNet(self.unet)
             self.layered.check_level(self.policy.cache_level)
         self._costs: dict[tuple[int, ...], UNetCost] = {}
+
+    def _prompt_encoder(self, parts: Components) -> PromptEncoder | DualPromptEncoder:
+        """SD 1.5: the text encoder's last hidden states. SDXL: both encoders' penultimate ones
+        and the second's pooled projection (text/prompts.py)."""
+        s = self.settings
+        dtype = DTYPES[s.unet_dtype]
+        if not parts.is_sdxl:
+            return PromptEncoder(self.tokenizer, self.text_encoder, self.device, dtype,
+                                 s.prompt.weighting, expansions(self.embeddings), self.on_event)
+        if self.embeddings:
+            raise ConfigError("embeddings: textual inversion on an SDXL model (clip_l / clip_g "
+                              "files) is not supported yet", key="embeddings")
+        self.text_encoder_2 = cast(parts.text_encoder_2, s.text_encoder_dtype,
+                                   self.device).eval()
+        encoders = [PromptEncoder(tokenizer, encoder, self.device, dtype, s.prompt.weighting,
+                                  on_event=self.on_event, hidden_layer=-2)
+                    for tokenizer, encoder in ((parts.tokenizer, self.text_encoder),
+                                               (parts.tokenizer_2, self.text_encoder_2))]
+        return DualPromptEncoder(*encoders, parts.force_zeros_for_empty_prompt)
 
     def _cast_tiny_decoder(self) -> torch.nn.Module:
         """The tiny decoder in the VAE's precision on the device, checked against the UNet."""
@@ -286,12 +322,12 @@ class Engine:
         # Progress counts UNet calls: the plan's steps, but Heun's 2n - 1 for n steps.
         self.on_event(BatchStarted(len(seeds), len(scheduler.timesteps), tuple(prompts)))
         started = time.perf_counter()
-        embeddings = self.encode_prompts(prompts, negative_prompt, g)
+        conditioning = self._conditioning(prompts, negative_prompt, g)
         begin = self._prepare_start(seeds, scheduler, g, sampler, start, len(prompts))
-        out = self._denoise(begin, scheduler, seeds, embeddings, g, sampler, on_step)
+        out = self._denoise(begin, conditioning, g, on_step)
         plans = self._announce_plans(out, image_prompts, seeds)
         if hires.enabled:  # the results keep the request's size and strength, as A1111's
-            out = self._hires_pass(out, seeds, embeddings, g, sampler, hires, on_step)
+            out = self._hires_pass(out, seeds, conditioning, g, sampler, hires, on_step)
         images = self.decode(out.latents)
         seconds = time.perf_counter() - started
         self.on_event(BatchDone(len(seeds), max(out.steps), seconds))
@@ -357,9 +393,17 @@ class Engine:
         (guidance > 1, as diffusers) (text/prompts.py: weights, and long prompts as chunks,
         which make them longer than the text encoder's window; cond and uncond always of one
         length)."""
+        return self._conditioning(prompts, negative_prompt, generation).embeddings
+
+    def _conditioning(self, prompts: Sequence[str], negative_prompt: str,
+                      generation: GenerationSettings) -> Conditioning:
         guided = generation.guidance_scale > 1.0
-        cond = self.prompts.encode(list(prompts), negative_prompt if guided else None)
-        return cond.repeat_interleave(generation.num_images_per_prompt, dim=0)  # prompt-major
+        cond, pooled = self.prompts.encode_pooled(list(prompts),
+                                                  negative_prompt if guided else None)
+        per_prompt = generation.num_images_per_prompt  # rows repeated prompt-major
+        return Conditioning(cond.repeat_interleave(per_prompt, dim=0),
+                            pooled.repeat_interleave(per_prompt, dim=0)
+                            if self.components.is_sdxl else None)
 
     def _check_start(self, start: ImageStart | None, hires: HiresSettings) -> None:
         """Refuse what cannot start from an image: the re-planning policy plans from the first
@@ -416,16 +460,17 @@ class Engine:
             masks = [self._mask_processor.blur(mask, blur_factor=blur) for mask in masks]
         return self._mask_processor.preprocess(list(masks), height=g.height, width=g.width)
 
-    def _denoise(self, track: Track, scheduler, seeds: list[int], embeddings: torch.Tensor,
-                 g: GenerationSettings, sampler: SamplerSettings,
+    def _denoise(self, track: Track, conditioning: Conditioning, g: GenerationSettings,
                  on_step: StepCallback | None) -> SampleOutput:
         cache = None
         if self.policy.cache_level is not None:
             cache = FeatureCache(self.layered, self.policy.cache_level,
                                  self.policy.cache_forecast)
+        embeddings = conditioning.embeddings
         guider = Guider(self.unet_forward, self.unet_dtype, embeddings, len(track.positions),
                         g.guidance_scale, self.unet_wrappers, cache,
-                        self._shallow_cost(track.latents, embeddings), track.extra)
+                        self._shallow_cost(track.latents, embeddings), track.extra,
+                        conditioning.added(g))
         blend = track.blend
 
         def step_done(state: StepState) -> torch.Tensor | None:
@@ -440,7 +485,7 @@ class Engine:
 
         return sample(track, guider, self.policy, step_done)
 
-    def _hires_pass(self, first: SampleOutput, seeds: list[int], embeddings: torch.Tensor,
+    def _hires_pass(self, first: SampleOutput, seeds: list[int], conditioning: Conditioning,
                     g: GenerationSettings, sampler: SamplerSettings, hires: HiresSettings,
                     on_step: StepCallback | None) -> SampleOutput:
         """A1111's hires fix: the first pass upscaled (its latents, or its decoded image), then
@@ -465,7 +510,7 @@ class Engine:
                                second.strength)
         track = Track(torch.arange(len(seeds)), begun.latents, generators, scheduler,
                       sampler.eta_in_force, begun.begin)
-        out = self._denoise(track, scheduler, seeds, embeddings, second, sampler, on_step)
+        out = self._denoise(track, conditioning, second, on_step)
         return SampleOutput(out.latents, first.steps, [a + b for a, b in zip(
             first.codes, out.codes, strict=True)], [a + b for a, b in zip(
                 first.costs, out.costs, strict=True)], first.decisions)

@@ -2,6 +2,7 @@
 
 A reference is one of:
   random:tiny | random:sd15     the architecture from configs shipped here, random weights (offline)
+  random:sdxl-tiny | random:sdxl  the same for SDXL (a tiny test model; the real architecture)
   bundled:<name>                a trained model shipped inside the package (src/sdaccel/bundled/)
                                 (its folder may hold vocabulary.txt: see Components.vocabulary)
   ./path/to/folder              a diffusers folder (model_index.json, unet/, vae/, ...)
@@ -12,6 +13,7 @@ Every kind ends as the same `Components`, so the engine never cares where weight
 
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import dataclass
 from functools import cached_property
@@ -21,7 +23,7 @@ from typing import Any
 
 from sdaccel.errors import ModelNotFoundError
 
-RANDOM_ARCHS = ("tiny", "sd15")
+RANDOM_ARCHS = ("tiny", "sd15", "sdxl-tiny", "sdxl")
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+(@[\w./-]+)?$")
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 # In a model's folder: every word its training captions used, one a line (bundled models only).
@@ -40,6 +42,15 @@ class Components:
     # Every word the model was trained on, for a model trained on a closed grammar (the bundled
     # one, from its folder's vocabulary.txt); None: any text (SD 1.5 and other models).
     vocabulary: tuple[str, ...] | None = None
+    # SDXL's second text encoder (OpenCLIP ViT-bigG, with its pooled projection) and its
+    # tokenizer; None for SD 1.5-class models
+    text_encoder_2: Any = None
+    tokenizer_2: Any = None
+    force_zeros_for_empty_prompt: bool = False  # SDXL: an empty negative prompt is zeros
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.text_encoder_2 is not None
 
     @cached_property
     def model_hash(self) -> str | None:
@@ -107,7 +118,8 @@ def parse_model_ref(ref: str) -> ModelRef:
         return ModelRef("hub", repo, revision or None)
     raise ModelNotFoundError(
         f"model {ref!r} is not an existing folder or .safetensors/.ckpt file, a hub id "
-        "(org/name[@revision]), or one of random:tiny, random:sd15, "
+        "(org/name[@revision]), or one of "
+        + ", ".join(f"random:{a}" for a in RANDOM_ARCHS) + ", "
         + ", ".join(f"bundled:{n}" for n in bundled_names())
     )
 
@@ -147,8 +159,8 @@ def _not_found_message(ref: str, model: ModelRef, exc: Exception) -> str:
 def _pretrained_components(location: str, revision: str | None, name: str,
                            dtypes: dict[str, Any]) -> Components:
     import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
+    from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     common: dict[str, Any] = {"revision": revision} if revision else {}
 
@@ -156,6 +168,8 @@ def _pretrained_components(location: str, revision: str | None, name: str,
         return cls.from_pretrained(location, subfolder=part,
                                    torch_dtype=dtypes.get(part, torch.float32), **common)
 
+    index = DiffusionPipeline.load_config(location, **common)
+    sdxl = "text_encoder_2" in index
     return Components(
         unet=load(UNet2DConditionModel, "unet"),
         vae=load(AutoencoderKL, "vae"),
@@ -164,6 +178,9 @@ def _pretrained_components(location: str, revision: str | None, name: str,
         scheduler_config=_scheduler_config(location, subfolder="scheduler", **common),
         name=name,
         vocabulary=read_vocabulary(location),
+        text_encoder_2=load(CLIPTextModelWithProjection, "text_encoder_2") if sdxl else None,
+        tokenizer_2=load_tokenizer(location, "tokenizer_2", **common) if sdxl else None,
+        force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", sdxl)),
     )
 
 
@@ -171,15 +188,18 @@ def _random_components(arch: str, device: str, name: str) -> Components:
     """The architecture's shipped configs with deterministic random weights (seed 0)."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     folder = arch_dir(arch)
+    sdxl = (folder / "text_encoder_2").is_dir()
     # Build on the target device (fast for SD 1.5 on a GPU) without disturbing the caller's RNG.
     with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(0)
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
         vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae"))
         text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder"))
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(
+            folder / "text_encoder_2")).eval() if sdxl else None
     return Components(
         unet=unet,
         vae=vae,
@@ -187,6 +207,9 @@ def _random_components(arch: str, device: str, name: str) -> Components:
         tokenizer=load_tokenizer(folder),
         scheduler_config=_scheduler_config(folder / "scheduler"),
         name=name,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=load_tokenizer(folder, "tokenizer_2") if sdxl else None,
+        force_zeros_for_empty_prompt=sdxl,
     )
 
 
@@ -197,16 +220,22 @@ def read_vocabulary(location: str | Path) -> tuple[str, ...] | None:
     return tuple(path.read_text(encoding="utf-8").split()) if path.is_file() else None
 
 
-def load_tokenizer(location, **kwargs):
-    """The model's own tokenizer/; a local folder without one (SD 1.5's configs shipped here, a
-    user's folder) gets CLIP ViT-L/14's, SD 1.5's tokenizer (engine/loading/clip_tokenizer.py)."""
+def load_tokenizer(location, subfolder: str = "tokenizer", **kwargs):
+    """The model's own tokenizer (`subfolder`); a local folder without one (the configs shipped
+    here, a user's folder) gets CLIP ViT-L/14's, SD 1.5's tokenizer
+    (engine/loading/clip_tokenizer.py). SDXL's second tokenizer is OpenCLIP's: the same
+    vocabulary and merges, padded with "!" instead of the end token."""
     from transformers import CLIPTokenizer
 
-    if Path(location).is_dir() and not (Path(location) / "tokenizer").is_dir():
+    if Path(location).is_dir() and not (Path(location) / subfolder).is_dir():
         from sdaccel.engine.loading.clip_tokenizer import clip_tokenizer
 
-        return clip_tokenizer()
-    return CLIPTokenizer.from_pretrained(location, subfolder="tokenizer", **kwargs)
+        tokenizer = clip_tokenizer()
+        if subfolder == "tokenizer_2":
+            tokenizer = copy.deepcopy(tokenizer)
+            tokenizer.pad_token = "!"
+        return tokenizer
+    return CLIPTokenizer.from_pretrained(location, subfolder=subfolder, **kwargs)
 
 
 def _scheduler_config(location, **kwargs) -> dict[str, Any]:

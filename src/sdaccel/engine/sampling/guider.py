@@ -34,6 +34,7 @@ class UNetInput:
     slots: tuple[Slot, ...]  # the (image, half) of each row
     step: int  # the index of the step in its plan (0-based)
     shallow: bool = False  # feature caching: the shallow branch on cached deep features
+    added: dict[str, torch.Tensor] | None = None  # SDXL's added conditioning of each row
 
 
 UNetCall = Callable[[UNetInput], torch.Tensor]
@@ -84,16 +85,19 @@ class Guider:
     def __init__(self, unet_forward: Callable, unet_dtype: torch.dtype, embeddings: torch.Tensor,
                  batch: int, guidance_scale: float, wrappers: Sequence[UNetWrapper] = (),
                  cache: FeatureCache | None = None, shallow_cost: float = 1.0,
-                 extra: torch.Tensor | None = None) -> None:
+                 extra: torch.Tensor | None = None,
+                 added: dict[str, torch.Tensor] | None = None) -> None:
         """`embeddings`: [uncond; cond] rows when guided, cond rows alone otherwise (whoever
         encoded the prompts chose); `shallow_cost`: a shallow call's FLOPs over a full one's;
         `extra`: channels appended to each image's UNet input (an inpainting UNet's mask and
-        masked image latents), one row per image of the batch."""
+        masked image latents), one row per image of the batch; `added`: the UNet's added
+        conditioning (SDXL: pooled text, size), rows as `embeddings`'."""
         self.unet_forward, self.unet_dtype = unet_forward, unet_dtype
         self.embeddings, self.batch = embeddings, batch
         self.guided = embeddings.shape[0] == 2 * batch
         self.guidance_scale = guidance_scale
         self.cache, self.shallow_cost, self.extra = cache, shallow_cost, extra
+        self.added = added
         self.halves = (COND, UNCOND) if self.guided else (COND,)
         call = self._call_unet
         for wrap in wrappers:
@@ -115,14 +119,17 @@ class Guider:
             if not chosen:
                 continue
             rows = torch.tensor([k for k, _ in chosen])
-            context = self.embeddings[torch.tensor([self._context_row(int(positions[k]), half)
-                                                    for k, half in chosen])]
+            context_rows = torch.tensor([self._context_row(int(positions[k]), half)
+                                         for k, half in chosen])
+            context = self.embeddings[context_rows]
+            added = None if self.added is None else {
+                name: value[context_rows] for name, value in self.added.items()}
             global_slots = tuple((int(positions[k]), half) for k, half in chosen)
             sample = model_input[rows]
             if self.extra is not None:
                 images = torch.tensor([image for image, _ in global_slots])
                 sample = torch.cat([sample, self.extra[images].to(sample.dtype)], dim=1)
-            out = self._call(UNetInput(sample, t, context, global_slots, index, not full))
+            out = self._call(UNetInput(sample, t, context, global_slots, index, not full, added))
             for j, slot in enumerate(chosen):
                 outputs[slot] = out[j].float()
         return outputs
@@ -146,5 +153,6 @@ class Guider:
             return self.cache.shallow(call)
         if self.cache is not None:
             return self.cache.full(call)
+        extra = {} if call.added is None else {"added_cond_kwargs": call.added}
         return self.unet_forward(call.sample, call.timestep, encoder_hidden_states=call.context,
-                                 return_dict=False)[0]
+                                 return_dict=False, **extra)[0]

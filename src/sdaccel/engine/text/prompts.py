@@ -127,7 +127,10 @@ class PromptEncoder:
 
     def __init__(self, tokenizer, text_encoder, device: torch.device, dtype: torch.dtype,
                  weighting: bool = True, expansions: dict[int, list[int]] | None = None,
-                 on_event: EventHandler = ignore) -> None:
+                 on_event: EventHandler = ignore, hidden_layer: int | None = None) -> None:
+        """`hidden_layer`: None, the encoder's last hidden states (SD 1.5); -2, the
+        penultimate layer's, before the final norm (SDXL's two encoders)."""
+        self.hidden_layer = hidden_layer
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
         self.device = device
@@ -200,34 +203,50 @@ class PromptEncoder:
 
     # ------------------------------------------------------------------ embeddings
 
-    @torch.no_grad()
     def encode(self, prompts: Sequence[str], negative_prompt: str | None = None
                ) -> torch.Tensor:
         """(len(prompts), L, D) embeddings in `dtype`; with a negative prompt
         [negative x len(prompts); prompts], both L long (L = window x chunks)."""
+        return self.encode_pooled(prompts, negative_prompt)[0]
+
+    @torch.no_grad()
+    def encode_pooled(self, prompts: Sequence[str], negative_prompt: str | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`encode`'s embeddings, and each row's pooled output (the encoder's first output at
+        the end token: SDXL's second encoder's projection), of its text's first chunk as A1111
+        takes it."""
         rows = list(prompts)
         groups = [rows] if negative_prompt is None else [[negative_prompt] * len(rows), rows]
         if not self.weighting:
-            return torch.cat([self._encode_plain(texts) for texts in groups])
-        chunked = [[self.chunks(text) for text in texts] for texts in groups]
-        count = max(len(c) for texts in chunked for c in texts)
-        empty = self.empty_chunk()
-        padded = [[c + [empty] * (count - len(c)) for c in texts] for texts in chunked]
-        return torch.cat([self._encode_chunks(texts) for texts in padded])
+            parts = [self._encode_plain(texts) for texts in groups]
+        else:
+            chunked = [[self.chunks(text) for text in texts] for texts in groups]
+            count = max(len(c) for texts in chunked for c in texts)
+            empty = self.empty_chunk()
+            parts = [self._encode_chunks([c + [empty] * (count - len(c)) for c in texts])
+                     for texts in chunked]
+        return torch.cat([h for h, _ in parts]), torch.cat([p for _, p in parts])
 
-    def _encode_chunks(self, texts: list[list[Chunk]]) -> torch.Tensor:
+    def _run(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The encoder's hidden states (the layer this encoder reads) and first output."""
+        out = self.text_encoder(ids, output_hidden_states=self.hidden_layer is not None)
+        hidden = out[0] if self.hidden_layer is None else out.hidden_states[self.hidden_layer]
+        return hidden, out[0]
+
+    def _encode_chunks(self, texts: list[list[Chunk]]) -> tuple[torch.Tensor, torch.Tensor]:
         """One encoder call over every chunk of every text; chunks joined along the sequence."""
         flat = [chunk for chunks in texts for chunk in chunks]
         ids = torch.tensor([c.ids for c in flat], device=self.device)
-        hidden = self.text_encoder(ids)[0]
+        hidden, first = self._run(ids)
         z = hidden.to(self.dtype, copy=any(c.weighted for c in flat))
         for row, chunk in enumerate(flat):
             if chunk.weighted:
                 weights = torch.tensor(chunk.weights, device=hidden.device)
                 z[row] = apply_weights(hidden[row].float(), weights).to(self.dtype)
-        return z.reshape(len(texts), -1, z.shape[-1])
+        per_text = len(flat) // len(texts)
+        return z.reshape(len(texts), -1, z.shape[-1]), first[::per_text].to(self.dtype)
 
-    def _encode_plain(self, texts: list[str]) -> torch.Tensor:
+    def _encode_plain(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """diffusers' encoding: the text as is, cut at the window (said in a Warning)."""
         full = self.tokenizer(texts, truncation=False, verbose=False).input_ids
         for text, ids in zip(texts, full, strict=True):
@@ -239,7 +258,47 @@ class PromptEncoder:
                     "true encodes long prompts in chained chunks instead)"))
         tokens = self.tokenizer(texts, padding="max_length", max_length=self.window,
                                 truncation=True, return_tensors="pt")
-        return self.text_encoder(tokens.input_ids.to(self.device))[0].to(self.dtype)
+        hidden, first = self._run(tokens.input_ids.to(self.device))
+        return hidden.to(self.dtype), first.to(self.dtype)
+
+
+class DualPromptEncoder:
+    """SDXL's text conditioning: both encoders' penultimate hidden states side by side (CLIP
+    ViT-L's, then OpenCLIP bigG's), the second's pooled projection, an empty negative prompt as
+    zeros where the model says so (as StableDiffusionXLPipeline). Chunks, weights and BREAK are
+    read the same way by both (their tokenizers share the vocabulary)."""
+
+    def __init__(self, first: PromptEncoder, second: PromptEncoder,
+                 zero_empty_negative: bool) -> None:
+        self.first, self.second = first, second
+        self.zero_empty_negative = zero_empty_negative
+        self.tokenizer = first.tokenizer
+
+    @property
+    def weighting(self) -> bool:
+        return self.first.weighting
+
+    def chunks(self, prompt: str) -> list[Chunk]:
+        return self.first.chunks(prompt)
+
+    def chunk_count(self, prompt: str, negative_prompt: str | None = None) -> int:
+        return self.first.chunk_count(prompt, negative_prompt)
+
+    def encode(self, prompts: Sequence[str], negative_prompt: str | None = None
+               ) -> torch.Tensor:
+        return self.encode_pooled(prompts, negative_prompt)[0]
+
+    def encode_pooled(self, prompts: Sequence[str], negative_prompt: str | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        zeros = negative_prompt == "" and self.zero_empty_negative
+        negative = None if zeros else negative_prompt
+        hidden, _ = self.first.encode_pooled(prompts, negative)
+        hidden_2, pooled = self.second.encode_pooled(prompts, negative)
+        hidden = torch.cat([hidden, hidden_2], dim=-1)
+        if zeros:  # [zeros; prompts], as the pipeline's negative embeddings for ""
+            hidden = torch.cat([torch.zeros_like(hidden), hidden])
+            pooled = torch.cat([torch.zeros_like(pooled), pooled])
+        return hidden, pooled
 
 
 def apply_weights(hidden: torch.Tensor, weights: torch.Tensor,
