@@ -150,8 +150,8 @@ def test_list_presets():
     assert result.exit_code == 0
     names = [line.split()[0] for line in result.stdout.splitlines()]
     assert names == ["base", "cpu", "cpu-fast", "fp32-ddpm50", "mix-bf16-int8",
-                     "mix-bf16-int8-compile", "mix-bf16-int8-dpm10", "tiny", "tiny-fast",
-                     "tiny-lcm"]
+                     "mix-bf16-int8-compile", "mix-bf16-int8-dpm10", "sdxl", "sdxl-cpu", "tiny",
+                     "tiny-fast", "tiny-lcm"]
     assert "sd15_mix_bf16_int8_ddpm50" in result.stdout
 
 

@@ -80,7 +80,19 @@ def test_sdxl_image_to_image_is_the_img2img_pipeline(engine):
     assert (mine - theirs).abs().max().item() <= 1e-4
 
 
+def test_an_fp16_sdxl_vae_runs_in_fp32_and_says_so():
+    events = []
+    engine = Engine(tiny_settings("model_id=random:sdxl-tiny", "vae_dtype=fp16"),
+                    on_event=events.append)
+    assert engine.vae.dtype == torch.float32 and engine.settings.vae_dtype == "fp32"
+    assert any("force_upcast" in getattr(e, "message", "") for e in events)
+
+
 def test_sdxl_refuses_what_it_cannot_do_yet(tmp_path):
     with pytest.raises(ConfigError, match="adaptive.cache"):
         Engine(tiny_settings("model_id=random:sdxl-tiny", "adaptive.enabled=true",
                              "adaptive.mode=per_step", "adaptive.cache.interval=2"))
+    embedding = tmp_path / "word.pt"
+    torch.save({"string_to_param": {"*": torch.zeros(1, 32)}, "name": "word"}, embedding)
+    with pytest.raises(ConfigError, match="SDXL"):
+        Engine(tiny_settings("model_id=random:sdxl-tiny", f"embeddings=[{embedding}]"))

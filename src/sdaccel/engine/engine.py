@@ -157,6 +157,7 @@ class Engine:
     # ------------------------------------------------------------------ set-up
 
     def _prepare(self, parts: Components) -> None:
+        self._upcast_sdxl_vae(parts)
         s = self.settings
         self.unet = cast(parts.unet, s.unet_dtype, self.device).eval()
         self.vae = cast(parts.vae, s.vae_dtype, self.device).eval()
@@ -186,6 +187,17 @@ class Engine:
             self.layered = LayeredUNet(self.unet)
             self.layered.check_level(self.policy.cache_level)
         self._costs: dict[tuple[int, ...], UNetCost] = {}
+
+    def _upcast_sdxl_vae(self, parts: Components) -> None:
+        """SDXL's VAE overflows in fp16 (its config says force_upcast; StableDiffusionXLPipeline
+        decodes it in fp32): an fp16 VAE runs in fp32 here, and a Warning says so. bf16 has
+        fp32's range and stays."""
+        if (parts.is_sdxl and self.settings.vae_dtype == "fp16" and not self.tiny
+                and parts.vae.config.get("force_upcast", False)):
+            self.on_event(Warning("vae_dtype: fp16 overflows in this SDXL model's VAE (its "
+                                  "config says force_upcast): it runs in fp32; bf16 keeps "
+                                  "fp32's range at half the memory"))
+            self.settings = self.settings.model_copy(update={"vae_dtype": "fp32"})
 
     def _prompt_encoder(self, parts: Components) -> PromptEncoder | DualPromptEncoder:
         """SD 1.5: the text encoder's last hidden states. SDXL: both encoders' penultimate ones
