@@ -89,9 +89,6 @@ def test_an_fp16_sdxl_vae_runs_in_fp32_and_says_so():
 
 
 def test_sdxl_refuses_what_it_cannot_do_yet(tmp_path):
-    with pytest.raises(ConfigError, match="adaptive.cache"):
-        Engine(tiny_settings("model_id=random:sdxl-tiny", "adaptive.enabled=true",
-                             "adaptive.mode=per_step", "adaptive.cache.interval=2"))
     embedding = tmp_path / "word.pt"
     torch.save({"string_to_param": {"*": torch.zeros(1, 32)}, "name": "word"}, embedding)
     with pytest.raises(ConfigError, match="SDXL"):

@@ -51,6 +51,46 @@ def test_layered_unet_is_the_unet_and_a_fresh_cache_changes_nothing(model, side,
             assert torch.equal(layered.shallow(x, 321, c, level, deep), expected)
 
 
+def test_the_layered_sdxl_unet_reads_its_added_conditioning():
+    unet = load_components("random:sdxl-tiny", device="cpu").unet.eval()
+    layered = LayeredUNet(unet)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, generator=generator)
+    c = torch.randn(2, 77, 64, generator=generator)
+    added = {"text_embeds": torch.randn(2, 32, generator=generator),
+             "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2)}
+    with torch.inference_mode():
+        expected = unet(x, 321, encoder_hidden_states=c, added_cond_kwargs=added,
+                        return_dict=False)[0]
+        for level in range(layered.levels):
+            out, deep = layered.full(x, 321, c, level, added)
+            assert torch.equal(out, expected)
+            assert torch.equal(layered.shallow(x, 321, c, level, deep, added), expected)
+
+
+def test_feature_caching_on_sdxl_costs_what_a_flop_counter_measures():
+    settings = tiny_settings("model_id=random:sdxl-tiny", "generation.height=64",
+                             "generation.width=64", *PER_STEP, "sampler.steps=8",
+                             "adaptive.warmup_steps=2", "adaptive.cache.interval=3")
+    totals = []
+
+    def counting(call):
+        def counted(unet_input):
+            with flop_counter() as counter:
+                out = call(unet_input)
+            totals.append(counter.get_total_flops())
+            return out
+        return counted
+
+    engine = Engine(settings, unet_wrappers=[counting])
+    result = engine.generate(PROMPTS[:1], seed=1)[0]
+    assert "C" in result.decisions
+    side = 64 // engine.vae_scale_factor
+    full = UNetCost(engine.unet, engine.layered, (4, side, side), (77, 64),
+                    engine.unet_dtype).full
+    assert result.cost == pytest.approx(sum(totals) / (2 * full), rel=1e-6)
+
+
 def test_cache_level_out_of_range_names_the_valid_levels():
     with pytest.raises(ConfigError, match=r"adaptive.cache.level: 3 .* skip levels 0-2"):
         Engine(per_step("adaptive.cache.interval=2", "adaptive.cache.level=3"))

@@ -51,23 +51,41 @@ class UNetCost:
     def __init__(self, unet: torch.nn.Module, layered, latent_shape: tuple[int, ...],
                  context_shape: tuple[int, ...], dtype: torch.dtype) -> None:
         self.unet, self.layered = unet, layered
-        self.latent_shape, self.context_shape, self.dtype = latent_shape, context_shape, dtype
+        self.shapes = [(1, *latent_shape), (1, *context_shape), *_added_shapes(unet)]
+        self.dtype = dtype
         self.full = count_flops(
-            lambda x, c: unet(x, 500, encoder_hidden_states=c, return_dict=False),
-            (1, *latent_shape), (1, *context_shape), dtype=dtype)
+            lambda x, c, *added: unet(x, 500, encoder_hidden_states=c, return_dict=False,
+                                      **_added(added)),
+            *self.shapes, dtype=dtype)
 
     @cache  # noqa: B019 - one object per engine and size, a handful of levels
     def shallow(self, level: int) -> int:
         layered = self.layered
 
-        def call(x, c):
-            _, deep = layered.full(x, 500, c, level)
-            layered.shallow(x, 500, c, level, deep)
+        def call(x, c, *added):
+            conditions = _added(added).get("added_cond_kwargs")
+            _, deep = layered.full(x, 500, c, level, conditions)
+            layered.shallow(x, 500, c, level, deep, conditions)
 
-        both = count_flops(call, (1, *self.latent_shape), (1, *self.context_shape),
-                           dtype=self.dtype)
+        both = count_flops(call, *self.shapes, dtype=self.dtype)
         return both - self.full
 
     def fraction(self, level: int) -> float:
         """A shallow call at `level` as a fraction of a full one."""
         return self.shallow(level) / self.full
+
+
+def _added_shapes(unet) -> list[tuple[int, ...]]:
+    """SDXL's added conditioning for one row: the pooled text and the six size numbers."""
+    config = unet.config
+    if config.get("addition_embed_type") != "text_time":
+        return []
+    sizes = 6 * config.addition_time_embed_dim
+    return [(1, config.projection_class_embeddings_input_dim - sizes), (1, 6)]
+
+
+def _added(tensors: tuple) -> dict:
+    if not tensors:
+        return {}
+    text_embeds, time_ids = tensors
+    return {"added_cond_kwargs": {"text_embeds": text_embeds, "time_ids": time_ids}}

@@ -14,8 +14,8 @@ Written against diffusers' public module structure (`down_blocks[i].resnets / at
 downsamplers`, `up_blocks[i].resnets / attentions / upsamplers`, `mid_block`), so it covers any
 UNet2DConditionModel built from the standard blocks: SD 1.x/2.x, the bundled model, user folders.
 A full call here is the same sequence of operations as `UNet2DConditionModel.forward` and gives
-the same output (tested); UNets with extras this file does not reproduce (class or added
-embeddings, FreeU) are refused with a clear message.
+the same output (tested); UNets with extras this file does not reproduce (class
+embeddings, added embeddings other than SDXL's, FreeU) are refused with a clear message.
 """
 
 from __future__ import annotations
@@ -75,9 +75,10 @@ class LayeredUNet:
     # ------------------------------------------------------------------ calls
 
     def full(self, sample: torch.Tensor, timestep, context: torch.Tensor,
-             level: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The UNet's output, and the deep features a shallow call at `level` will need."""
-        emb, h = self._embed(sample, timestep)
+             level: int, added: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The UNet's output, and the deep features a shallow call at `level` will need.
+        `added`: the UNet's added conditioning (SDXL's pooled text and sizes)."""
+        emb, h = self._embed(sample, timestep, context, added)
         sized = self._needs_sizes(sample)
         skips = [h]
         for layer in self.down:
@@ -93,9 +94,9 @@ class LayeredUNet:
         return self._out(h), deep
 
     def shallow(self, sample: torch.Tensor, timestep, context: torch.Tensor, level: int,
-                deep: torch.Tensor) -> torch.Tensor:
+                deep: torch.Tensor, added: dict | None = None) -> torch.Tensor:
         """The UNet's output with the deep features of an earlier full call (same rows)."""
-        emb, h = self._embed(sample, timestep)
+        emb, h = self._embed(sample, timestep, context, added)
         sized = self._needs_sizes(sample)
         skips = [h]
         for layer in self.down[:level]:
@@ -114,11 +115,14 @@ class LayeredUNet:
         factor = 2**self.unet.num_upsamplers
         return any(side % factor for side in sample.shape[-2:])
 
-    def _embed(self, sample, timestep) -> tuple[torch.Tensor, torch.Tensor]:
+    def _embed(self, sample, timestep, context, added) -> tuple[torch.Tensor, torch.Tensor]:
         unet = self.unet
         if unet.config.center_input_sample:
             sample = 2 * sample - 1.0
         emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=timestep), None)
+        if unet.config.addition_embed_type is not None:  # SDXL: pooled text and sizes
+            emb = emb + unet.get_aug_embed(emb=emb, encoder_hidden_states=context,
+                                           added_cond_kwargs=added)
         if unet.time_embed_act is not None:
             emb = unet.time_embed_act(emb)
         return emb, unet.conv_in(sample)
@@ -167,7 +171,9 @@ def _check_supported(unet) -> None:
     config = unet.config
     extras = {
         "class_embed_type": config.get("class_embed_type"),
-        "addition_embed_type": config.get("addition_embed_type"),
+        # SDXL's "text_time" is reproduced (_embed); other added embeddings are not
+        "addition_embed_type": (None if config.get("addition_embed_type") == "text_time"
+                                else config.get("addition_embed_type")),
         "num_class_embeds": config.get("num_class_embeds"),
         "encoder_hid_dim_type": config.get("encoder_hid_dim_type"),
         "time_cond_proj_dim": config.get("time_cond_proj_dim"),

@@ -55,14 +55,16 @@ class FeatureCache:
         return history[-1][0] if history else None
 
     def full(self, call: UNetInput) -> torch.Tensor:
-        out, deep = self.layered.full(call.sample, call.timestep, call.context, self.level)
+        out, deep = self.layered.full(call.sample, call.timestep, call.context, self.level,
+                                      call.added)
         for j, slot in enumerate(call.slots):
             self.deep[slot] = [*self.deep.get(slot, [])[-1:], (call.step, deep[j:j + 1])]
         return out
 
     def shallow(self, call: UNetInput) -> torch.Tensor:
         deep = torch.cat([self._features(self.deep[slot], call.step) for slot in call.slots])
-        return self.layered.shallow(call.sample, call.timestep, call.context, self.level, deep)
+        return self.layered.shallow(call.sample, call.timestep, call.context, self.level, deep,
+                                    call.added)
 
     def _features(self, history: list[tuple[int, torch.Tensor]], index: int) -> torch.Tensor:
         """Deep features for step `index`: the last full call's, or (forecast) the line through
