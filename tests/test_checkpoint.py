@@ -22,7 +22,7 @@ from sdaccel.engine.loading.models import arch_dir, bundled_dir, load_components
 from sdaccel.errors import ModelNotFoundError
 
 PROMPT = "a red circle on a blue background"
-ONLY_SD15 = "only Stable Diffusion 1.5 single-file checkpoints load"
+ONLY_SD15 = "only Stable Diffusion 1.5 and SDXL (base) single-file checkpoints load"
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +187,8 @@ def test_truncated_file_is_one_line(shapes_file, tmp_path, suffix):
 @pytest.mark.parametrize(("keys", "says"), [
     ({"conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight":
       (77, 768), "model.diffusion_model.input_blocks.0.0.weight": (320, 4, 3, 3)},
-     "is an SDXL checkpoint (conditioner.embedders.* keys)"),
+     "is an SDXL-layout checkpoint without both text encoders (no "
+     "conditioner.embedders.1.model.*"),
     ({"cond_stage_model.model.token_embedding.weight": (8, 1024),
       "model.diffusion_model.input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight": (320, 1024)},
      "is an SD 2.x checkpoint"),

@@ -1,19 +1,25 @@
-"""Single-file checkpoints in the original Stable Diffusion (LDM) layout: read, check, convert,
-write, hash.
+"""Single-file checkpoints in the original layout (LDM for SD 1.5, SGM for SDXL): read, check,
+convert, write, hash.
 
 Reading is safe: `.safetensors` holds tensors only, and a `.ckpt` (a pickle) is read with
 `torch.load(weights_only=True)`, which refuses any pickle that names a callable; such a file is
-refused before anything in it runs. Conversion is diffusers' own (`from_single_file` of each
-component, `config=` a local diffusers folder: SD 1.5's configs shipped in the package, so
-nothing is fetched). Writing is the inverse of that conversion (`ldm_state_dict`,
-`save_checkpoint`): a model of ours as one LDM-layout file, checked against diffusers'
-conversion before it is written, so every file written here loads back to the same weights.
+refused before anything in it runs. The architecture is recognised from the keys and shapes
+(`recognise`): SD 1.5 and SDXL base load, anything else is one line saying what it is.
+Conversion is diffusers' own (`from_single_file` of each component, `config=` a local diffusers
+folder: SD 1.5's or SDXL's configs shipped in the package, so nothing is fetched). Writing is
+the inverse of that conversion (`ldm_state_dict`, `save_checkpoint`): a model of ours as one
+original-layout file, checked against diffusers' conversion before it is written, so every file
+written here loads back to the same weights.
 
-Key layout (prefixes):  model.diffusion_model.*        the UNet (input_blocks, middle_block, ...)
+Key layout (prefixes):  model.diffusion_model.*        the UNet (input_blocks, middle_block, ...;
+                                                       SDXL's added conditioning is label_emb.*)
                         first_stage_model.*            the VAE (encoder.down.N.block.M, ...)
-                        cond_stage_model.transformer.* the CLIP text encoder (text_model.*)
-SD 2.x has `cond_stage_model.model.*` (OpenCLIP) and 1024-dim cross-attention; SDXL has
-`conditioner.embedders.*`.
+                        cond_stage_model.transformer.* SD 1.5's CLIP text encoder (text_model.*)
+                        conditioner.embedders.0.transformer.*   SDXL's CLIP ViT-L (text_model.*)
+                        conditioner.embedders.1.model.*         SDXL's OpenCLIP ViT-bigG
+                                                       (resblocks.N.attn.in_proj_*, ...)
+SD 2.x has `cond_stage_model.model.*` (OpenCLIP) and 1024-dim cross-attention; the SDXL refiner
+has only `conditioner.embedders.0.model.*` (bigG).
 """
 
 from __future__ import annotations
@@ -35,7 +41,10 @@ from sdaccel.errors import ModelNotFoundError
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."
-BASE_KEY = "sdaccel.base"  # metadata: the configs a non-SD-1.5 file written here needs
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer."  # SDXL's CLIP ViT-L (text_model.*)
+SDXL_OPENCLIP_PREFIX = "conditioner.embedders.1.model."  # SDXL's OpenCLIP ViT-bigG
+REFINER_OPENCLIP_PREFIX = "conditioner.embedders.0.model."  # the refiner's only encoder
+BASE_KEY = "sdaccel.base"  # metadata: the configs a model not of a released size needs
 SUFFIXES = (".safetensors", ".ckpt")
 
 # Keys and shapes that tell SD 1.5 from the rest (diffusers' CHECKPOINT_KEY_NAMES, plus ours).
@@ -46,7 +55,18 @@ SD15_SHAPES = {
     CLIP_PREFIX + "text_model.embeddings.token_embedding.weight": (49408, 768),
     VAE_PREFIX + "encoder.conv_in.weight": (128, 3, 3, 3),
 }
-ONLY_SD15 = "only Stable Diffusion 1.5 single-file checkpoints load"
+# ... and SDXL 1.0 base (and its fine-tunes: Pony, Illustrious, NoobAI, Turbo, Lightning).
+SDXL_SHAPES = {
+    UNET_PREFIX + "input_blocks.0.0.weight": (320, 4, 3, 3),
+    UNET_PREFIX + "label_emb.0.0.weight": (1280, 2816),
+    UNET_PREFIX + "input_blocks.4.1.transformer_blocks.1.attn2.to_k.weight": (640, 2048),
+    UNET_PREFIX + "middle_block.1.transformer_blocks.9.attn2.to_k.weight": (1280, 2048),
+    SDXL_CLIP_PREFIX + "text_model.embeddings.token_embedding.weight": (49408, 768),
+    SDXL_OPENCLIP_PREFIX + "token_embedding.weight": (49408, 1280),
+    SDXL_OPENCLIP_PREFIX + "transformer.resblocks.31.attn.in_proj_weight": (3840, 1280),
+    VAE_PREFIX + "encoder.conv_in.weight": (128, 3, 3, 3),
+}
+SUPPORTED = "only Stable Diffusion 1.5 and SDXL (base) single-file checkpoints load"
 
 
 # --------------------------------------------------------------------------- reading
@@ -146,12 +166,52 @@ def _unsafe_globals(path: Path) -> list[str]:
 
 # --------------------------------------------------------------------------- architecture
 
+# Families this project does not run, by a key only they have (with or without the UNet prefix).
+OTHER_FAMILIES = (
+    ("joint_blocks.", "an SD 3 / 3.5 checkpoint (MMDiT joint_blocks.*)"),
+    ("double_blocks.", "a Flux checkpoint (double_blocks.*)"),
+    ("edm_mean", "a Playground v2.5 checkpoint (edm_mean: EDM on SDXL's layout)"),
+    ("clip_txt_mapper.", "a Stable Cascade checkpoint (clip_txt_mapper.*)"),
+)
 
-def architecture_problem(state: dict[str, Any]) -> str | None:
-    """None for an SD 1.5 text-to-image checkpoint, else what it is, in words."""
-    if any(k.startswith("conditioner.embedders.") for k in state):
-        return "an SDXL checkpoint (conditioner.embedders.* keys)"
+
+def recognise(state: dict[str, Any], sizes: bool = True) -> tuple[str | None, str | None]:
+    """What an original-layout state dict is, from its keys and shapes: ("sd15", None) or
+    ("sdxl", None) for what loads (the shipped configs' name), else (None, what it is).
+    `sizes=False`: the family's layout only, not its released sizes (a file written here from
+    a small model of that family)."""
+    for marker, what in OTHER_FAMILIES:
+        if any(k.startswith((marker, UNET_PREFIX + marker)) for k in state):
+            return None, what
+    sdxl = any(k.startswith("conditioner.embedders.") for k in state)
+    problem = _sdxl_encoders_problem(state) if sdxl else _sd_encoders_problem(state)
+    if problem:
+        return None, problem
+    conv_in = state.get(UNET_PREFIX + "input_blocks.0.0.weight")
+    if conv_in is not None and conv_in.ndim == 4 and conv_in.shape[1] != 4:
+        kind = {9: "inpainting", 8: "instruct-pix2pix"}.get(conv_in.shape[1])
+        kind = " ".join(filter(None, ["SDXL" if sdxl else None, kind, "checkpoint"]))
+        return None, (f"{'an' if kind[0] in 'iS' else 'a'} {kind} ({conv_in.shape[1]} UNet "
+                      "input channels; text-to-image has 4)")
+    if not any(k.startswith(VAE_PREFIX) for k in state):
+        return None, "a UNet without its VAE (no first_stage_model.* keys)"
+    if not sizes:
+        return ("sdxl" if sdxl else "sd15"), None
     attn2 = UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+    if not sdxl and attn2 in state and state[attn2].shape[-1] != 768:
+        return None, f"not SD 1.5 ({state[attn2].shape[-1]}-dim cross-attention; SD 1.5 has 768)"
+    name, shapes = ("SDXL base", SDXL_SHAPES) if sdxl else ("SD 1.5", SD15_SHAPES)
+    for key, shape in shapes.items():
+        if key not in state:
+            return None, f"not {name} (no {key})"
+        if tuple(state[key].shape) != shape:
+            return None, (f"not {name} ({key} is {tuple(state[key].shape)}, {name}'s is "
+                          f"{shape})")
+    return ("sdxl" if sdxl else "sd15"), None
+
+
+def _sd_encoders_problem(state: dict[str, Any]) -> str | None:
+    """What a file without SDXL's embedders is, when not SD 1.5's layout."""
     v2_key = UNET_PREFIX + "input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight"
     if (any(k.startswith("cond_stage_model.model.") for k in state)
             or (v2_key in state and state[v2_key].shape[-1] == 1024)):
@@ -159,76 +219,121 @@ def architecture_problem(state: dict[str, Any]) -> str | None:
                 "1024-dim cross-attention)")
     if not any(k.startswith(UNET_PREFIX) for k in state):
         if any("lora_" in k or ".lora." in k for k in state):
-            return "a LoRA file, not a full checkpoint"
+            sdxl = any(k.startswith(("lora_te2_", "lora_te1_")) or "text_encoder_2." in k
+                       for k in state)
+            return (f"a{'n SDXL' if sdxl else ''} LoRA file, not a full checkpoint (load it "
+                    "with --lora)")
         if any(k.startswith(("down_blocks.", "unet.", "mid_block.")) for k in state):
             return ("a diffusers-format state dict, not the original layout "
                     "(no model.diffusion_model.*)")
         return "not a Stable Diffusion checkpoint (no UNet weights model.diffusion_model.*)"
-    conv_in = state.get(UNET_PREFIX + "input_blocks.0.0.weight")
-    if conv_in is not None and conv_in.ndim == 4 and conv_in.shape[1] != 4:
-        kind = {9: "an inpainting", 8: "an instruct-pix2pix"}.get(conv_in.shape[1], "a")
-        return (f"{kind} checkpoint ({conv_in.shape[1]} UNet input channels; text-to-image has 4)")
-    if attn2 in state and state[attn2].shape[-1] != 768:
-        return f"not SD 1.5 ({state[attn2].shape[-1]}-dim cross-attention; SD 1.5 has 768)"
-    if not any(k.startswith(VAE_PREFIX) for k in state):
-        return "a UNet without its VAE (no first_stage_model.* keys)"
-    if not any(k.startswith(CLIP_PREFIX) for k in state):
+    if (any(k.startswith(VAE_PREFIX) for k in state)
+            and not any(k.startswith(CLIP_PREFIX) for k in state)):
         return "a checkpoint without its CLIP text encoder (no cond_stage_model.transformer.*)"
-    for key, shape in SD15_SHAPES.items():
-        if key not in state:
-            return f"not SD 1.5 (no {key})"
-        if tuple(state[key].shape) != shape:
-            return f"not SD 1.5 ({key} is {tuple(state[key].shape)}, SD 1.5's is {shape})"
     return None
 
 
-def check_sd15(state: dict[str, Any], ref: str) -> None:
-    problem = architecture_problem(state)
-    if problem:
-        raise ModelNotFoundError(f"model {ref!r} is {problem}; {ONLY_SD15}")
+def _sdxl_encoders_problem(state: dict[str, Any]) -> str | None:
+    """What a file with SDXL's embedders (conditioner.embedders.N.*) is, when not SDXL base:
+    base has CLIP ViT-L (0.transformer.*) and OpenCLIP ViT-bigG (1.model.*), the refiner only
+    bigG (0.model.*)."""
+    has = {p: any(k.startswith(p) for k in state)
+           for p in (SDXL_CLIP_PREFIX, SDXL_OPENCLIP_PREFIX, REFINER_OPENCLIP_PREFIX)}
+    if has[REFINER_OPENCLIP_PREFIX] and not has[SDXL_CLIP_PREFIX]:
+        return ("an SDXL refiner checkpoint (one text encoder, OpenCLIP ViT-bigG "
+                f"{REFINER_OPENCLIP_PREFIX}*), which is not supported")
+    if not any(k.startswith(UNET_PREFIX) for k in state):
+        return "SDXL text encoders without a UNet (no model.diffusion_model.*)"
+    missing = [p for p in (SDXL_CLIP_PREFIX, SDXL_OPENCLIP_PREFIX) if not has[p]]
+    if missing:
+        return (f"an SDXL-layout checkpoint without both text encoders (no {missing[0]}*; "
+                f"SDXL base has CLIP ViT-L {SDXL_CLIP_PREFIX}* and OpenCLIP ViT-bigG "
+                f"{SDXL_OPENCLIP_PREFIX}*)")
+    return None
+
+
+def architecture_problem(state: dict[str, Any]) -> str | None:
+    """None for an SD 1.5 or SDXL base text-to-image checkpoint, else what it is, in words."""
+    return recognise(state)[1]
+
+
+def schedule_markers(state: dict[str, Any]) -> dict[str, Any]:
+    """Scheduler settings a file's marker keys ask for, read as ComfyUI and Forge read them:
+    `v_pred` (a v-prediction model, e.g. NoobAI-XL V-Pred) and `ztsnr` (trained with zero
+    terminal SNR); {} for the usual epsilon-prediction file."""
+    markers: dict[str, Any] = {}
+    if "v_pred" in state:
+        markers["prediction_type"] = "v_prediction"
+    if "ztsnr" in state:
+        markers["rescale_betas_zero_snr"] = True
+    return markers
+
+
+def check_architecture(state: dict[str, Any], ref: str, sizes: bool = True) -> str:
+    """The shipped configs (`archs/` name: "sd15", "sdxl") an original-layout file converts
+    with, or one ModelNotFoundError naming the file and what it is (`sizes`: as `recognise`)."""
+    arch, problem = recognise(state, sizes)
+    if arch is None:
+        raise ModelNotFoundError(f"model {ref!r} is {problem}; {SUPPORTED}")
+    return arch
 
 
 # --------------------------------------------------------------------------- converting
 
+PART_NAMES = {"unet": "UNet", "vae": "VAE", "text_encoder": "text encoder",
+              "text_encoder_2": "second text encoder (OpenCLIP ViT-bigG)"}
+
 
 def convert_components(state: dict[str, Any], config_dir: str | Path, ref: str,
-                       dtypes: dict[str, Any] | None = None):
-    """(unet, vae, text_encoder) from an LDM-layout state dict, by diffusers' own single-file
+                       dtypes: dict[str, Any] | None = None) -> dict[str, Any]:
+    """{part: model} from an original-layout state dict, by diffusers' own single-file
     conversion with the diffusers configs in `config_dir` (a local folder with unet/, vae/,
-    text_encoder/ configs: nothing is fetched); each in the torch dtype `dtypes` gives it
-    ("unet", "vae", "text_encoder"), else fp32."""
+    text_encoder/ and, for SDXL, text_encoder_2/ configs: nothing is fetched); each part in the
+    torch dtype `dtypes` gives it ("unet", "vae", "text_encoder"; the second text encoder takes
+    the first's), else fp32. SDXL's text encoders are each handed only their own embedder's keys,
+    so diffusers' conversion cannot take one for the other (it tells them apart by width, which
+    a small model can share)."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     config = str(config_dir)
     dtypes = dtypes or {}
+    sdxl = (Path(config_dir) / "text_encoder_2").is_dir()
 
     def common(part: str) -> dict[str, Any]:
+        dtype = dtypes.get(part, dtypes.get("text_encoder") if part == "text_encoder_2" else None)
         return {"subfolder": part, "config": config, "local_files_only": True,
-                "torch_dtype": dtypes.get(part, torch.float32)}
+                "torch_dtype": dtype or torch.float32}
 
-    parts = []
-    for what, load in (
-        ("UNet", lambda: UNet2DConditionModel.from_single_file(state, **common("unet"))),
-        ("VAE", lambda: AutoencoderKL.from_single_file(state, **common("vae"))),
-        ("text encoder", lambda: create_diffusers_clip_model_from_ldm(
-            CLIPTextModel, state, **common("text_encoder"))),
-    ):
+    def only(prefix: str) -> dict[str, Any]:
+        return {k: v for k, v in state.items() if k.startswith(prefix)}
+
+    loaders = {
+        "unet": lambda: UNet2DConditionModel.from_single_file(state, **common("unet")),
+        "vae": lambda: AutoencoderKL.from_single_file(state, **common("vae")),
+        "text_encoder": lambda: create_diffusers_clip_model_from_ldm(
+            CLIPTextModel, only(SDXL_CLIP_PREFIX) if sdxl else state, **common("text_encoder")),
+    }
+    if sdxl:
+        loaders["text_encoder_2"] = lambda: create_diffusers_clip_model_from_ldm(
+            CLIPTextModelWithProjection, only(SDXL_OPENCLIP_PREFIX), **common("text_encoder_2"))
+    parts = {}
+    for part, load in loaders.items():
+        what = PART_NAMES[part]
         try:
             model = load()
         except Exception as exc:  # shape mismatches (ValueError), missing parts (diffusers' own)
-            detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise ModelNotFoundError(f"model {ref!r}: its {what} does not convert: {detail}") \
-                from exc
+            raise ModelNotFoundError(f"model {ref!r}: its {what} does not convert: "
+                                     f"{first_line(exc)}") from exc
         missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
         if missing:
             raise ModelNotFoundError(
                 f"model {ref!r}: its {what} lacks {len(missing)} weights (e.g. {missing[0]}); "
                 "the file is incomplete or not of this architecture")
-        parts.append(model.eval())
-    return tuple(parts)
+        parts[part] = model.eval()
+    return parts
 
 
 # --------------------------------------------------------------------------- writing
@@ -245,6 +350,8 @@ def _unet_key(key: str, config: dict[str, Any]) -> str:
     from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
 
     top = DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"]
+    if config.get("addition_embed_type") == "text_time":  # SDXL's added conditioning
+        top = {**top, **DIFFUSERS_TO_LDM_MAPPING["unet"]["addition_embed_type"]}
     if key in top:
         return top[key]
     per_block = config["layers_per_block"] + 1
@@ -297,65 +404,133 @@ def _vae_key(key: str, config: dict[str, Any]) -> str:
     raise ValueError(f"VAE key {key!r} has no place in the LDM layout")
 
 
-def ldm_state_dict(unet, vae, text_encoder) -> dict[str, Any]:
-    """The three models' weights in the original SD (LDM) layout, as one state dict: the
-    inverse of diffusers' single-file conversion, checked against it (every tensor converts
-    back to the one it came from)."""
+def _openclip_key(key: str) -> str:
+    """A diffusers CLIPTextModelWithProjection key -> its OpenCLIP key (SDXL's bigG encoder,
+    without the prefix); q/k/v projections -> `attn.in_proj_*` (which stacks them)."""
+    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
+
+    top = DIFFUSERS_TO_LDM_MAPPING["openclip"]["layers"]
+    if key in top:
+        return top[key]
+    if m := re.match(r"text_model\.encoder\.layers\.(\d+)\.(.+)", key):
+        layer, rest = m.groups()
+        if q := re.match(r"self_attn\.[qkv]_proj\.(weight|bias)$", rest):
+            return f"transformer.resblocks.{layer}.attn.in_proj_{q[1]}"
+        for ours, theirs in (("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"),
+                             ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj"),
+                             ("self_attn.", "attn.")):
+            rest = rest.replace(ours, theirs)
+        return f"transformer.resblocks.{layer}.{rest}"
+    raise ValueError(f"text encoder key {key!r} has no place in the OpenCLIP layout")
+
+
+def _openclip_state_dict(encoder) -> dict[str, Any]:
+    """SDXL's second text encoder in the OpenCLIP layout (prefix included), as SDXL's released
+    files have it: q, k, v stacked into in_proj, the projection stored transposed, logit_scale."""
+    import math
+
+    import torch
+
+    out: dict[str, Any] = {}
+    stacked: dict[str, list[Any]] = {}
+    for key, value in encoder.state_dict().items():
+        ldm_key = SDXL_OPENCLIP_PREFIX + _openclip_key(key)
+        if ".attn.in_proj_" in ldm_key:
+            stacked.setdefault(ldm_key, []).append((key, value))
+        else:
+            out[ldm_key] = value.T if key == "text_projection.weight" else value
+    for ldm_key, qkv in stacked.items():  # in q, k, v order, as OpenCLIP's attention has them
+        order = [next(v for k, v in qkv if f".{p}_proj." in k) for p in "qkv"]
+        out[ldm_key] = torch.cat(order)
+    device = encoder.text_projection.weight.device
+    out[SDXL_OPENCLIP_PREFIX + "logit_scale"] = torch.tensor(math.log(100.0), device=device)
+    return out
+
+
+def ldm_state_dict(unet, vae, text_encoder, text_encoder_2=None) -> dict[str, Any]:
+    """The models' weights in the original layout, as one state dict: SD 1.5's (LDM), or with
+    `text_encoder_2` SDXL's (SGM: conditioner.embedders.*). The inverse of diffusers'
+    single-file conversion, checked against it (every tensor converts back to the one it came
+    from)."""
+    import torch
+
+    sdxl = text_encoder_2 is not None
+    ldm: dict[str, Any] = {}
+    for key, value in unet.state_dict().items():
+        ldm[UNET_PREFIX + _unet_key(key, unet.config)] = value
+    for key, value in vae.state_dict().items():
+        ldm_key = VAE_PREFIX + _vae_key(key, vae.config)
+        if ".mid.attn_1." in ldm_key and value.ndim == 2:  # 1x1 convolutions in the LDM VAE
+            value = value[:, :, None, None]
+        ldm[ldm_key] = value
+    clip = SDXL_CLIP_PREFIX if sdxl else CLIP_PREFIX
+    for key, value in text_encoder.state_dict().items():
+        ldm[clip + "text_model." + key.removeprefix("text_model.")] = value
+    positions = text_encoder.config.max_position_embeddings  # as the released files carry them
+    ldm[clip + "text_model.embeddings.position_ids"] = torch.arange(positions)[None]
+    if sdxl:
+        ldm.update(_openclip_state_dict(text_encoder_2))
+    _check_converts_back(ldm, unet, vae, text_encoder, text_encoder_2)
+    return ldm
+
+
+def _check_converts_back(ldm: dict[str, Any], unet, vae, text_encoder, text_encoder_2) -> None:
+    """diffusers' conversion of `ldm` must give back every tensor of the models: the same
+    storage where the layouts agree, equal values where ours stacks or transposes (bigG)."""
     import torch
     from diffusers.loaders.single_file_utils import (
         convert_ldm_clip_checkpoint,
         convert_ldm_unet_checkpoint,
         convert_ldm_vae_checkpoint,
+        convert_open_clip_checkpoint,
     )
 
-    unet_sd, vae_sd = unet.state_dict(), vae.state_dict()
-    text_sd = {k.removeprefix("text_model."): v for k, v in text_encoder.state_dict().items()}
-    ldm: dict[str, Any] = {}
-    for key, value in unet_sd.items():
-        ldm[UNET_PREFIX + _unet_key(key, unet.config)] = value
-    for key, value in vae_sd.items():
-        ldm_key = VAE_PREFIX + _vae_key(key, vae.config)
-        if ".mid.attn_1." in ldm_key and value.ndim == 2:  # 1x1 convolutions in the LDM VAE
-            value = value[:, :, None, None]
-        ldm[ldm_key] = value
-    for key, value in text_sd.items():
-        ldm[CLIP_PREFIX + "text_model." + key] = value
-    positions = text_encoder.config.max_position_embeddings  # as SD 1.5's files carry them
-    ldm[CLIP_PREFIX + "text_model.embeddings.position_ids"] = torch.arange(positions)[None]
+    def plain(sd: dict[str, Any]) -> dict[str, Any]:
+        return {k.removeprefix("text_model."): v for k, v in sd.items()
+                if not k.endswith("position_ids")}
 
-    # diffusers' conversion of what we wrote must give back every tensor, by storage.
     back = {
-        "UNet": (convert_ldm_unet_checkpoint(ldm, unet.config), unet_sd),
-        "VAE": (convert_ldm_vae_checkpoint(ldm, vae.config), vae_sd),
-        "text encoder": ({k.removeprefix("text_model."): v
-                          for k, v in convert_ldm_clip_checkpoint(ldm).items()
-                          if not k.endswith("position_ids")}, text_sd),
+        "UNet": (convert_ldm_unet_checkpoint(ldm, unet.config), unet.state_dict()),
+        "VAE": (convert_ldm_vae_checkpoint(ldm, vae.config), vae.state_dict()),
+        "text encoder": (plain(convert_ldm_clip_checkpoint(ldm)),
+                         plain(text_encoder.state_dict())),
     }
+    if text_encoder_2 is not None:
+        back["second text encoder"] = (
+            convert_open_clip_checkpoint(text_encoder_2, ldm, prefix=SDXL_OPENCLIP_PREFIX),
+            text_encoder_2.state_dict())
+
+    def same(a, b) -> bool:
+        if a.shape != b.shape:
+            return False
+        return a.data_ptr() == b.data_ptr() or (not a.is_meta and torch.equal(a, b))
+
     for what, (converted, original) in back.items():
         wrong = sorted(set(converted) ^ set(original)) or [
-            k for k in original if converted[k].data_ptr() != original[k].data_ptr()
-            or converted[k].shape != original[k].shape]
+            k for k in original if not same(converted[k], original[k])]
         if wrong:
             raise ValueError(f"the {what} does not convert back through diffusers' single-file "
                              f"conversion ({len(wrong)} keys, e.g. {wrong[0]})")
-    return ldm
 
 
 def save_checkpoint(components, path: str | Path, dtype=None, base: str | None = None) -> Path:
-    """Write `components` (.unet, .vae, .text_encoder) as one original-layout checkpoint:
-    `.safetensors`, or `.ckpt` (torch.save of {"state_dict": ...}). `dtype` casts the floating
-    weights (torch.float16 for an fp16 file). `base` records which configs a model that is not
-    SD 1.5 loads with (bundled:NAME, random:tiny); by default that of `components.name` when it
-    is one of those, nothing for SD 1.5 (which loads with SD 1.5's configs)."""
+    """Write `components` (.unet, .vae, .text_encoder, and SDXL's .text_encoder_2) as one
+    original-layout checkpoint: `.safetensors`, or `.ckpt` (torch.save of {"state_dict": ...}).
+    `dtype` casts the floating weights (torch.float16 for an fp16 file). `base` records which
+    configs a model not of a released size loads with (bundled:NAME, random:tiny,
+    random:sdxl-tiny); by default that of `components.name` when it is one of those, nothing for
+    random:sd15 / random:sdxl (SD 1.5's and SDXL's sizes, recognised from the file)."""
     import torch
 
     path = Path(path)
     if path.suffix not in SUFFIXES:
         raise ValueError(f"{path}: a checkpoint is .safetensors or .ckpt")
     name = getattr(components, "name", "") or ""
-    if base is None and name.startswith(("bundled:", "random:")) and name != "random:sd15":
+    if (base is None and name.startswith(("bundled:", "random:"))
+            and name not in ("random:sd15", "random:sdxl")):
         base = name
-    state = ldm_state_dict(components.unet, components.vae, components.text_encoder)
+    state = ldm_state_dict(components.unet, components.vae, components.text_encoder,
+                           getattr(components, "text_encoder_2", None))
     state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v)
              .detach().cpu().contiguous() for k, v in state.items()}
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,8 @@ A reference is one of:
   bundled:<name>                a trained model shipped inside the package (src/sdaccel/bundled/)
                                 (its folder may hold vocabulary.txt: see Components.vocabulary)
   ./path/to/folder              a diffusers folder (model_index.json, unet/, vae/, ...)
-  ./model.safetensors | .ckpt   a single-file checkpoint (original SD 1.5 layout; checkpoint.py)
+  ./model.safetensors | .ckpt   a single-file checkpoint (SD 1.5 or SDXL's original layout;
+                                checkpoint.py)
   org/name[@revision]           a Hugging Face hub id (from the local cache when offline)
 Every kind ends as the same `Components`, so the engine never cares where weights came from.
 """
@@ -14,6 +15,7 @@ Every kind ends as the same `Components`, so the engine never cares where weight
 from __future__ import annotations
 
 import copy
+import json
 import re
 from dataclasses import dataclass
 from functools import cached_property
@@ -238,53 +240,70 @@ def load_tokenizer(location, subfolder: str = "tokenizer", **kwargs):
     return CLIPTokenizer.from_pretrained(location, subfolder=subfolder, **kwargs)
 
 
-def _scheduler_config(location, **kwargs) -> dict[str, Any]:
-    """The model's scheduler config with its class's defaults filled in, as
+def _scheduler_config(location, overrides: dict[str, Any] | None = None,
+                      **kwargs) -> dict[str, Any]:
+    """The model's scheduler config (with `overrides`) and its class's defaults filled in, as
     `pipe.scheduler.config` has them: samplers built from it then match diffusers' own
     `SomeScheduler.from_config(pipe.scheduler.config)` (timestep_spacing and all)."""
     import diffusers
 
-    raw = diffusers.DDPMScheduler.load_config(location, **kwargs)
+    raw = {**diffusers.DDPMScheduler.load_config(location, **kwargs), **(overrides or {})}
     scheduler_class = getattr(diffusers, raw.get("_class_name", ""), diffusers.DDPMScheduler)
     return dict(scheduler_class.from_config(raw).config)
 
 
 def _single_file_components(path: str, name: str, dtypes: dict[str, Any]) -> Components:
-    """An original-layout (LDM) checkpoint, converted by diffusers' own single-file loading with
-    configs shipped here (engine/loading/checkpoint.py): SD 1.5's, or for a file written by
-    `checkpoint.save_checkpoint` from bundled:NAME / random:tiny, that model's. Offline."""
+    """An original-layout checkpoint, converted by diffusers' own single-file loading with
+    configs shipped here (engine/loading/checkpoint.py): SD 1.5's or SDXL's, as its keys say,
+    or for a file written by `checkpoint.save_checkpoint` from bundled:NAME / random:tiny /
+    random:sdxl-tiny, that model's. Offline; tokenizers as `load_tokenizer` builds them."""
     from sdaccel.engine.loading.checkpoint import (
         BASE_KEY,
-        check_sd15,
+        check_architecture,
         convert_components,
         read_checkpoint,
+        schedule_markers,
     )
 
     state, metadata = read_checkpoint(path, ref=name)
     base = metadata.get(BASE_KEY)
-    if base:  # written here from a model of another architecture: its own configs
-        if not base.startswith(("random:", "bundled:")):
-            raise ModelNotFoundError(f"model {name!r}: its metadata names an unknown base "
-                                     f"model {base!r}")
-        try:
-            base_ref = parse_model_ref(base)
-        except ModelNotFoundError as exc:
-            raise ModelNotFoundError(f"model {name!r} was written from {base}, which is not "
-                                     "installed here") from exc
-        folder = arch_dir(base_ref.location) if base_ref.kind == "random" else \
-            Path(base_ref.location)
+    if base:  # written here from a model of its own size: its configs, checked for family
+        folder = _base_folder(base, name)
+        family = check_architecture(state, name, sizes=False)
+        if family != ("sdxl" if (folder / "text_encoder_2").is_dir() else "sd15"):
+            raise ModelNotFoundError(f"model {name!r}: its metadata says it was written from "
+                                     f"{base}, but it holds an "
+                                     f"{'SDXL' if family == 'sdxl' else 'SD 1.5'} checkpoint")
     else:
-        check_sd15(state, name)
-        folder = arch_dir("sd15")
-    unet, vae, text_encoder = convert_components(state, folder, name, dtypes)
+        folder = arch_dir(check_architecture(state, name))
+    parts = convert_components(state, folder, name, dtypes)
+    markers = schedule_markers(state)  # v-prediction, zero terminal SNR
     del state
+    sdxl = "text_encoder_2" in parts
+    index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
     return Components(
-        unet=unet,
-        vae=vae,
-        text_encoder=text_encoder,
+        unet=parts["unet"],
+        vae=parts["vae"],
+        text_encoder=parts["text_encoder"],
         tokenizer=load_tokenizer(folder),
-        scheduler_config=_scheduler_config(folder / "scheduler"),
+        scheduler_config=_scheduler_config(folder / "scheduler", markers),
         name=name,
         source_file=path,
         vocabulary=read_vocabulary(folder),  # written from a bundled model: its words
+        text_encoder_2=parts.get("text_encoder_2"),
+        tokenizer_2=load_tokenizer(folder, "tokenizer_2") if sdxl else None,
+        force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", sdxl)),
     )
+
+
+def _base_folder(base: str, name: str) -> Path:
+    """The configs a file written here from `base` (its metadata) converts with."""
+    if not base.startswith(("random:", "bundled:")):
+        raise ModelNotFoundError(f"model {name!r}: its metadata names an unknown base "
+                                 f"model {base!r}")
+    try:
+        base_ref = parse_model_ref(base)
+    except ModelNotFoundError as exc:
+        raise ModelNotFoundError(f"model {name!r} was written from {base}, which is not "
+                                 "installed here") from exc
+    return arch_dir(base_ref.location) if base_ref.kind == "random" else Path(base_ref.location)
