@@ -601,6 +601,21 @@ def test_the_baseline_loads_the_rows_lora_and_tiny_decoder(tmp_path):
         assert metrics.psnr(report.images[row.baseline], report.images[plain]) < 40, label
 
 
+def test_an_sdxl_row_gets_an_sdxl_pipeline_baseline_with_the_same_images():
+    """random:sdxl-tiny: the baseline is a StableDiffusionXLPipeline on the same components, an
+    empty negative prompt zeros on both sides; a prompt in A1111 syntax reaches it as sdaccel's
+    embeddings of both encoders and the pooled ones (negative too). The images are the same."""
+    sdxl = tiny_settings("model_id=random:sdxl-tiny", "generation.height=64",
+                         "generation.width=64", "sampler.steps=3")
+    prompts = ["a red circle", "a (red:1.3) circle BREAK two blue squares"]
+    report = bench.benchmark([("sdxl", sdxl)], prompts, iters=2, warmup=0)
+    row = report.row("sdxl")
+    assert row.baseline == "diffusers fp32" and report.row(row.baseline).kind == "baseline"
+    assert row.same_image and not row.drift
+    assert row.psnr_min_db == bench.PSNR_CAP_DB
+    assert report.row(row.baseline).notes.startswith("1 of 2 prompt(s) exceed")
+
+
 def test_the_default_bench_is_right_on_the_first_run():
     """`sdaccel bench` on the defaults (the tiny preset, bundled:shapes): held-out captions the
     model knows, the same images as its diffusers baseline, nothing to warn about."""

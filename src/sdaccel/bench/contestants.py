@@ -1,5 +1,6 @@
 """The rows' runners, loaded once and called many times: our Engine for a configuration, a plain
-diffusers StableDiffusionPipeline for a baseline, the same pipeline patched by a peer package.
+diffusers pipeline for a baseline (StableDiffusionPipeline, or StableDiffusionXLPipeline for an
+SDXL model), the same pipeline patched by a peer package.
 
 A Contestant only knows how to make one call and what it has measured so far; the order of calls,
 the clock and the statistics live in `runner.py`.
@@ -129,41 +130,31 @@ def load_engine(config: BenchConfig, prompts, calls: int) -> Contestant:
         cache_entries=len(cache_entries), warnings=warnings,
         cost_source="engine",
         modules=[m for m in (getattr(engine, name, None) for name in
-                             ("unet", "vae", "text_encoder")) if m is not None],
+                             ("unet", "vae", "text_encoder", "text_encoder_2"))
+                 if m is not None],
     )
     return contestant
 
 
 def load_pipeline(settings: Settings, dtype: str, prompts, calls: int,
                   peer: PeerSpec | None = None) -> Contestant:
-    """A plain StableDiffusionPipeline on its own copy of the model, read in `dtype` as
-    `from_pretrained(torch_dtype=...)` reads it (random weights: drawn in fp32, then cast), with
-    the configuration's scheduler class, its LoRAs (diffusers' own loading, fused) and its tiny
-    decoder in place of the VAE (as `pipe.vae = AutoencoderTiny...` does); patched by `peer`
-    when given. It is given each prompt as the configuration's engine reads it
+    """A plain diffusers pipeline (StableDiffusionPipeline; StableDiffusionXLPipeline without
+    the watermarker for an SDXL model) on its own copy of the model, read in `dtype` as
+    `from_pretrained(torch_dtype=...)` reads it (random weights: drawn in fp32, then cast),
+    with the configuration's scheduler class, its LoRAs (diffusers' own loading, fused) and its
+    tiny decoder in place of the VAE (as `pipe.vae = AutoencoderTiny...` does); patched by
+    `peer` when given. It is given each prompt as the configuration's engine reads it
     (`_text_inputs`)."""
     import torch
-    from diffusers import StableDiffusionPipeline
 
-    from sdaccel.engine.loading.models import load_components
     from sdaccel.engine.loading.precision import DTYPES, resolve_device
-    from sdaccel.engine.sampling.samplers import build_scheduler
 
     device = resolve_device(settings.device)
-    parts = load_components(settings.model_id, device=str(device), dtypes=dict.fromkeys(
-        ("unet", "vae", "text_encoder"), DTYPES[dtype]))
-    pipe = StableDiffusionPipeline(
-        vae=_tiny_decoder(settings) or parts.vae, text_encoder=parts.text_encoder,
-        tokenizer=parts.tokenizer,
-        unet=parts.unet, scheduler=build_scheduler(settings.sampler.name,
-                                                   parts.scheduler_config,
-                                                   settings.sampler.schedule),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    ).to(device=device, dtype=DTYPES[dtype])
+    pipe, sdxl = _pipeline(settings, DTYPES[dtype], device)
     pipe.set_progress_bar_config(disable=True)
     _fuse_loras(pipe, settings)
     prepare = apply_peer(peer, pipe) if peer is not None else None
-    text_inputs, reading_note = _text_inputs(pipe, settings, prompts, DTYPES[dtype])
+    text_inputs, reading_note = _text_inputs(pipe, settings, prompts, DTYPES[dtype], sdxl)
     g = settings.generation
     batch = g.num_images_per_prompt
     steps = plan_steps(settings)
@@ -200,39 +191,83 @@ def load_pipeline(settings: Settings, dtype: str, prompts, calls: int,
                    else f"{dtype} (all)"), compile="eager", call=call,
         plan=call_plan(settings, prompts, calls), recipe=pipeline_recipe(settings, steps),
         unet=pipe.unet,
-        modules=[pipe.unet, pipe.vae, pipe.text_encoder],
+        modules=[pipe.unet, pipe.vae, pipe.text_encoder, *([pipe.text_encoder_2] if sdxl else [])],
         passes=peer.describe() if peer else "", cost_source=(
             "flops" if peer and not peer.peer.same_work else "steps"),
         peer=peer, notes=[reading_note] if reading_note else [],
     )
 
 
-def _text_inputs(pipe, settings: Settings, prompts, dtype) -> tuple[
+def _pipeline(settings: Settings, dtype, device) -> tuple[Any, bool]:
+    """The configuration's model as a plain diffusers pipeline, in `dtype` on `device`, and
+    whether it is SDXL (the engine's components: both text encoders and tokenizers, and the
+    model's own rule for an empty negative prompt)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    from sdaccel.engine.loading.models import load_components
+    from sdaccel.engine.sampling.samplers import build_scheduler
+
+    parts = load_components(settings.model_id, device=str(device), dtypes=dict.fromkeys(
+        ("unet", "vae", "text_encoder", "text_encoder_2"), dtype))
+    common = {"vae": _tiny_decoder(settings) or parts.vae, "text_encoder": parts.text_encoder,
+              "tokenizer": parts.tokenizer, "unet": parts.unet,
+              "scheduler": build_scheduler(settings.sampler.name, parts.scheduler_config,
+                                           settings.sampler.schedule)}
+    if parts.is_sdxl:
+        pipe = StableDiffusionXLPipeline(
+            **common, text_encoder_2=parts.text_encoder_2, tokenizer_2=parts.tokenizer_2,
+            force_zeros_for_empty_prompt=parts.force_zeros_for_empty_prompt,
+            add_watermarker=False)
+    else:
+        pipe = StableDiffusionPipeline(**common, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    return pipe.to(device=device, dtype=dtype), parts.is_sdxl
+
+
+def _text_inputs(pipe, settings: Settings, prompts, dtype, sdxl: bool = False) -> tuple[
         Callable[[str], dict[str, Any]], str]:
     """How the pipeline gets each prompt, so that it is conditioned as the configurations it is
     compared with: as text where diffusers reads it as their engine does (a prompt within the
     text encoder's window, without AUTOMATIC1111 syntax: the same embeddings), else as the
     engine's embeddings of it (chained chunks, weights), made per call from the pipeline's own
     text encoder, since diffusers would cut it at the window or read the syntax as words. Also
-    the note naming those prompts ("" when there are none)."""
-    from sdaccel.engine.text.prompts import PromptEncoder
+    the note naming those prompts ("" when there are none). SDXL: both encoders' embeddings
+    and the second's pooled output, the negative ones too, made as the engine makes them; as
+    text, an empty negative prompt is None, which the pipeline turns into zeros where the model
+    says so (force_zeros_for_empty_prompt), as the engine does with ""."""
+    from sdaccel.engine.text.prompts import DualPromptEncoder, PromptEncoder
 
-    encoder = PromptEncoder(pipe.tokenizer, pipe.text_encoder, pipe.device, dtype,
-                            weighting=settings.prompt.weighting)
-    differing = [p for p in dict.fromkeys(prompts) if not _read_alike(encoder, p)]
+    weighting = settings.prompt.weighting
+    if sdxl:
+        readers = [PromptEncoder(tokenizer, encoder, pipe.device, dtype, weighting=weighting,
+                                 hidden_layer=-2)
+                   for tokenizer, encoder in ((pipe.tokenizer, pipe.text_encoder),
+                                              (pipe.tokenizer_2, pipe.text_encoder_2))]
+        encoder = DualPromptEncoder(*readers, pipe.config.force_zeros_for_empty_prompt)
+    else:
+        readers = [PromptEncoder(pipe.tokenizer, pipe.text_encoder, pipe.device, dtype,
+                                 weighting=weighting)]
+        encoder = readers[0]
+    differing = [p for p in dict.fromkeys(prompts)
+                 if not all(_read_alike(reader, p) for reader in readers)]
     guided = settings.generation.guidance_scale > 1.0
 
     def inputs(prompt: str) -> dict[str, Any]:
         if prompt not in differing:
-            return {"prompt": prompt, "negative_prompt": ""}
-        embeddings = encoder.encode([prompt], "" if guided else None)  # [negative;] prompt
-        if not guided:
-            return {"prompt_embeds": embeddings}
-        return {"prompt_embeds": embeddings[1:], "negative_prompt_embeds": embeddings[:1]}
+            return {"prompt": prompt, "negative_prompt": None if sdxl else ""}
+        embeddings, pooled = encoder.encode_pooled([prompt], "" if guided else None)
+        given = {"prompt_embeds": embeddings[-1:]}
+        if sdxl:
+            given["pooled_prompt_embeds"] = pooled[-1:]
+        if guided:  # [negative; prompt]
+            given["negative_prompt_embeds"] = embeddings[:1]
+            if sdxl:
+                given["negative_pooled_prompt_embeds"] = pooled[:1]
+        return given
 
     note = "" if not differing else (
         f"{len(differing)} of {len(dict.fromkeys(prompts))} prompt(s) exceed the text encoder's "
-        f"{encoder.window}-token window or hold AUTOMATIC1111 syntax: diffusers gets sdaccel's "
+        f"{readers[0].window}-token window or hold AUTOMATIC1111 syntax: diffusers gets sdaccel's "
         "embeddings of them (chained chunks, weights: prompt.weighting), as the rows compared "
         "with it read them, where alone it cuts them or reads the syntax as words")
     return inputs, note

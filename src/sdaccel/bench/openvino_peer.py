@@ -87,6 +87,9 @@ def convert_unet(unet: torch.nn.Module, context: tuple[int, int],
 def apply_openvino(pipe, params: dict[str, Any]):
     """Convert the pipeline's UNet, VAE decoder and text encoder; route their calls through
     OpenVINO (the torch modules stay, for their configs and the FLOP count)."""
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        raise NotImplementedError("the OpenVINO peer converts Stable Diffusion 1.x pipelines "
+                                  "(one text encoder); this model is SDXL")
     config = openvino_config(params["inference_precision"])
     vae, text_encoder = pipe.vae, pipe.text_encoder
     length, size = pipe.tokenizer.model_max_length, pipe.unet.config.sample_size

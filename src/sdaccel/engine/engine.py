@@ -139,7 +139,8 @@ class Engine:
         for key, choice in self.precisions.items():
             if choice.slow:
                 on_event(Warning(f"{key}: {choice.precision} {choice.reason}"))
-        lora_files = read_loras(settings.loras)  # a bad LoRA file fails before loading
+        # A bad LoRA file, or one for another model family, fails before loading
+        lora_files = read_loras(settings.loras, settings.model_id)
         self.policy = policy_for(settings.adaptive) if policy is None else policy
         embedding_files = read_embeddings(settings.embeddings)  # a bad file fails before loading
         self.tiny: TinyDecoder | None = (read_tiny_decoder(settings.tiny_decoder)
@@ -177,10 +178,11 @@ class Engine:
         self.check_size(s.generation.height, s.generation.width)
         # PyTorch SDPA attention, then the speed passes the settings switch on.
         self.passes = apply_passes(self.unet, self.decoder, s, self.device, self.on_event)
-        # LoRAs fused into these weights and switched per batch (an int8 text encoder: unfused)
-        self.lora = LoraSwitcher({"unet": self.unet, "text_encoder": self.text_encoder},
-                                 s.model_id, unfused=["text_encoder"] * (
-                                     s.text_encoder_dtype == "int8"))
+        # LoRAs fused into these weights and switched per batch (int8 text encoders: unfused)
+        encoders = {"text_encoder": self.text_encoder,
+                    "text_encoder_2": self.text_encoder_2 if parts.is_sdxl else None}
+        self.lora = LoraSwitcher({"unet": self.unet, **encoders}, s.model_id,
+                                 unfused=list(encoders) * (s.text_encoder_dtype == "int8"))
         self._compile()
         self.layered = None  # the UNet layer by layer, for feature caching
         if self.policy.cache_level is not None:

@@ -1,10 +1,12 @@
 """A LoRA file's PEFT layers, made by diffusers' own loading and taken out of the model again.
 
 `load_lora_into_unet` / the steps of diffusers' text-encoder loading inject PEFT layers holding
-the file into the model, exactly as a pipeline's `load_lora_weights` does. `attach` checks that
-every layer of the file found its module, then takes the PEFT layers out again: the model's
-modules are the very objects they were (a compiled UNet keeps its graph), and the layers are
-kept aside for LoraSwitcher to fuse (their `get_delta_weight`) or to inject for good (unfused).
+the file into the model, exactly as a pipeline's `load_lora_weights` does (an SDXL pipeline's
+for SDXL: its second text encoder takes the file's `text_encoder_2.` part the same way).
+`attach` checks that the file is for the model's family and that every layer of the file found
+its module, then takes the PEFT layers out again: the model's modules are the very objects they
+were (a compiled UNet keeps its graph), and the layers are kept aside for LoraSwitcher to fuse
+(their `get_delta_weight`) or to inject for good (unfused).
 """
 
 from __future__ import annotations
@@ -19,15 +21,16 @@ from typing import Any
 import torch
 
 from sdaccel.engine.loading.checkpoint import first_line
-from sdaccel.engine.lora.files import LoraFile
+from sdaccel.engine.lora.files import SGM_LAYERS_PER_BLOCK, LoraFile, check_fits
 from sdaccel.errors import LoraError
 
 ADAPTER = "sdaccel"  # the PEFT adapter name of a file's kept-aside layers
 
 
 def inject(component: str, model: torch.nn.Module, lora: LoraFile, adapter: str) -> None:
-    """PEFT layers holding `lora` in `model`: diffusers' load_lora_into_unet, and for the text
-    encoder the steps of diffusers' load_lora_into_text_encoder."""
+    """PEFT layers holding `lora` in `model`: diffusers' load_lora_into_unet, and for a text
+    encoder ("text_encoder", SDXL's "text_encoder_2") the steps of diffusers'
+    load_lora_into_text_encoder with that component's prefix."""
     from diffusers.loaders import StableDiffusionLoraLoaderMixin as Loader
 
     if component == "unet":
@@ -37,10 +40,11 @@ def inject(component: str, model: torch.nn.Module, lora: LoraFile, adapter: str)
                                    adapter_name=adapter, metadata=lora.metadata,
                                    low_cpu_mem_usage=True)
     else:
-        _inject_text_encoder(model, lora, adapter)
+        _inject_text_encoder(model, lora, adapter, prefix=component)
 
 
-def _inject_text_encoder(model: torch.nn.Module, lora: LoraFile, adapter: str) -> None:
+def _inject_text_encoder(model: torch.nn.Module, lora: LoraFile, adapter: str,
+                         prefix: str) -> None:
     """diffusers' `_load_lora_into_text_encoder`, step for step (its key conversions, rank
     per layer and LoraConfig), but injecting with PEFT directly rather than through
     transformers' `load_adapter` (diffusers' last step), so this module knows every layer it
@@ -49,7 +53,6 @@ def _inject_text_encoder(model: torch.nn.Module, lora: LoraFile, adapter: str) -
     from diffusers.utils.peft_utils import _create_lora_config
     from peft import inject_adapter_in_model, set_peft_model_state_dict
 
-    prefix = "text_encoder"
     state_dict = {k.removeprefix(f"{prefix}."): v for k, v in lora.state_dict.items()
                   if k.startswith(f"{prefix}.")}
     metadata = None if lora.metadata is None else {
@@ -139,6 +142,7 @@ def attach(lora: LoraFile, models: dict[str, torch.nn.Module],
     """Inject `lora` into each model through diffusers, check that every layer of the file
     found its module, take the PEFT layers out again; returns them, component -> module name
     -> PEFT layer holding the adapter ADAPTER (its factors in fp32)."""
+    _check_family(lora, models, model_name)
     attached: dict[str, dict[str, Any]] = {}
     for component, wanted in lora.modules.items():
         model = models[component]
@@ -147,7 +151,7 @@ def attach(lora: LoraFile, models: dict[str, torch.nn.Module],
             with quiet_libraries():
                 inject(component, model, lora, ADAPTER)
         except Exception as exc:
-            raise LoraError(_misfit(lora, component, model_name, exc)) from None
+            raise LoraError(_misfit(lora, component, model_name, exc, models)) from None
         finally:
             layers = take_out(model)
             untouched.restore()
@@ -157,7 +161,8 @@ def attach(lora: LoraFile, models: dict[str, torch.nn.Module],
             raise LoraError(
                 f"LoRA file {str(lora.path)!r} does not fit model {model_name}: {len(missing)} "
                 f"of its {len(names)} {component} layers have no such module in the model "
-                f"(e.g. {missing[0]!r}); made for another architecture (SD 2.x, SDXL)?")
+                f"(e.g. {missing[0]!r}); made for another architecture "
+                f"({_others(models)})?")
         for layer in layers.values():
             if getattr(layer, "lora_bias", {}).get(ADAPTER) or \
                     getattr(layer, "use_dora", {}).get(ADAPTER):
@@ -169,7 +174,31 @@ def attach(lora: LoraFile, models: dict[str, torch.nn.Module],
     return attached
 
 
-def _misfit(lora: LoraFile, component: str, model_name: str, exc: Exception) -> str:
+def _check_family(lora: LoraFile, models: dict[str, torch.nn.Module], model_name: str) -> None:
+    """The file is for this model's family (SDXL: a second text encoder), its UNet reads text
+    features as wide as the model's, and a model has every component it changes."""
+    unet = models.get("unet")
+    config = getattr(unet, "config", None)
+    width = getattr(config, "cross_attention_dim", None)
+    check_fits(lora, "text_encoder_2" in models, model_name,
+               width if isinstance(width, int) else None)
+    for component in lora.modules:
+        if component not in models:
+            raise LoraError(f"LoRA file {str(lora.path)!r} has weights for {component}, which "
+                            f"model {model_name} does not have")
+    blocks = getattr(config, "layers_per_block", SGM_LAYERS_PER_BLOCK)
+    if lora.sgm_blocks and blocks != SGM_LAYERS_PER_BLOCK:
+        raise LoraError(f"LoRA file {str(lora.path)!r} numbers UNet blocks as kohya does for "
+                        f"SDXL ({SGM_LAYERS_PER_BLOCK} layers per block); the UNet of model "
+                        f"{model_name} has {blocks}")
+
+
+def _others(models: dict[str, torch.nn.Module]) -> str:
+    return "SD 1.x, SD 2.x" if "text_encoder_2" in models else "SD 2.x, SDXL"
+
+
+def _misfit(lora: LoraFile, component: str, model_name: str, exc: Exception,
+            models: dict[str, torch.nn.Module]) -> str:
     text = str(exc)
     found = re.search(r"size mismatch for (\S+?)\.lora_\w+?\.[^:]*: copying a param with shape "
                       r"torch\.Size\((\[.*?\])\).*?current model is torch\.Size\((\[.*?\])\)", text)
@@ -177,6 +206,6 @@ def _misfit(lora: LoraFile, component: str, model_name: str, exc: Exception) -> 
         detail = (f"{component} layer {found[1]}: the file's LoRA weight is {found[2]}, the "
                   f"model's {found[3]}" if found else first_line(exc))
         return (f"LoRA file {str(lora.path)!r} does not fit model {model_name} ({detail}); "
-                "made for another architecture (SD 2.x, SDXL)?")
+                f"made for another architecture ({_others(models)})?")
     return (f"LoRA file {str(lora.path)!r} cannot be applied to the {component} of model "
             f"{model_name}: {first_line(exc)}")

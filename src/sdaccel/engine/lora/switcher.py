@@ -1,5 +1,5 @@
-"""The LoRA set in force on one engine's UNet and text encoder, switched between batches without
-reloading the model or recompiling it.
+"""The LoRA set in force on one engine's UNet and text encoders (SDXL's second one too), switched
+between batches without reloading the model or recompiling it.
 
 **Fused** (the default): the weight of every module a LoRA set touches becomes its original value
 plus the weighted sum of the PEFT layers' `get_delta_weight` (the LoRA's B @ A x alpha / rank),
@@ -50,17 +50,20 @@ class _Target:
 
 
 class LoraSwitcher:
-    """The LoRA set in force on one engine's UNet and text encoder, and the switch to another.
+    """The LoRA set in force on one engine's UNet and text encoders, and the switch to another.
 
-    `apply(entries)` makes `entries` (settings entries: path, weight, sha256) the set in force and
-    returns their metadata records; files are read once and kept. `unfused`: the components
-    whose LoRAs run as active PEFT layers instead of fused weights."""
+    `models`: component -> model, as diffusers names them ("unet", "text_encoder", and for SDXL
+    "text_encoder_2", whose presence makes the model SDXL to the family check; a None model is
+    left out). `apply(entries)` makes `entries` (settings entries: path, weight, sha256) the set
+    in force and returns their metadata records; files are read once and kept. `unfused`: the
+    components whose LoRAs run as active PEFT layers instead of fused weights (names of
+    components the model lacks are ignored)."""
 
-    def __init__(self, models: dict[str, torch.nn.Module], model_name: str,
+    def __init__(self, models: dict[str, torch.nn.Module | None], model_name: str,
                  unfused: Sequence[str] = ()) -> None:
-        self.models = models
+        self.models = {name: model for name, model in models.items() if model is not None}
         self.model_name = model_name
-        self.unfused = set(unfused)
+        self.unfused = set(unfused) & set(self.models)
         # wall time of the last apply() that changed the set: reading and checking a file the
         # first time it is used, then writing the weights
         self.last_switch_seconds = 0.0
