@@ -68,11 +68,10 @@ def test_the_layered_sdxl_unet_reads_its_added_conditioning():
             assert torch.equal(layered.shallow(x, 321, c, level, deep, added), expected)
 
 
-def test_feature_caching_on_sdxl_costs_what_a_flop_counter_measures():
-    settings = tiny_settings("model_id=random:sdxl-tiny", "generation.height=64",
-                             "generation.width=64", *PER_STEP, "sampler.steps=8",
-                             "adaptive.warmup_steps=2", "adaptive.cache.interval=3")
-    totals = []
+def flop_counting():
+    """A UNet wrapper that counts the FLOPs of every call (full and shallow), and the list of
+    counts it fills."""
+    totals: list[int] = []
 
     def counting(call):
         def counted(unet_input):
@@ -81,6 +80,15 @@ def test_feature_caching_on_sdxl_costs_what_a_flop_counter_measures():
             totals.append(counter.get_total_flops())
             return out
         return counted
+
+    return counting, totals
+
+
+def test_feature_caching_on_sdxl_costs_what_a_flop_counter_measures():
+    settings = tiny_settings("model_id=random:sdxl-tiny", "generation.height=64",
+                             "generation.width=64", *PER_STEP, "sampler.steps=8",
+                             "adaptive.warmup_steps=2", "adaptive.cache.interval=3")
+    counting, totals = flop_counting()
 
     engine = Engine(settings, unet_wrappers=[counting])
     result = engine.generate(PROMPTS[:1], seed=1)[0]
@@ -167,15 +175,7 @@ def test_reported_cost_is_what_a_flop_counting_unet_measures():
     counter counts attention on real tensors too (its count must not miss a kernel)."""
     settings = bundled(*PER_STEP, "adaptive.warmup_steps=2", "adaptive.cache.interval=3",
                        "adaptive.skip.threshold=0.5", "adaptive.guidance.interval=2")
-    totals = []
-
-    def counting(call):  # a UNet wrapper: FLOPs of every call, full and shallow
-        def counted(unet_input):
-            with flop_counter() as counter:
-                out = call(unet_input)
-            totals.append(counter.get_total_flops())
-            return out
-        return counted
+    counting, totals = flop_counting()
 
     engine = Engine(settings, unet_wrappers=[counting])
     results = engine.generate(PROMPTS, seed=2)
