@@ -81,6 +81,17 @@ def linear(points: list[tuple[float, torch.Tensor]], at: float) -> torch.Tensor:
     return v_a + (v_a - v_b) * ((at - p_a) / (p_a - p_b))
 
 
+@dataclass(frozen=True)
+class _Rows:
+    """One UNet call's rows: of the model input, of the conditioning, the batch's images, and
+    the (image, half) slot of each."""
+
+    sample: torch.Tensor
+    context: torch.Tensor
+    images: torch.Tensor
+    slots: tuple[Slot, ...]
+
+
 class Guider:
     """Evaluates the model for the slots a step policy chose, for one batch."""
 
@@ -101,6 +112,7 @@ class Guider:
         self.cache, self.shallow_cost, self.extra = cache, shallow_cost, extra
         self.added = added
         self.halves = (COND, UNCOND) if self.guided else (COND,)
+        self._layouts: dict[tuple, _Rows] = {}
         call = self._call_unet
         for wrap in wrappers:
             call = wrap(call)
@@ -116,24 +128,21 @@ class Guider:
         latents of the images at `positions` of the batch; slots count rows of it); slot ->
         its fp32 output."""
         outputs: dict[Slot, torch.Tensor] = {}
+        images = tuple(positions.tolist())
         for full in (True, False):
-            chosen = sorted((s for s, f in slots.items() if f == full), key=lambda s: (s[1], s[0]))
+            chosen = tuple(sorted((s for s, f in slots.items() if f == full),
+                                  key=lambda s: (s[1], s[0])))
             if not chosen:
                 continue
-            rows = torch.tensor([k for k, _ in chosen])
-            context_rows = torch.tensor([self._context_row(int(positions[k]), half)
-                                         for k, half in chosen])
-            context = self.embeddings[context_rows]
-            added = None if self.added is None else {
-                name: value[context_rows] for name, value in self.added.items()}
-            global_slots = tuple((int(positions[k]), half) for k, half in chosen)
-            sample = model_input[rows]
+            rows = self._rows(chosen, images)
+            sample = model_input[rows.sample]
             if self.extra is not None:
-                images = torch.tensor([image for image, _ in global_slots])
-                sample = torch.cat([sample, self.extra[images].to(sample.dtype)], dim=1)
-            out = self._call(UNetInput(sample, t, context, global_slots, index, not full, added))
-            for j, slot in enumerate(chosen):
-                outputs[slot] = out[j].float()
+                sample = torch.cat([sample, self.extra[rows.images].to(sample.dtype)], dim=1)
+            added = None if self.added is None else {
+                name: value[rows.context] for name, value in self.added.items()}
+            out = self._call(UNetInput(sample, t, self.embeddings[rows.context], rows.slots,
+                                       index, not full, added))
+            outputs.update(zip(chosen, out.float(), strict=True))  # rows of one fp32 tensor
         return outputs
 
     def combine(self, uncond: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
@@ -144,6 +153,20 @@ class Guider:
         """A row's UNet work at a step, in full (guided) calls of one image."""
         return sum(1.0 if slots[(row, half)] else self.shallow_cost
                    for half in self.halves if (row, half) in slots) / len(self.halves)
+
+    def _rows(self, chosen: tuple[Slot, ...], images: tuple[int, ...]) -> _Rows:
+        """Where the chosen slots' rows come from, worked out once per layout: a plain run
+        asks for the same one at every step."""
+        key = (chosen, images)
+        if key not in self._layouts:
+            device = self.embeddings.device
+            slots = tuple((images[k], half) for k, half in chosen)
+            self._layouts[key] = _Rows(
+                torch.tensor([k for k, _ in chosen], device=device),
+                torch.tensor([self._context_row(image, half) for image, half in slots],
+                             device=device),
+                torch.tensor([image for image, _ in slots], device=device), slots)
+        return self._layouts[key]
 
     def _context_row(self, image: int, half: int) -> int:
         return image + self.batch if self.guided and half == COND else image

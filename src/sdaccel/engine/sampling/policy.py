@@ -50,18 +50,17 @@ class StepPolicy:
 
     def fill(self, track: Track, index: int, t, slots: dict[Slot, bool],
              outputs: dict[Slot, torch.Tensor]) -> torch.Tensor:
-        noise = torch.empty_like(track.latents)
-        for row in range(len(track.positions)):
-            noise[row] = self.guided_output(outputs, row)
-        return noise
+        rows = range(len(track.positions))
+        cond = torch.stack([outputs[(row, COND)] for row in rows])
+        uncond = [outputs.get((row, UNCOND)) for row in rows]
+        if all(u is None for u in uncond):  # unguided
+            return cond
+        if all(u is not None for u in uncond):  # every row guided: one combination
+            return self.guider.combine(torch.stack(uncond), cond)
+        # Rows without their unconditional half take the conditional prediction alone.
+        return torch.stack([c if u is None else self.guider.combine(u, c)
+                            for u, c in zip(uncond, cond, strict=True)])
 
     def plan(self, track: Track, index: int, t,
              noise: torch.Tensor) -> list[tuple[Track, torch.Tensor]]:
         return [(track, noise)]
-
-    def guided_output(self, outputs: dict[Slot, torch.Tensor], row: int) -> torch.Tensor:
-        """A row's output from both halves (guided) or its conditional half alone."""
-        cond = outputs[(row, COND)]
-        if (row, UNCOND) in outputs:
-            return self.guider.combine(outputs[(row, UNCOND)], cond)
-        return cond

@@ -169,7 +169,7 @@ class PerStep(StepPolicy):
             delta = cond - outputs[(k, UNCOND)]
             image.deltas = [*image.deltas[-1:], (lam, delta)]
             image.since_uncond = 0
-            noise = self.guided_output(outputs, k)
+            noise = self.guider.combine(outputs[(k, UNCOND)], cond)
             if self.guidance_agree > 0 and delta.norm() < self.guidance_agree * cond.norm():
                 image.cut = True
         elif self.guider.guided and not image.cut:
