@@ -31,7 +31,7 @@ from sdaccel.engine.sampling.samplers import build_scheduler
 from sdaccel.engine.sampling.track import Track
 from sdaccel.engine.speed.compile import EagerFallback, compile_callable
 from sdaccel.engine.speed.optimize import apply_passes, with_attention
-from sdaccel.engine.starts import image_to_image, inpainting, noise_for
+from sdaccel.engine.starts import image_to_image, inpainting, noise_for, upscaling
 from sdaccel.engine.text.embeddings import add_embeddings, expansions, read_embeddings
 from sdaccel.engine.text.prompts import DualPromptEncoder, PromptEncoder, plain_text
 from sdaccel.engine.text.vocabulary import unknown_words
@@ -108,12 +108,6 @@ class Conditioning:
         return {"text_embeds": self.pooled, "time_ids": sizes.repeat(len(self.pooled), 1)}
 
 
-def _upscaling(decoder) -> int:
-    """Image size over latent size for a VAE or tiny decoder: it doubles at every block but the
-    first."""
-    return 2 ** (len(decoder.config.block_out_channels) - 1)
-
-
 def _nfe(decisions: str, halves: int) -> int:
     """UNet evaluations (of one image's row, full or shallow) its decisions spent."""
     return sum(halves if d in "FC" else 1 if d in "fc" else 0 for d in decisions)
@@ -165,12 +159,14 @@ class Engine:
         # What decodes: the tiny decoder when the settings name one, else the model's VAE.
         self.decoder = self._cast_tiny_decoder() if self.tiny else self.vae
         self.text_encoder = cast(parts.text_encoder, s.text_encoder_dtype, self.device).eval()
+        self.text_encoder_2 = None if parts.text_encoder_2 is None else cast(  # SDXL's second
+            parts.text_encoder_2, s.text_encoder_dtype, self.device).eval()
         self.tokenizer = parts.tokenizer
         self.prompts = self._prompt_encoder(parts)
         self.unet_dtype = DTYPES[s.unet_dtype]
         self.vae_dtype = DTYPES[s.vae_dtype]
         # As diffusers' pipeline: the latent grid is the image over the decoder's upscaling.
-        self.vae_scale_factor = _upscaling(self.decoder)
+        self.vae_scale_factor = upscaling(self.decoder)
         self._image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
         self._mask_processor = VaeImageProcessor(  # as diffusers' inpainting pipeline's
             vae_scale_factor=self.vae_scale_factor, do_normalize=False, do_binarize=True,
@@ -179,8 +175,7 @@ class Engine:
         # PyTorch SDPA attention, then the speed passes the settings switch on.
         self.passes = apply_passes(self.unet, self.decoder, s, self.device, self.on_event)
         # LoRAs fused into these weights and switched per batch (int8 text encoders: unfused)
-        encoders = {"text_encoder": self.text_encoder,
-                    "text_encoder_2": self.text_encoder_2 if parts.is_sdxl else None}
+        encoders = {"text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2}
         self.lora = LoraSwitcher({"unet": self.unet, **encoders}, s.model_id,
                                  unfused=list(encoders) * (s.text_encoder_dtype == "int8"))
         self._compile()
@@ -212,8 +207,6 @@ class Engine:
         if self.embeddings:
             raise ConfigError("embeddings: textual inversion on an SDXL model (clip_l / clip_g "
                               "files) is not supported yet", key="embeddings")
-        self.text_encoder_2 = cast(parts.text_encoder_2, s.text_encoder_dtype,
-                                   self.device).eval()
         encoders = [PromptEncoder(tokenizer, encoder, self.device, dtype, s.prompt.weighting,
                                   on_event=self.on_event, hidden_layer=-2)
                     for tokenizer, encoder in ((parts.tokenizer, self.text_encoder),
@@ -228,7 +221,7 @@ class Engine:
                 f"tiny_decoder {tiny.reference!r} decodes {tiny.latent_channels}-channel "
                 f"latents; model {self.settings.model_id!r} makes {made}-channel ones (SD 1.5: "
                 "4, TAESD's taesd_decoder.safetensors; taesd3/taef1 decode 16)")
-        theirs, ours = _upscaling(tiny.model), _upscaling(self.vae)
+        theirs, ours = upscaling(tiny.model), upscaling(self.vae)
         if theirs != ours:  # TAESD is made for SD's 8x VAE; the bundled model's VAE is 4x
             self.on_event(Warning(
                 f"tiny_decoder {tiny.reference!r} upscales latents {theirs}x, the VAE of "

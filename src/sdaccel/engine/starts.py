@@ -74,7 +74,7 @@ def inpainting(vae, pixels: torch.Tensor, masks: torch.Tensor, generators: list[
     full = strength == 1.0  # as diffusers: from pure noise, the image only through the mask
     nine = unet_channels == 9
     image = encode(vae, pixels, generators) if not (nine and full) else None
-    shape = (vae.config.latent_channels, *(side // _downscaling(vae)
+    shape = (vae.config.latent_channels, *(side // upscaling(vae)
                                            for side in pixels.shape[-2:]))
     noise = noise_for(generators, shape).to(vae.device)
     if full:
@@ -109,5 +109,7 @@ def _blend(scheduler, image: torch.Tensor, noise: torch.Tensor, mask: torch.Tens
     return blend
 
 
-def _downscaling(vae) -> int:
-    return 2 ** (len(vae.config.block_out_channels) - 1)
+def upscaling(decoder) -> int:
+    """Image size over latent size for a VAE or tiny decoder: it doubles at every block but the
+    first."""
+    return 2 ** (len(decoder.config.block_out_channels) - 1)
