@@ -73,15 +73,34 @@ def openvino_config(inference_precision: str) -> dict[str, str]:
     return config
 
 
+def unet_inputs(unet: torch.nn.Module, batch: int, size: int, context: tuple[int, int],
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, ...]:
+    """Random inputs of one UNet call, in `convert_unet`'s order: sample (latents `size` wide),
+    timestep, text embeddings of `context` = (tokens, width), and for SDXL the pooled text and
+    the six size numbers."""
+    config = unet.config
+    inputs = [torch.randn(batch, config.in_channels, size, size, generator=generator),
+              torch.tensor(999), torch.randn(batch, *context, generator=generator)]
+    if config.get("addition_embed_type") == "text_time":
+        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+        pixels = float(size * 8)
+        inputs += [torch.randn(batch, pooled, generator=generator),
+                   torch.tensor([[pixels, pixels, 0.0, 0.0, pixels, pixels]]).repeat(batch, 1)]
+    return tuple(inputs)
+
+
+def _unet_call(unet, sample, timestep, context, *added):
+    conditions = ({"added_cond_kwargs": dict(zip(("text_embeds", "time_ids"), added,
+                                                 strict=True))} if added else {})
+    return unet(sample, timestep, context, return_dict=False, **conditions)[0]
+
+
 def convert_unet(unet: torch.nn.Module, context: tuple[int, int],
-                 config: dict[str, str]) -> OpenVinoModel:
-    """The UNet as OpenVINO runs it: (sample, timestep, text embeddings of `context` = (tokens,
-    width)) -> noise prediction."""
-    size = unet.config.sample_size
-    example = (torch.randn(2, unet.config.in_channels, size, size), torch.tensor(999),
-               torch.randn(2, *context))
-    return OpenVinoModel(_Forward(unet, lambda u, x, t, c: u(x, t, c, return_dict=False)[0]),
-                         example, config)
+                 config: dict[str, str], size: int | None = None) -> OpenVinoModel:
+    """The UNet as OpenVINO runs it: `unet_inputs` (traced at `size` latents, by default the
+    model's own sample size) -> noise prediction."""
+    example = unet_inputs(unet, 2, size or unet.config.sample_size, context)
+    return OpenVinoModel(_Forward(unet, _unet_call), example, config)
 
 
 def apply_openvino(pipe, params: dict[str, Any]):
