@@ -16,10 +16,11 @@ distance to eager fp32's; last, the preset's time over OpenVINO's (at the preset
 for an fp32 preset) per round. The preset's `reuse_freed_memory` holds for the whole process, so
 every row runs with it. Prints markdown; nothing else should use the CPU meanwhile.
 
-Memory (anonymous memory, resident or swapped out; not mapped files): "model GiB" is what the row keeps between
-calls (a torch row's parameters, and the preset's packed weight copies; an OpenVINO row's growth
-over its conversion, compilation and first call); "step GiB" is the growth during its timed
-calls (the most of any round), sampled every 5 ms from a heap trimmed before each call.
+Memory (anonymous memory, resident or swapped out; not mapped files): "model GiB" is what the
+row keeps between calls (a torch row's parameters, and the preset's packed weight copies; an
+OpenVINO row's growth over its conversion, compilation and first call); "step GiB" is the growth
+during its timed calls (the most of any round), sampled every 5 ms from a heap trimmed before
+each call.
 
 `--lean` (for a model whose rows do not fit in memory together, SDXL on 24 GiB): two phases, each
 interleaving the preset with one peer, OpenVINO at the preset's precision and then eager fp32;

@@ -138,6 +138,17 @@ def test_fp16_file_and_parts_read_in_their_precision(tiny, tmp_path):
         assert {w.dtype for w in getattr(direct, part).state_dict().values()} == {dtype}, part
 
 
+def test_a_projection_saved_as_a_linear_weight_loads_the_same(tiny, sdxl_file, tmp_path):
+    """Some tools save bigG's projection matrix as `text_projection.weight` (transposed, a
+    linear layer's layout): the same text encoder loads from it."""
+    state = load_file(sdxl_file)
+    bare = "conditioner.embedders.1.model.text_projection"
+    state[bare + ".weight"] = state.pop(bare).T.contiguous()
+    path = tmp_path / "projection-as-weight.safetensors"
+    save_file(state, str(path), metadata={BASE_KEY: "random:sdxl-tiny"})
+    assert _same_weights(tiny.text_encoder_2, load_components(str(path)).text_encoder_2)
+
+
 def test_ckpt_with_ema_weights_loads_the_plain_ones_weights_only(tiny, sdxl_file, tmp_path,
                                                                  monkeypatch):
     """A .ckpt ({"state_dict": ...}) holding the UNet's EMA beside it (`model_ema.*`, as an

@@ -19,6 +19,7 @@ from sdaccel.engine.loading.models import load_components
 from sdaccel.engine.lora import LoraSwitcher, model_is_sdxl, read_lora, read_loras
 from sdaccel.engine.sampling.samplers import build_scheduler
 from sdaccel.errors import LoraError
+from sdaccel.outputs import read_metadata
 from sdaccel.settings import LoraEntry
 from sdaccel.shapes import BUNDLED_DIR
 
@@ -261,3 +262,57 @@ def test_the_cli_refuses_either_way_in_one_line_exit_3(tmp_path, parts):
         error = [x for x in result.stderr.splitlines() if x.startswith("Error:")]
         assert len(error) == 1 and message in error[0] and str(path) in error[0], error
         assert "Traceback" not in result.output and not out.exists()
+
+
+# --------------------------------------------------------------------------- front ends
+
+
+def test_a_prompts_file_switches_sdxl_loras_per_line_and_resumes(tmp_path, parts):
+    style = lora_file(tmp_path / "style.safetensors", parts)
+    prompts = tmp_path / "prompts.txt"
+    same = {"prompt": "a red circle", "seed": 9}
+    prompts.write_text(json.dumps(same) + "\n"
+                       + json.dumps({**same, "loras": [f"{style}:0.8"]}) + "\n")
+    out = tmp_path / "out"
+    flags = ["--prompts-file", str(prompts), *TINY_FLAGS, "--model", MODEL, "--height", "64",
+             "--width", "64", "--out-dir", str(out), "--json"]
+    result = runner.invoke(app, ["generate", *flags])
+    assert result.exit_code == 0, result.output
+    plain, styled = sorted(out.glob("img_*.png"))
+    assert plain.read_bytes() != styled.read_bytes()  # the LoRA was in force on line 2 only
+    recorded = json.loads(read_metadata(styled)["sdaccel"])["settings"]["loras"]
+    assert [(entry["path"], entry["weight"]) for entry in recorded] == [(str(style), 0.8)]
+    assert not json.loads(read_metadata(plain)["sdaccel"])["settings"]["loras"]
+    again = runner.invoke(app, ["generate", *flags])
+    assert again.exit_code == 0 and again.stdout == "", again.output  # nothing redone
+
+    prompts.write_text(json.dumps({**same, "loras": [str(RING)]}) + "\n")
+    refused = runner.invoke(app, ["generate", *flags[:-3], "--out-dir", str(tmp_path / "new")])
+    assert refused.exit_code == 3 and "is not for an SDXL model" in refused.output, \
+        refused.output
+    assert f"{prompts}:1" in refused.output and not (tmp_path / "new").exists()
+
+
+def test_serve_takes_sdxl_lora_tags_and_sdxl_embeddings_from_a_models_folder(tmp_path, parts):
+    from fastapi.testclient import TestClient
+
+    from sdaccel.serve.app import create_app
+    from sdaccel.serve.models_dir import ModelsDir
+
+    root = tmp_path / "models"
+    (root / "loras").mkdir(parents=True)
+    (root / "embeddings").mkdir()
+    lora_file(root / "loras" / "style.safetensors", parts)
+    save_file({"clip_l": torch.randn(1, 32), "clip_g": torch.randn(1, 32)},
+              str(root / "embeddings" / "glowing.safetensors"))
+    save_file({"emb_params": torch.randn(1, 32)}, str(root / "embeddings" / "old.safetensors"))
+    body = {"prompt": "a glowing circle", "steps": 2, "width": 64, "height": 64, "seed": 3}
+    with TestClient(create_app(sdxl_settings(), models_dir=ModelsDir(root))) as client:
+        listing = client.get("/sdapi/v1/embeddings").json()
+        assert list(listing["loaded"]) == ["glowing"] and list(listing["skipped"]) == ["old"]
+        plain = client.post("/sdapi/v1/txt2img", json=body).json()
+        styled = client.post("/sdapi/v1/txt2img",
+                             json={**body, "prompt": body["prompt"] + " <lora:style:0.8>"})
+        assert styled.status_code == 200, styled.text
+        assert styled.json()["images"][0] != plain["images"][0]
+        assert "style" in json.loads(styled.json()["info"])["infotexts"][0]

@@ -141,8 +141,8 @@ class Engine:
                                          if settings.tiny_decoder else None)  # so does this one
         self.components = load_components(settings.model_id, device=str(self.device),
                                           dtypes=load_dtypes(self.settings))
-        self.embeddings = add_embeddings(embedding_files, self.components.tokenizer,
-                                         self.components.text_encoder, settings.model_id)
+        self.embeddings = add_embeddings(embedding_files, self.components.text_encoders,
+                                         settings.model_id)
         self._warned: set[str] = set()  # unknown prompt words already reported
         self._told_vocabulary = False
         self._prepare(self.components)
@@ -204,13 +204,12 @@ class Engine:
         if not parts.is_sdxl:
             return PromptEncoder(self.tokenizer, self.text_encoder, self.device, dtype,
                                  s.prompt.weighting, expansions(self.embeddings), self.on_event)
-        if self.embeddings:
-            raise ConfigError("embeddings: textual inversion on an SDXL model (clip_l / clip_g "
-                              "files) is not supported yet", key="embeddings")
         encoders = [PromptEncoder(tokenizer, encoder, self.device, dtype, s.prompt.weighting,
-                                  on_event=self.on_event, hidden_layer=-2)
-                    for tokenizer, encoder in ((parts.tokenizer, self.text_encoder),
-                                               (parts.tokenizer_2, self.text_encoder_2))]
+                                  expansions(self.embeddings, index), self.on_event,
+                                  hidden_layer=-2)
+                    for index, (tokenizer, encoder) in enumerate((
+                        (parts.tokenizer, self.text_encoder),
+                        (parts.tokenizer_2, self.text_encoder_2)))]
         return DualPromptEncoder(*encoders, parts.force_zeros_for_empty_prompt)
 
     def _cast_tiny_decoder(self) -> torch.nn.Module:

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from sdaccel.engine.text.embeddings import read_embedding
+from sdaccel.engine.text.embeddings import fits, read_embedding
 from sdaccel.errors import SdaccelError
 from sdaccel.serve.checks import BadRequest
 from sdaccel.serve.models_dir import EMBEDDING_READ_LIMIT, Checkpoint, ModelsDir, NameNotFound
@@ -81,17 +81,17 @@ def find_model(name: Any, started: ModelInfo, models_dir: ModelsDir | None,
 
 def fitting_embeddings(engine, models_dir: ModelsDir | None,
                        have: list[EmbeddingEntry]) -> list[EmbeddingEntry]:
-    """The folder's embeddings that `engine`'s model can take (vectors as wide as its text
-    encoder's, a token it does not know yet), besides those in `have`: A1111 loads those and
-    lists the others as skipped. None for an engine that shows no text encoder (a test's)."""
-    text_encoder, tokenizer = (getattr(engine, name, None) for name in ("text_encoder",
-                                                                          "tokenizer"))
-    if models_dir is None or text_encoder is None or tokenizer is None:
+    """The folder's embeddings that `engine`'s model can take (made for its family, vectors as
+    wide as its text encoders', a token it does not know yet), besides those in `have`: A1111
+    loads those and lists the others as skipped. None for an engine that shows no text encoder
+    (a test's)."""
+    components = getattr(engine, "components", None)
+    if models_dir is None or not hasattr(components, "text_encoders"):
         return []
-    width = text_encoder.get_input_embeddings().weight.shape[-1]
-    known = {word.lower() for word in tokenizer.get_vocab()}
+    encoders = [encoder for _, encoder in components.text_encoders]
+    known = {word.lower() for word in components.tokenizer.get_vocab()}
     taken = {Path(entry.path).resolve() for entry in have}
-    fits = []
+    found = []
     for path in models_dir.embedding_paths():
         if path.resolve() in taken or path.stat().st_size > EMBEDDING_READ_LIMIT:
             continue
@@ -99,10 +99,10 @@ def fitting_embeddings(engine, models_dir: ModelsDir | None,
             read = read_embedding(path)
         except SdaccelError:
             continue
-        if read.vectors.shape[-1] == width and read.token.lower() not in known:
+        if fits(read, encoders) and read.token.lower() not in known:
             known.add(read.token.lower())
-            fits.append(EmbeddingEntry(path=path))
-    return fits
+            found.append(EmbeddingEntry(path=path))
+    return found
 
 
 def embeddings_listing(engine, models_dir: ModelsDir | None) -> dict[str, dict[str, Any]]:

@@ -318,7 +318,8 @@ def convert_components(state: dict[str, Any], config_dir: str | Path, ref: str,
     }
     if sdxl:
         loaders["text_encoder_2"] = lambda: create_diffusers_clip_model_from_ldm(
-            CLIPTextModelWithProjection, only(SDXL_OPENCLIP_PREFIX), **common("text_encoder_2"))
+            CLIPTextModelWithProjection, _bare_projection(only(SDXL_OPENCLIP_PREFIX)),
+            **common("text_encoder_2"))
     parts = {}
     for part, load in loaders.items():
         what = PART_NAMES[part]
@@ -334,6 +335,18 @@ def convert_components(state: dict[str, Any], config_dir: str | Path, ref: str,
                 "the file is incomplete or not of this architecture")
         parts[part] = model.eval()
     return parts
+
+
+def _bare_projection(state: dict[str, Any]) -> dict[str, Any]:
+    """OpenCLIP keeps bigG's projection as a bare matrix (`text_projection`, x @ P); some
+    tools save it as a linear layer's `text_projection.weight` (P transposed), which diffusers'
+    conversion does not read. Read both, as ComfyUI does."""
+    linear = SDXL_OPENCLIP_PREFIX + "text_projection.weight"
+    if linear not in state or linear[:-len(".weight")] in state:
+        return state
+    state = dict(state)
+    state[linear[:-len(".weight")]] = state.pop(linear).T
+    return state
 
 
 # --------------------------------------------------------------------------- writing

@@ -54,6 +54,12 @@ class Components:
     def is_sdxl(self) -> bool:
         return self.text_encoder_2 is not None
 
+    @property
+    def text_encoders(self) -> list[tuple[Any, Any]]:
+        """(tokenizer, text encoder) of each of the model's text encoders, in order."""
+        pairs = [(self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)]
+        return pairs[:1 + self.is_sdxl]
+
     @cached_property
     def model_hash(self) -> str | None:
         """A1111's `Model hash` of a single-file model (its sha256, first 10 hex digits, hashed

@@ -7,7 +7,12 @@ model's tokenizer and text encoder after it loads, before they are cast. Formats
 - AUTOMATIC1111 `.pt` (`{"string_to_param": {"*": vectors}, "name": ...}`), read with
   `torch.load(weights_only=True)`: tensors only, a pickle that wants to run code is refused;
 - AUTOMATIC1111 / civitai `.safetensors` (`{"emb_params": vectors}`);
-- diffusers (`learned_embeds.safetensors` / `.bin`: `{token: vector}`), or a folder holding one.
+- diffusers (`learned_embeds.safetensors` / `.bin`: `{token: vector}`), or a folder holding one;
+- SDXL (`.safetensors` or `.pt` with `clip_l` and `clip_g` vectors, as A1111 and civitai ship
+  them): the `clip_l` vectors go to SDXL's first text encoder (CLIP ViT-L), the `clip_g` ones to
+  its second (OpenCLIP bigG), under the same token, as diffusers' documentation loads them.
+
+An SD 1.x file on an SDXL model, and the reverse, is refused naming the file and both families.
 
 The token a prompt uses is `token` when the settings give one, else the file's own token for
 the diffusers format, else the file's stem, as A1111 names an embedding after its file. An
@@ -38,7 +43,13 @@ class EmbeddingFile:
     path: Path  # absolute
     token: str
     sha256: str
-    vectors: Any  # torch.Tensor (n, dim), fp32
+    vectors: Any  # torch.Tensor (n, dim), fp32; an SDXL file's clip_l vectors
+    vectors_g: Any = None  # an SDXL file's clip_g vectors (n, dim), fp32; None: an SD 1.x file
+
+    @property
+    def per_encoder(self) -> list[Any]:
+        """Its vectors for each text encoder of the model family it is made for, in order."""
+        return [self.vectors] if self.vectors_g is None else [self.vectors, self.vectors_g]
 
     def record(self) -> dict[str, str]:
         """Its settings entry, complete: what an image's metadata records."""
@@ -48,7 +59,8 @@ class EmbeddingFile:
 @dataclass(frozen=True)
 class LoadedEmbedding:
     file: EmbeddingFile
-    token_ids: tuple[int, ...]  # the ids of its vectors' tokens, in order
+    # The ids of its vectors' tokens, in order, in each text encoder's tokenizer
+    token_ids: tuple[tuple[int, ...], ...]
 
 
 def read_embeddings(entries: Sequence[Any]) -> list[EmbeddingFile]:
@@ -89,7 +101,7 @@ def read_embedding(path: str | Path, token: str | None = None,
             f"{sha256[:12]}… (not the file the settings were made with)")
     state = _load(data, where, given)
     own_token, vectors = _interpret(state, where, given)
-    return EmbeddingFile(where.resolve(), token or own_token, digest, vectors)
+    return EmbeddingFile(where.resolve(), token or own_token, digest, *vectors)
 
 
 def _load(data: bytes, where: Path, given: str) -> Any:
@@ -105,13 +117,14 @@ def _load(data: bytes, where: Path, given: str) -> Any:
     return load_tensor_pickle(data, f"embedding file {given!r}", ModelNotFoundError)
 
 
-def _interpret(state: Any, where: Path, given: str) -> tuple[str, Any]:
-    """(its own token, its vectors (n, dim)) from any of the known layouts."""
+def _interpret(state: Any, where: Path, given: str) -> tuple[str, tuple[Any, ...]]:
+    """(its own token, its vectors (n, dim): one set, or SDXL's clip_l and clip_g sets) from
+    any of the known layouts."""
     import torch
 
     stem = where.stem
     if isinstance(state, torch.Tensor):
-        token, vectors = stem, state
+        token, found = stem, [state]
     elif not isinstance(state, dict):
         raise ModelNotFoundError(f"embedding file {given!r} holds a {type(state).__name__}, "
                                  "not a textual-inversion embedding")
@@ -120,59 +133,92 @@ def _interpret(state: Any, where: Path, given: str) -> tuple[str, Any]:
         if not isinstance(params, dict) or len(params) != 1:
             raise ModelNotFoundError(f"embedding file {given!r}: string_to_param must hold one "
                                      "tensor")
-        token, vectors = stem, next(iter(params.values()))
-    elif {"clip_l", "clip_g"} <= set(state):
-        raise ModelNotFoundError(f"embedding file {given!r} is an SDXL embedding (clip_l and "
-                                 "clip_g vectors); this model is SD 1.x")
+        token, found = stem, [next(iter(params.values()))]
+    elif {"clip_l", "clip_g"} <= set(state):  # SDXL, as A1111 reads it
+        token, found = stem, [state["clip_l"], state["clip_g"]]
     elif len(state) == 1:
         key, vectors = next(iter(state.items()))
         token = stem if key == A1111_SAFETENSORS_KEY else key  # diffusers: {token: vector}
+        found = [vectors]
     else:
         keys = ", ".join(sorted(map(str, state))[:6])
         raise ModelNotFoundError(f"embedding file {given!r} is not a textual-inversion "
                                  f"embedding (its keys: {keys})")
-    if not isinstance(vectors, torch.Tensor) or vectors.dim() not in (1, 2) or not len(vectors):
+    if not all(isinstance(v, torch.Tensor) and v.dim() in (1, 2) and len(v) for v in found):
         raise ModelNotFoundError(f"embedding file {given!r}: the embedding is not a vector or "
                                  "a list of vectors")
-    return token, vectors.detach().float().reshape(-1, vectors.shape[-1])
+    found = [v.detach().float().reshape(-1, v.shape[-1]) for v in found]
+    if len({len(v) for v in found}) > 1:
+        raise ModelNotFoundError(f"embedding file {given!r}: its clip_l and clip_g parts hold "
+                                 f"{len(found[0])} and {len(found[1])} vectors (they must "
+                                 "hold as many)")
+    return token, tuple(found)
 
 
-def add_embeddings(files: Sequence[EmbeddingFile], tokenizer, text_encoder,
+def family_mismatch(file: EmbeddingFile, encoders: int) -> str | None:
+    """Why `file` does not fit a model of `encoders` text encoders (1: SD 1.x, 2: SDXL); None
+    when it does."""
+    if len(file.per_encoder) == encoders:
+        return None
+    if encoders == 1:
+        return "is an SDXL embedding (clip_l and clip_g vectors); this model is SD 1.x"
+    return (f"is an SD 1.x embedding (one set of {file.vectors.shape[-1]}-value vectors); this "
+            "model is SDXL, whose embeddings hold clip_l and clip_g vectors")
+
+
+def fits(file: EmbeddingFile, encoders: Sequence[Any]) -> bool:
+    """Whether a model with these text encoders (in order) takes `file`."""
+    return family_mismatch(file, len(encoders)) is None and all(
+        vectors.shape[-1] == _width(encoder)
+        for vectors, encoder in zip(file.per_encoder, encoders, strict=True))
+
+
+def _width(text_encoder) -> int:
+    return text_encoder.get_input_embeddings().weight.shape[-1]
+
+
+def add_embeddings(files: Sequence[EmbeddingFile], encoders: Sequence[tuple[Any, Any]],
                    model: str) -> list[LoadedEmbedding]:
-    """Add each file's token(s) to `tokenizer` and vectors to `text_encoder` (in place)."""
+    """Add each file's token(s) and vectors to each (tokenizer, text encoder) of the model, in
+    place (SDXL: the clip_l vectors to the first, the clip_g ones to the second)."""
     if not files:
         return []
     from diffusers.loaders.textual_inversion import TextualInversionLoaderMixin
 
-    width = text_encoder.get_input_embeddings().weight.shape[-1]
-    vocabulary = tokenizer.get_vocab()
     for file in files:
-        if file.vectors.shape[-1] != width:
-            raise ModelNotFoundError(
-                f"embedding file {str(file.path)!r} has vectors of {file.vectors.shape[-1]} "
-                f"values; the text encoder of {model!r} takes {width} (an embedding for "
-                "another model: SD 1.x has 768, SD 2.x 1024)")
-        if file.token in vocabulary:
-            raise ConfigError(
-                f"embedding file {str(file.path)!r}: its token {file.token!r} is already in "
-                f"the tokenizer of {model!r}; give it another `token:` in the embeddings list")
+        where = str(file.path)
+        mismatch = family_mismatch(file, len(encoders))
+        if mismatch:
+            raise ModelNotFoundError(f"embedding file {where!r} {mismatch}")
+        for vectors, (tokenizer, text_encoder) in zip(file.per_encoder, encoders, strict=True):
+            if vectors.shape[-1] != _width(text_encoder):
+                raise ModelNotFoundError(
+                    f"embedding file {where!r} has vectors of {vectors.shape[-1]} values; the "
+                    f"text encoder of {model!r} takes {_width(text_encoder)} (an embedding for "
+                    "another model: SD 1.x has 768, SD 2.x 1024, SDXL 768 and 1280)")
+            if file.token in tokenizer.get_vocab():
+                raise ConfigError(
+                    f"embedding file {where!r}: its token {file.token!r} is already in the "
+                    f"tokenizer of {model!r}; give it another `token:` in the embeddings list")
 
     class Target(TextualInversionLoaderMixin):  # the minimal object the loader works on
         hf_device_map = None
         components: dict[str, Any] = {}
 
-    Target().load_textual_inversion([f.vectors for f in files], token=[f.token for f in files],
-                                    tokenizer=tokenizer, text_encoder=text_encoder)
+    for index, (tokenizer, text_encoder) in enumerate(encoders):
+        Target().load_textual_inversion([f.per_encoder[index] for f in files],
+                                        token=[f.token for f in files],
+                                        tokenizer=tokenizer, text_encoder=text_encoder)
     loaded = []
     for file in files:
         names = [file.token, *(f"{file.token}_{i}" for i in range(1, len(file.vectors)))]
-        ids = tuple(tokenizer.convert_tokens_to_ids(names))
-        loaded.append(LoadedEmbedding(file, ids))
+        loaded.append(LoadedEmbedding(file, tuple(
+            tuple(tokenizer.convert_tokens_to_ids(names)) for tokenizer, _ in encoders)))
     return loaded
 
 
-def expansions(loaded: Sequence[LoadedEmbedding]) -> dict[int, list[int]]:
-    """A multi-vector embedding's first token id -> all its ids (what a prompt's token means)."""
-    return {e.token_ids[0]: list(e.token_ids) for e in loaded if len(e.token_ids) > 1}
-
-
+def expansions(loaded: Sequence[LoadedEmbedding], encoder: int = 0) -> dict[int, list[int]]:
+    """A multi-vector embedding's first token id -> all its ids (what a prompt's token means),
+    in the tokenizer of text encoder number `encoder`."""
+    return {e.token_ids[encoder][0]: list(e.token_ids[encoder])
+            for e in loaded if len(e.token_ids[encoder]) > 1}
