@@ -185,7 +185,7 @@ SECOND_PROCESS = textwrap.dedent("""
     from sdaccel.engine.engine import Engine
     events = []
     started = time.perf_counter()
-    settings = tiny_settings("compile.enabled=true", "compile.mode=default")
+    settings = tiny_settings(*{model!r}, "compile.enabled=true", "compile.mode=default")
     loaded = load_matching(settings, events.append)
     engine = Engine(settings, on_event=events.append)
     engine.generate(["a red circle"], seed=1)
@@ -202,16 +202,20 @@ SECOND_PROCESS = textwrap.dedent("""
 """)
 
 
+SDXL_TINY = ["model_id=random:sdxl-tiny", "generation.height=64", "generation.width=64"]
+
+
 @pytest.mark.slow
-def test_warm_then_a_new_process_starts_from_the_artifacts(cache, tmp_path):
+@pytest.mark.parametrize(("model", "size"), [([], 32), (SDXL_TINY, 64)])
+def test_warm_then_a_new_process_starts_from_the_artifacts(cache, tmp_path, model, size):
     """One real inductor compile on the CPU (about a minute), then a fresh process with an empty
     torch compile cache of its own: it must load our entry, take only cache hits, and compile
-    nothing again when the prompt and seed change."""
-    warmed = runner.invoke(app, ["compile-cache", "warm", "--json",
-                                 *sum((["--set", s] for s in [*TINY, *COMPILED]), [])])
+    nothing again when the prompt and seed change (SD 1.5 and SDXL)."""
+    flags = sum((["--set", s] for s in [*TINY, *model, *COMPILED]), [])
+    warmed = runner.invoke(app, ["compile-cache", "warm", "--json", *flags])
     assert warmed.exit_code == 0, warmed.output
     record = json.loads(warmed.stdout.strip().splitlines()[-1])
-    assert record["key"].endswith("-32x32-b1") and record["cold_seconds"] > 0
+    assert record["key"].endswith(f"-{size}x{size}-b1") and record["cold_seconds"] > 0
     assert record["torch"] and record["device_name"].startswith("cpu")
     entry = cc.list_entries()[0]
     assert entry.meta["kernel_files"] > 0 and (entry.path / cc.KERNELS).is_file()
@@ -221,7 +225,7 @@ def test_warm_then_a_new_process_starts_from_the_artifacts(cache, tmp_path):
     env = {**os.environ, "SDACCEL_CACHE_DIR": str(cache.parent), "OMP_NUM_THREADS": threads,
            "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "fresh-inductor"),
            "TRITON_CACHE_DIR": str(tmp_path / "fresh-triton")}
-    script = SECOND_PROCESS.format(tests=str(Path(__file__).parent))
+    script = SECOND_PROCESS.format(tests=str(Path(__file__).parent), model=model)
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
                           text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -235,7 +239,7 @@ def test_warm_then_a_new_process_starts_from_the_artifacts(cache, tmp_path):
 
     # `load` finds the same entry from the same command line and reports cold beside warm.
     loaded = runner.invoke(app, ["compile-cache", "load", "--json", "--steps", "9", "--seed", "3",
-                                 *sum((["--set", s] for s in [*TINY, *COMPILED]), [])])
+                                 *flags])
     assert loaded.exit_code == 0, loaded.output
     report = json.loads(loaded.stdout.strip().splitlines()[-1])
     assert report["key"] == record["key"] and report["loaded"] == [record["key"]]
