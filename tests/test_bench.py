@@ -616,6 +616,20 @@ def test_an_sdxl_row_gets_an_sdxl_pipeline_baseline_with_the_same_images():
     assert report.row(row.baseline).notes.startswith("1 of 2 prompt(s) exceed")
 
 
+def test_the_openvino_peer_runs_sdxl_with_the_baselines_images():
+    """SDXL through OpenVINO (f32): both text encoders (pooled projection and penultimate
+    hidden states), the UNet with its added conditioning and the VAE decoder converted; the
+    images are the StableDiffusionXLPipeline baseline's."""
+    pytest.importorskip("openvino")
+    sdxl = tiny_settings("model_id=random:sdxl-tiny", "generation.height=64",
+                         "generation.width=64", "sampler.steps=3")
+    report = bench.benchmark([("sdxl", sdxl)], ["a red circle"], iters=1, warmup=0,
+                             peers=[OPENVINO])
+    row = report.row(OPENVINO)
+    assert (row.kind, row.baseline, row.precision) == ("peer", "diffusers fp32", "f32 (OpenVINO)")
+    assert row.psnr_min_db >= 45, row.psnr_min_db
+
+
 def test_the_default_bench_is_right_on_the_first_run():
     """`sdaccel bench` on the defaults (the tiny preset, bundled:shapes): held-out captions the
     model knows, the same images as its diffusers baseline, nothing to warn about."""

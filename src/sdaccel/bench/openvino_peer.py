@@ -34,7 +34,8 @@ class OpenVinoModel:
             self.model = ov.convert_model(module, example_input=example)
         self._compiled: dict[tuple, Any] = {}
 
-    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """The output, or a tuple of them for a module with several."""
         shapes = tuple(tuple(x.shape) for x in inputs)
         compiled = self._compiled.get(shapes)
         if compiled is None:
@@ -42,8 +43,9 @@ class OpenVinoModel:
             model.reshape({port.any_name: list(shape)
                            for port, shape in zip(model.inputs, shapes, strict=True)})
             compiled = self._compiled[shapes] = self.core.compile_model(model, "CPU", self.config)
-        out = compiled([x.detach().cpu().numpy() for x in inputs])[0]
-        return torch.from_numpy(out.copy())
+        results = compiled([x.detach().cpu().numpy() for x in inputs])
+        outputs = tuple(torch.from_numpy(results[port].copy()) for port in compiled.outputs)
+        return outputs[0] if len(outputs) == 1 else outputs
 
 
 def _type_name(element_type) -> str:
@@ -103,39 +105,66 @@ def convert_unet(unet: torch.nn.Module, context: tuple[int, int],
     return OpenVinoModel(_Forward(unet, _unet_call), example, config)
 
 
+class _SdxlEncoded(tuple):
+    """(first output, penultimate hidden states): all StableDiffusionXLPipeline reads of a text
+    encoder's output, as `output[0]` (the pooled projection of the second encoder) and
+    `output.hidden_states[-2]`."""
+
+    @property
+    def hidden_states(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self[1], self[0]  # only [-2] is read
+
+
 def apply_openvino(pipe, params: dict[str, Any]):
-    """Convert the pipeline's UNet, VAE decoder and text encoder; route their calls through
-    OpenVINO (the torch modules stay, for their configs and the FLOP count)."""
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        raise NotImplementedError("the OpenVINO peer converts Stable Diffusion 1.x pipelines "
-                                  "(one text encoder); this model is SDXL")
+    """Convert the pipeline's UNet, VAE decoder and text encoder(s); route their calls through
+    OpenVINO (the torch modules stay, for their configs and the FLOP count). SDXL: both text
+    encoders, each giving its first output and its penultimate hidden states."""
     config = openvino_config(params["inference_precision"])
-    vae, text_encoder = pipe.vae, pipe.text_encoder
-    length, size = pipe.tokenizer.model_max_length, pipe.unet.config.sample_size
-    ov_unet = convert_unet(pipe.unet, (length, text_encoder.config.hidden_size), config)
+    vae, unet = pipe.vae, pipe.unet
+    length, size = pipe.tokenizer.model_max_length, unet.config.sample_size
+    ov_unet = convert_unet(unet, (length, unet.config.cross_attention_dim), config)
     ov_decoder = OpenVinoModel(
         _Forward(vae, lambda v, latents: v.decode(latents, return_dict=False)[0]),
         (torch.randn(1, vae.config.latent_channels, size, size),), config)
-    ov_text = OpenVinoModel(
-        _Forward(text_encoder, lambda te, ids: te(ids, return_dict=False)[0]),
-        (torch.zeros(1, length, dtype=torch.long),), config)
+    sdxl = getattr(pipe, "text_encoder_2", None) is not None
+    for encoder in (pipe.text_encoder, pipe.text_encoder_2) if sdxl else (pipe.text_encoder,):
+        encoder.forward = _openvino_text_forward(encoder, length, config, sdxl)
 
-    def unet_forward(sample, timestep, encoder_hidden_states, *args, return_dict=True, **kw):
+    def unet_forward(sample, timestep, encoder_hidden_states, *args, added_cond_kwargs=None,
+                     return_dict=True, **kw):
         timestep = torch.as_tensor(timestep, dtype=torch.long).reshape(())
-        return (ov_unet(sample.float(), timestep, encoder_hidden_states.float()),)
+        added = [added_cond_kwargs[k].float() for k in ("text_embeds", "time_ids")
+                 ] if added_cond_kwargs else []
+        return (ov_unet(sample.float(), timestep, encoder_hidden_states.float(), *added),)
 
     def decode(latents, return_dict=True, generator=None):
         return (ov_decoder(latents.float()),)
 
+    unet.forward = unet_forward
+    vae.decode = decode
+    return None
+
+
+def _openvino_text_forward(encoder, length: int, config: dict[str, str], sdxl: bool):
+    """The encoder's forward through OpenVINO: SD 1.x reads the last hidden state, SDXL the
+    first output and the penultimate hidden states (`_SdxlEncoded`)."""
+    if sdxl:
+        def both(te, ids):
+            out = te(ids, output_hidden_states=True, return_dict=False)
+            return out[0], out[-1][-2]
+        converted = OpenVinoModel(_Forward(encoder, both),
+                                  (torch.zeros(1, length, dtype=torch.long),), config)
+        return lambda input_ids, *args, **kw: _SdxlEncoded(converted(input_ids.long()))
+
+    converted = OpenVinoModel(_Forward(encoder, lambda te, ids: te(ids, return_dict=False)[0]),
+                              (torch.zeros(1, length, dtype=torch.long),), config)
+
     def text_forward(input_ids, attention_mask=None, output_hidden_states=None, **kw):
         if output_hidden_states:  # clip_skip: not converted (sdaccel never asks for it)
             raise NotImplementedError("the OpenVINO peer converts the last hidden state only")
-        return (ov_text(input_ids.long()),)
+        return (converted(input_ids.long()),)
 
-    pipe.unet.forward = unet_forward
-    vae.decode = decode
-    text_encoder.forward = text_forward
-    return None
+    return text_forward
 
 
 def precision_label(params: dict[str, Any]) -> str:
