@@ -19,8 +19,8 @@ every row runs with it. Prints markdown; nothing else should use the CPU meanwhi
 Memory (anonymous memory, resident or swapped out; not mapped files): "model GiB" is what the
 row keeps between calls (a torch row's parameters, and the preset's packed weight copies; an
 OpenVINO row's growth over its conversion, compilation and first call); "step GiB" is the growth
-during its timed calls (the most of any round), sampled every 5 ms from a heap trimmed before
-each call.
+during one untimed call, sampled every 5 ms from a heap trimmed before it (the timed rounds run
+without either).
 
 `--lean` (for a model whose rows do not fit in memory together, SDXL on 24 GiB): two phases, each
 interleaving the preset with one peer, OpenVINO at the preset's precision and then eager fp32;
@@ -215,23 +215,27 @@ def swapped_in() -> int:
 
 
 def time_rows(rows: dict[str, Row], inputs: tuple, rounds: int) -> None:
-    """First calls (compiling, packing), then `rounds` interleaved rounds, into each Row. Says
-    how much was read back from swap during the rounds: anything but nothing means a row waited
-    for the disk and its time is not its own."""
+    """First calls (compiling, packing), one untimed call each for its memory, then `rounds`
+    interleaved rounds, into each Row. The timed calls run without the memory sampler and
+    without trimming the heap, which would undo the preset's `reuse_freed_memory`. Says how
+    much was read back from swap during the rounds: anything but nothing means a row waited for
+    the disk and its time is not its own."""
     with torch.inference_mode():
         for row in rows.values():
             started = time.perf_counter()
             row.output = row.call(*inputs)
             row.first_s = time.perf_counter() - started
+        for row in rows.values():
+            trim_heap()
+            with ResidentPeak() as peak:
+                row.call(*inputs)
+            row.step_peak = peak.growth
         swap_before = swapped_in()
         for _ in range(rounds):
             for row in rows.values():
-                trim_heap()
-                with ResidentPeak() as peak:
-                    started = time.perf_counter()
-                    row.call(*inputs)
-                    row.times.append(time.perf_counter() - started)
-                row.step_peak = max(row.step_peak, peak.growth)
+                started = time.perf_counter()
+                row.call(*inputs)
+                row.times.append(time.perf_counter() - started)
     back = (swapped_in() - swap_before) * os.sysconf("SC_PAGE_SIZE")
     print(f"Read back from swap during {', '.join(rows)}: {back / GIB:.2f} GiB\n", flush=True)
 
