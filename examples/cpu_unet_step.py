@@ -53,6 +53,7 @@ import torch  # noqa: E402
 from sdaccel.bench.openvino_peer import convert_unet, openvino_config, unet_inputs  # noqa: E402
 from sdaccel.engine.engine import Engine  # noqa: E402
 from sdaccel.engine.loading.precision import cpu_bf16_support  # noqa: E402
+from sdaccel.engine.sampling.cost import added_kwargs  # noqa: E402
 from sdaccel.engine.speed.prepack import Packed, unpack_layers  # noqa: E402
 from sdaccel.settings import resolve_settings  # noqa: E402
 
@@ -129,11 +130,6 @@ def plain_copy(unet):
     return fp32
 
 
-def conditions(added: tuple) -> dict:
-    return ({"added_cond_kwargs": {"text_embeds": added[0], "time_ids": added[1]}}
-            if added else {})
-
-
 @dataclass
 class Row:
     """One way of running the step: `call(sample, t, context, *added) -> noise`, the module it
@@ -154,7 +150,7 @@ class Row:
 
 def eager_row(unet, dtype=torch.float32) -> Row:
     def call(x, t, c, *added):
-        return unet(x.to(dtype), t, c.to(dtype), **conditions(tuple(
+        return unet(x.to(dtype), t, c.to(dtype), **added_kwargs(tuple(
             a.to(dtype) for a in added))).sample.float()
     return Row(call, module=unet)
 
@@ -163,28 +159,26 @@ def preset_row(cpu: Engine, built_s: float) -> Row:
     dtype = cpu.unet_dtype
 
     def call(x, t, c, *added):
-        return cpu.unet_forward(x.to(dtype), t, c.to(dtype), **conditions(tuple(
+        return cpu.unet_forward(x.to(dtype), t, c.to(dtype), **added_kwargs(tuple(
             a.to(dtype) for a in added))).sample.float()
     return Row(call, built_s, module=cpu.unet)
 
 
-def openvino_row(fp32, cpu: Engine, precision: str, inputs: tuple, latent: int,
+def openvino_row(make_fp32, cpu: Engine, precision: str, inputs: tuple,
                  scratch: str | None = None) -> Row:
-    """Converted from the fp32 UNet at this size, compiled and called once (counted in `held`);
-    the converted graph is dropped after, so that only the compiled model holds memory. With
-    `scratch` (a folder), the converted model is saved there as OpenVINO IR and read back before
-    it compiles, as OpenVINO's users run it: `fp32` (a callable making the torch UNet) is then
-    freed before compiling, and the IR's weights are a mapped file, not process memory."""
+    """OpenVINO's row: the fp32 UNet `make_fp32()` gives converted (traced at a small size and
+    reshaped to this one when it compiles: a trace at SDXL's 1024x1024 in fp32 holds
+    activations a 24 GiB machine does not have beside the weights), compiled and called once
+    (counted in `held`); the converted graph is dropped after, so that only the compiled model
+    holds memory. With `scratch` (a folder) the converted model is saved there as OpenVINO IR
+    and read back before it compiles, as OpenVINO's users run it: the torch UNet is then freed
+    before compiling, and the IR's weights are a mapped file, not process memory."""
     trim_heap()
     before, started = resident(), time.perf_counter()
-    if scratch is None:
-        converted = convert_unet(fp32, context_shape(cpu), openvino_config(precision), latent)
-    else:
+    converted = convert_unet(make_fp32(), context_shape(cpu), openvino_config(precision), 32)
+    if scratch is not None:
         import openvino as ov
 
-        # Traced at a small size (reshaped to this one before compiling): a trace at SDXL's
-        # 1024x1024 in fp32 holds activations a 24 GiB machine does not have beside the weights.
-        converted = convert_unet(fp32(), context_shape(cpu), openvino_config(precision), 32)
         path = os.path.join(scratch, "unet.xml")
         ov.save_model(converted.model, path, compress_to_fp16=False)
         converted.model = converted.core.read_model(path)  # the torch UNet is freed here
@@ -271,8 +265,7 @@ def measure_size(args, cpu: Engine, preset: Row, size: int) -> None:
     print(f"### {size}x{size}\n")
     if args.lean:
         with tempfile.TemporaryDirectory(dir=args.scratch) as scratch:
-            openvino = openvino_row(lambda: plain_copy(cpu.unet), cpu, peer, inputs, latent,
-                                    scratch)
+            openvino = openvino_row(lambda: plain_copy(cpu.unet), cpu, peer, inputs, scratch)
         time_rows({name: preset, f"OpenVINO {peer}": openvino}, inputs, args.rounds)
         openvino.call = None  # its compiled model goes; its times and output stay
         second = {name: Row(preset.call, preset.setup_s, module=cpu.unet),
@@ -288,7 +281,6 @@ def measure_size(args, cpu: Engine, preset: Row, size: int) -> None:
                     f"{name} (phase 2)": spread(over_eager),
                     f"OpenVINO {peer}": f"{derived:.2f}x (derived through the preset)"}
         print_table(rows, reference, speedups)
-        del second, rows
     else:
         rows = {"eager fp32": eager_row(plain_copy(cpu.unet))}
         if native_bf16:
@@ -296,8 +288,8 @@ def measure_size(args, cpu: Engine, preset: Row, size: int) -> None:
                                            torch.bfloat16)
         rows[name] = preset
         for precision in ("default", "f32") if native_bf16 else ("f32",):
-            rows[f"OpenVINO {precision}"] = openvino_row(rows["eager fp32"].module, cpu,
-                                                         precision, inputs, latent)
+            rows[f"OpenVINO {precision}"] = openvino_row(lambda: rows["eager fp32"].module,
+                                                         cpu, precision, inputs)
         time_rows(rows, inputs, args.rounds)
         reference = rows["eager fp32"]
         print_table(rows, reference, {n: spread(ratios(reference, r)) for n, r in rows.items()})

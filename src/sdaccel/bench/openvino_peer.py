@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from sdaccel.engine.sampling.cost import added_kwargs, added_shapes
+
 
 class OpenVinoModel:
     """One module converted once, compiled per input shape, called with torch tensors."""
@@ -80,11 +82,10 @@ def unet_inputs(unet: torch.nn.Module, batch: int, size: int, context: tuple[int
     """Random inputs of one UNet call, in `convert_unet`'s order: sample (latents `size` wide),
     timestep, text embeddings of `context` = (tokens, width), and for SDXL the pooled text and
     the six size numbers."""
-    config = unet.config
-    inputs = [torch.randn(batch, config.in_channels, size, size, generator=generator),
+    inputs = [torch.randn(batch, unet.config.in_channels, size, size, generator=generator),
               torch.tensor(999), torch.randn(batch, *context, generator=generator)]
-    if config.get("addition_embed_type") == "text_time":
-        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+    if added_shapes(unet):
+        (_, pooled), _ = added_shapes(unet)
         pixels = float(size * 8)
         inputs += [torch.randn(batch, pooled, generator=generator),
                    torch.tensor([[pixels, pixels, 0.0, 0.0, pixels, pixels]]).repeat(batch, 1)]
@@ -92,9 +93,7 @@ def unet_inputs(unet: torch.nn.Module, batch: int, size: int, context: tuple[int
 
 
 def _unet_call(unet, sample, timestep, context, *added):
-    conditions = ({"added_cond_kwargs": dict(zip(("text_embeds", "time_ids"), added,
-                                                 strict=True))} if added else {})
-    return unet(sample, timestep, context, return_dict=False, **conditions)[0]
+    return unet(sample, timestep, context, return_dict=False, **added_kwargs(added))[0]
 
 
 def convert_unet(unet: torch.nn.Module, context: tuple[int, int],

@@ -51,11 +51,11 @@ class UNetCost:
     def __init__(self, unet: torch.nn.Module, layered, latent_shape: tuple[int, ...],
                  context_shape: tuple[int, ...], dtype: torch.dtype) -> None:
         self.unet, self.layered = unet, layered
-        self.shapes = [(1, *latent_shape), (1, *context_shape), *_added_shapes(unet)]
+        self.shapes = [(1, *latent_shape), (1, *context_shape), *added_shapes(unet)]
         self.dtype = dtype
         self.full = count_flops(
             lambda x, c, *added: unet(x, 500, encoder_hidden_states=c, return_dict=False,
-                                      **_added(added)),
+                                      **added_kwargs(added)),
             *self.shapes, dtype=dtype)
 
     @cache  # noqa: B019 - one object per engine and size, a handful of levels
@@ -63,7 +63,7 @@ class UNetCost:
         layered = self.layered
 
         def call(x, c, *added):
-            conditions = _added(added).get("added_cond_kwargs")
+            conditions = added_kwargs(added).get("added_cond_kwargs")
             _, deep = layered.full(x, 500, c, level, conditions)
             layered.shallow(x, 500, c, level, deep, conditions)
 
@@ -75,8 +75,9 @@ class UNetCost:
         return self.shallow(level) / self.full
 
 
-def _added_shapes(unet) -> list[tuple[int, ...]]:
-    """SDXL's added conditioning for one row: the pooled text and the six size numbers."""
+def added_shapes(unet) -> list[tuple[int, ...]]:
+    """The shapes of SDXL's added UNet inputs for one row, in `added_kwargs`' order: the pooled
+    text and the six size numbers; none for a UNet without them."""
     config = unet.config
     if config.get("addition_embed_type") != "text_time":
         return []
@@ -84,7 +85,9 @@ def _added_shapes(unet) -> list[tuple[int, ...]]:
     return [(1, config.projection_class_embeddings_input_dim - sizes), (1, 6)]
 
 
-def _added(tensors: tuple) -> dict:
+def added_kwargs(tensors: tuple) -> dict:
+    """The UNet's keyword arguments for the added inputs `tensors` (text_embeds, time_ids);
+    nothing for none."""
     if not tensors:
         return {}
     text_embeds, time_ids = tensors
